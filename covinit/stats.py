@@ -1,0 +1,193 @@
+"""Exact, mergeable streaming moments of activations (DESIGN.md §2).
+
+A :class:`Moments` summarises the rows ``x`` (each of width ``k``) seen so far by
+
+* ``n``    — the number of rows,
+* ``mean`` — their mean ``m`` (k,),
+* ``m2``   — the centred co-moment ``Σ (x−m)(x−m)ᵀ`` (k, k),
+* ``t``    — the third-order term ``Σ ‖x−m‖² (x−m)`` (k,),
+* ``q``    — the fourth-order term ``Σ ‖x−m‖⁴`` (scalar).
+
+``t`` and ``q`` are what Ledoit-Wolf's shrinkage intensity needs; ``t`` is only there so
+that ``q`` can be merged.  Everything is kept in float64 and merged with the pairwise
+update of Chan, Golub & LeVeque (1979), extended to the higher terms by re-centring each
+summary on the merged mean first.  Raw-moment formulas (``Σ xxᵀ − n·mmᵀ``) are never used:
+they cancel catastrophically when the mean is large compared with the spread.
+
+Memory is O(k²) whatever the number of rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Moments", "merge_all"]
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Centred moments of a set of rows, up to fourth order (see module docstring).
+
+    Instances are immutable; :meth:`merge` returns a new summary.
+
+    Attributes
+    ----------
+    n : int
+        Number of rows summarised.
+    mean : Tensor, shape (k,), float64
+    m2 : Tensor, shape (k, k), float64
+    t : Tensor, shape (k,), float64
+    q : Tensor, shape (), float64
+    """
+
+    n: int
+    mean: Tensor
+    m2: Tensor
+    t: Tensor
+    q: Tensor
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def empty(cls, k: int, device: torch.device | str | None = None) -> Moments:
+        """Summary of zero rows of width ``k``."""
+        z = torch.zeros(k, dtype=torch.float64, device=device)
+        return cls(0, z, torch.zeros(k, k, dtype=torch.float64, device=device), z.clone(),
+                   torch.zeros((), dtype=torch.float64, device=device))
+
+    @classmethod
+    def from_batch(cls, x: Tensor, gemm_dtype: torch.dtype = torch.float64) -> Moments:
+        """Summarise the rows of ``x``.
+
+        Parameters
+        ----------
+        x : Tensor, shape (n, k)
+            Rows, any floating or integer dtype, any device.
+        gemm_dtype : torch.dtype, default=torch.float64
+            Dtype of the one ``XcᵀXc`` product (the dominant cost).  The batch is centred
+            in float64 first, so float32 here loses only the product's own rounding
+            (relative ~1e-7), never the mean; the result is accumulated in float64.
+
+        Returns
+        -------
+        Moments
+        """
+        if x.ndim != 2:
+            raise ValueError(f"expected rows of shape (n, k), got {tuple(x.shape)}")
+        n, k = x.shape
+        if n == 0:
+            return cls.empty(k, x.device)
+        x64 = x.to(torch.float64)
+        mean = x64.mean(dim=0)
+        xc = x64 - mean  # (n, k)
+        if gemm_dtype == torch.float64:
+            m2 = xc.T @ xc
+        else:
+            xg = xc.to(gemm_dtype)
+            m2 = (xg.T @ xg).to(torch.float64)
+        sq = (xc * xc).sum(dim=1)  # (n,) ‖x−m‖²
+        t = xc.T @ sq  # (k,)
+        q = (sq * sq).sum()
+        return cls(n, mean, m2, t, q)
+
+    # ------------------------------------------------------------------ algebra
+    @property
+    def k(self) -> int:
+        """Row width."""
+        return self.mean.shape[0]
+
+    def recentered(self, new_mean: Tensor) -> Moments:
+        """The same rows summarised about ``new_mean`` instead of their own mean.
+
+        The result is *not* a valid summary on its own (its ``mean`` field holds the new
+        centre, about which ``Σ(x−c)`` is not zero); it exists to add two summaries that
+        share a centre.  Uses, with ``d = new_mean − mean``::
+
+            M2' = M2 + n·ddᵀ
+            T'  = T − tr(M2)·d − 2·M2·d − n‖d‖²·d
+            Q'  = Q − 4·dᵀT + 4·dᵀM2·d + 2‖d‖²·tr(M2) + n‖d‖⁴
+        """
+        d = new_mean - self.mean
+        n = self.n
+        tr = torch.trace(self.m2)
+        m2d = self.m2 @ d
+        dd = d @ d
+        m2 = self.m2 + n * torch.outer(d, d)
+        t = self.t - tr * d - 2.0 * m2d - n * dd * d
+        q = self.q - 4.0 * (d @ self.t) + 4.0 * (d @ m2d) + 2.0 * dd * tr + n * dd * dd
+        return Moments(n, new_mean, m2, t, q)
+
+    def merge(self, other: Moments) -> Moments:
+        """Summary of the union of both row sets (exact up to float64 rounding)."""
+        if self.k != other.k:
+            raise ValueError(f"cannot merge moments of width {self.k} and {other.k}")
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        mean = self.mean + (other.mean - self.mean) * (other.n / n)
+        a, b = self.recentered(mean), other.recentered(mean)
+        return Moments(n, mean, a.m2 + b.m2, a.t + b.t, a.q + b.q)
+
+    def __add__(self, other: Moments) -> Moments:
+        return self.merge(other)
+
+    # ------------------------------------------------------------------ views
+    def covariance(self) -> Tensor:
+        """Empirical covariance ``M2 / n`` (divide by n, as scikit-learn does), (k, k)."""
+        if self.n == 0:
+            raise ValueError("covariance of an empty summary")
+        return self.m2 / self.n
+
+    def to(self, device: torch.device | str) -> Moments:
+        """The same summary on another device."""
+        return Moments(self.n, self.mean.to(device), self.m2.to(device), self.t.to(device),
+                       self.q.to(device))
+
+    def state(self) -> dict[str, Tensor]:
+        """Plain tensors for saving (``n`` as an int64 scalar tensor)."""
+        return {"n": torch.tensor(self.n, dtype=torch.int64), "mean": self.mean, "m2": self.m2,
+                "t": self.t, "q": self.q}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor]) -> Moments:
+        """Inverse of :meth:`state`; validates shapes and dtypes."""
+        try:
+            n, mean, m2, t, q = (state[key] for key in ("n", "mean", "m2", "t", "q"))
+        except KeyError as err:
+            raise ValueError(f"moments state is missing {err.args[0]!r}") from None
+        k = mean.shape[0] if mean.ndim == 1 else -1
+        shapes = {"n": (n.shape, ()), "mean": (mean.shape, (k,)), "m2": (m2.shape, (k, k)),
+                  "t": (t.shape, (k,)), "q": (q.shape, ())}
+        for key, (got, want) in shapes.items():
+            if k < 0 or tuple(got) != want:
+                raise ValueError(f"moments field {key!r} has shape {tuple(got)}, expected {want}")
+        for key, value in (("mean", mean), ("m2", m2), ("t", t), ("q", q)):
+            if value.dtype != torch.float64:
+                raise ValueError(f"moments field {key!r} has dtype {value.dtype}, expected float64")
+        if n.dtype != torch.int64 or int(n) < 0:
+            raise ValueError(f"moments count must be a non-negative int64, got {n}")
+        return cls(int(n), mean, m2, t, q)
+
+
+def merge_all(parts: Iterable[Moments]) -> Moments:
+    """Merge many summaries pairwise as a balanced tree (rounding error grows as log n).
+
+    Raises
+    ------
+    ValueError
+        If ``parts`` is empty.
+    """
+    items = list(parts)
+    if not items:
+        raise ValueError("merge_all needs at least one summary")
+    while len(items) > 1:
+        paired = [items[i].merge(items[i + 1]) for i in range(0, len(items) - 1, 2)]
+        if len(items) % 2:
+            paired.append(items[-1])
+        items = paired
+    return items[0]
