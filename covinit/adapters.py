@@ -1,0 +1,394 @@
+"""One protocol for reading and writing any LoRA layer, whoever implemented it.
+
+Init strategies produce ``A``, ``B`` and maybe a residual base weight; this module writes
+them into covinit's :class:`~covinit.lora.LoRALinear`, PEFT's ``LoraLayer`` (``lora.Linear``,
+including ``Conv1D`` bases with ``fan_in_fan_out``) or loralib-style layers without the
+strategies knowing which.  All shapes use ``nn.Linear`` orientation: the base weight is
+``(d, k)`` = (out_features, in_features), ``A`` is ``(r, k)`` and ``B`` is ``(d, r)``.
+
+Layers are named by their **canonical name**: the qualified name the layer has in the plain,
+un-adapted model.  A PEFT model's ``base_model.model.`` prefix is dropped and wrappers are not
+descended into, so ``bert.encoder.layer.0.attention.self.query`` names the same layer in the
+plain model, after :func:`covinit.add_lora` and after ``peft.get_peft_model``.
+
+PEFT is imported only if the model could contain PEFT layers (``peft`` already imported), so
+covinit works without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from covinit.lora import LoRALinear, is_linear, linear_shape
+
+__all__ = [
+    "LoRAAdapter",
+    "find_adapters",
+    "find_linear_layers",
+    "fingerprint_digest",
+    "model_fingerprint",
+    "plain_root",
+]
+
+# Attribute set on PEFT / loralib modules whose base weight covinit replaced (covinit's own
+# layer has a real ``base_replaced`` attribute); save_lora uses it to decide what to save.
+_REPLACED_FLAG = "_covinit_base_replaced"
+
+
+@runtime_checkable
+class LoRAAdapter(Protocol):
+    """What an init strategy needs from one LoRA layer.
+
+    Attributes
+    ----------
+    name : str
+        Canonical layer name.
+    module : nn.Module
+        The adapted layer itself (the wrapper).
+    base_layer : nn.Module
+        The module whose forward computes ``W0·x (+ bias)``: hook it to collect the layer's
+        inputs and outputs.  For loralib-style layers, which compute base and adapter in one
+        module, this is the layer itself, so its outputs include ``scaling·B·A·x``.
+    in_features, out_features : int
+        ``k`` and ``d``.
+    rank : int
+        ``r``.
+    scaling : float
+        LoRA's output scale (α/r or α/√r).
+    base_replaced : bool
+        Whether :meth:`set_base_weight` has replaced ``W0`` through covinit.
+    """
+
+    name: str
+    module: nn.Module
+    base_layer: nn.Module
+    in_features: int
+    out_features: int
+    rank: int
+    scaling: float
+    base_replaced: bool
+
+    def base_weight(self) -> Tensor:
+        """Base weight ``(d, k)``: a detached view (transposed if stored (k, d)); don't mutate."""
+        ...
+
+    def set_base_weight(self, weight: Tensor) -> None:
+        """Overwrite the base weight in place from a ``(d, k)`` tensor (dtype/device kept)."""
+        ...
+
+    def get_lora(self) -> tuple[Tensor, Tensor]:
+        """Copies of ``(A (r, k), B (d, r))``."""
+        ...
+
+    def set_lora(self, a: Tensor, b: Tensor) -> None:
+        """Write ``A (r, k)``, ``B (d, r)`` in place (dtype/device of the parameters kept)."""
+        ...
+
+
+# ---------------------------------------------------------------------- shared helpers
+def _check_shape(name: str, label: str, value: Tensor, expected: tuple[int, ...]) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{label} for layer {name!r} must be a torch.Tensor, "
+                        f"got {type(value).__name__}")
+    if tuple(value.shape) != expected:
+        raise ValueError(f"{label} for layer {name!r} must have shape {expected}, "
+                         f"got {tuple(value.shape)}")
+
+
+def _plain_weight(name: str, weight: object) -> Tensor:
+    """The base weight if it is a plain floating tensor we can write into."""
+    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.ndim != 2:
+        raise TypeError(
+            f"layer {name!r}: the base weight is {type(weight).__name__} "
+            f"({getattr(weight, 'dtype', '?')}); covinit reads and writes plain floating-point "
+            "2-D weights only (quantized bases are not supported)"
+        )
+    return weight
+
+
+class _ParamAdapter:
+    """Adapter over a base weight and two parameters ``A (r, k)``, ``B (d, r)``.
+
+    Subclasses say where these live.  ``transposed`` means the base weight is stored
+    ``(k, d)`` (Conv1D / ``fan_in_fan_out``).
+    """
+
+    def __init__(self, name: str, module: nn.Module, base_layer: nn.Module, weight: Tensor,
+                 lora_a: Tensor, lora_b: Tensor, scaling: float, transposed: bool) -> None:
+        self.name = name
+        self.module = module
+        self.base_layer = base_layer
+        self._weight = _plain_weight(name, weight)
+        self._a = lora_a
+        self._b = lora_b
+        self.scaling = float(scaling)
+        self._transposed = bool(transposed)
+        self.rank, self.in_features = (int(s) for s in lora_a.shape)
+        self.out_features = int(lora_b.shape[0])
+        stored = (self.in_features, self.out_features) if transposed else (
+            self.out_features, self.in_features)
+        if tuple(lora_b.shape) != (self.out_features, self.rank) or tuple(weight.shape) != stored:
+            raise ValueError(
+                f"layer {name!r}: inconsistent LoRA shapes: base weight {tuple(weight.shape)} "
+                f"(transposed={transposed}), A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)}"
+            )
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, d={self.out_features}, "
+                f"k={self.in_features}, rank={self.rank}, scaling={self.scaling:g})")
+
+    @property
+    def base_replaced(self) -> bool:
+        return bool(getattr(self.module, _REPLACED_FLAG, False))
+
+    def _check_unmerged(self, action: str) -> None:
+        if getattr(self.module, "merged", False):
+            raise ValueError(f"cannot {action} layer {self.name!r} while its adapter is merged "
+                             "into the base weight; unmerge it first")
+
+    def base_weight(self) -> Tensor:
+        self._check_unmerged("read the base weight of")
+        w = self._weight.detach()
+        return w.T if self._transposed else w
+
+    def set_base_weight(self, weight: Tensor) -> None:
+        self._check_unmerged("set the base weight of")
+        _check_shape(self.name, "base weight", weight, (self.out_features, self.in_features))
+        with torch.no_grad():
+            self.base_weight().copy_(weight)
+        setattr(self.module, _REPLACED_FLAG, True)
+
+    def get_lora(self) -> tuple[Tensor, Tensor]:
+        return self._a.detach().clone(), self._b.detach().clone()
+
+    def set_lora(self, a: Tensor, b: Tensor) -> None:
+        self._check_unmerged("set the LoRA factors of")
+        _check_shape(self.name, "LoRA A", a, (self.rank, self.in_features))
+        _check_shape(self.name, "LoRA B", b, (self.out_features, self.rank))
+        with torch.no_grad():
+            self._a.copy_(a)
+            self._b.copy_(b)
+
+
+class _CovinitAdapter(_ParamAdapter):
+    """covinit's own :class:`LoRALinear` (delegates so its own checks and flags apply)."""
+
+    def __init__(self, name: str, layer: LoRALinear) -> None:
+        super().__init__(name, layer, layer.base_layer, layer.base_layer.weight, layer.lora_A,
+                         layer.lora_B, layer.scaling, layer.fan_in_fan_out)
+        self._layer = layer
+
+    @property
+    def base_replaced(self) -> bool:
+        return self._layer.base_replaced
+
+    def base_weight(self) -> Tensor:
+        self._check_unmerged("read the base weight of")
+        return self._layer.base_weight()
+
+    def set_base_weight(self, weight: Tensor) -> None:
+        _check_shape(self.name, "base weight", weight, (self.out_features, self.in_features))
+        self._layer.set_base_weight(weight)
+
+    def set_lora(self, a: Tensor, b: Tensor) -> None:
+        _check_shape(self.name, "LoRA A", a, (self.rank, self.in_features))
+        _check_shape(self.name, "LoRA B", b, (self.out_features, self.rank))
+        self._layer.set_lora(a, b)
+
+
+class _PeftAdapter(_ParamAdapter):
+    """PEFT ``lora.Linear``, for its (single) active adapter."""
+
+    def __init__(self, name: str, layer: nn.Module, adapter: str) -> None:
+        if adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False):
+            raise ValueError(
+                f"PEFT layer {name!r}: adapter {adapter!r} is a LoRA variant (e.g. DoRA), whose "
+                "output is not base + scaling·B·A; covinit initializes plain LoRA only"
+            )
+        base = layer.get_base_layer()
+        super().__init__(name, layer, base, base.weight, layer.lora_A[adapter].weight,
+                         layer.lora_B[adapter].weight, layer.scaling[adapter],
+                         bool(getattr(layer, "fan_in_fan_out", False)))
+        self.adapter_name = adapter
+
+
+class _LoralibAdapter(_ParamAdapter):
+    """loralib-style ``Linear``: an ``nn.Linear`` subclass with ``lora_A``/``lora_B`` parameters.
+
+    Its forward computes base and adapter together, so :attr:`base_layer` is the layer itself.
+    """
+
+    def __init__(self, name: str, layer: nn.Module) -> None:
+        super().__init__(name, layer, layer, layer.weight, layer.lora_A, layer.lora_B,
+                         layer.scaling, bool(getattr(layer, "fan_in_fan_out", False)))
+
+
+# ---------------------------------------------------------------------- discovery
+def _peft_linear_class() -> type | None:
+    # A model can only contain PEFT layers if peft has been imported.
+    if "peft" not in sys.modules:
+        return None
+    from peft.tuners.lora.layer import Linear
+
+    return Linear
+
+
+def _peft_lora_layer_class() -> type | None:
+    if "peft" not in sys.modules:
+        return None
+    from peft.tuners.lora.layer import LoraLayer
+
+    return LoraLayer
+
+
+def _is_loralib_style(module: nn.Module) -> bool:
+    a = getattr(module, "lora_A", None)
+    b = getattr(module, "lora_B", None)
+    return (isinstance(module, nn.Linear) and isinstance(a, nn.Parameter)
+            and isinstance(b, nn.Parameter) and a.ndim == 2 and b.ndim == 2
+            and isinstance(getattr(module, "scaling", None), (int, float)))
+
+
+def plain_root(model: nn.Module) -> nn.Module:
+    """The plain model inside PEFT wrappers (``PeftModel`` → ``LoraModel`` → model)."""
+    if "peft" in sys.modules:
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTuner
+
+        if isinstance(model, PeftModel):
+            model = model.base_model
+        if isinstance(model, BaseTuner):
+            model = model.model
+    return model
+
+
+def _walk(module: nn.Module, prefix: str = "", seen: set[int] | None = None,
+          ) -> Iterator[tuple[str, nn.Module, str]]:
+    """Yield ``(canonical name, module, kind)`` for adapters and plain linear layers.
+
+    ``kind`` is ``"covinit"``, ``"peft"``, ``"peft-other"`` (a PEFT layer covinit does not
+    handle, e.g. an embedding adapter), ``"loralib"`` or ``"linear"``.  Adapters are not
+    descended into, so their base layers are not reported separately.  Shared modules are
+    reported once, under their first name.
+    """
+    seen = set() if seen is None else seen
+    peft_linear, peft_layer = _peft_linear_class(), _peft_lora_layer_class()
+    for child_name, child in module.named_children():
+        if id(child) in seen:
+            continue
+        seen.add(id(child))
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        if isinstance(child, LoRALinear):
+            yield name, child, "covinit"
+        elif peft_linear is not None and isinstance(child, peft_linear):
+            yield name, child, "peft"
+        elif peft_layer is not None and isinstance(child, peft_layer):
+            yield name, child, "peft-other"
+        elif _is_loralib_style(child):
+            yield name, child, "loralib"
+        elif is_linear(child):
+            yield name, child, "linear"
+        else:
+            yield from _walk(child, name, seen)
+
+
+def find_adapters(model: nn.Module) -> dict[str, LoRAAdapter]:
+    """Every LoRA layer of ``model`` behind the :class:`LoRAAdapter` protocol.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model adapted with :func:`covinit.add_lora`, a PEFT model (``PeftModel`` or
+        ``LoraModel``; its active adapter is used) or a model with loralib-style layers.
+
+    Returns
+    -------
+    dict
+        ``canonical name -> adapter`` in module order.  PEFT adapters other than
+        ``lora.Linear`` (embeddings, convolutions), and PEFT layers that do not carry the
+        active adapter, are not included.
+
+    Raises
+    ------
+    ValueError
+        For a PEFT layer with several active adapters, or a LoRA variant such as DoRA.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from covinit import add_lora, find_adapters
+    >>> model = add_lora(nn.Sequential(nn.Linear(8, 8)), ["0"], rank=2)
+    >>> list(find_adapters(model))
+    ['0']
+    """
+    found: dict[str, LoRAAdapter] = {}
+    for name, module, kind in _walk(plain_root(model)):
+        if kind == "covinit":
+            found[name] = _CovinitAdapter(name, module)  # type: ignore[arg-type]
+        elif kind == "peft":
+            active = list(module.active_adapters)
+            if len(active) != 1:
+                raise ValueError(f"PEFT layer {name!r} has {len(active)} active adapters "
+                                 f"{active}; activate exactly one (model.set_adapter(name))")
+            # With several adapters on different targets, the active one may not be here.
+            if active[0] in module.lora_A:
+                found[name] = _PeftAdapter(name, module, active[0])
+        elif kind == "loralib":
+            found[name] = _LoralibAdapter(name, module)
+    return found
+
+
+def find_linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear map of ``model`` by canonical name, adapted or not.
+
+    Returns
+    -------
+    dict
+        ``canonical name -> module computing W0·x``: the layer itself for plain
+        ``nn.Linear`` / ``Conv1D``, the base layer for covinit and PEFT adapters, the layer
+        itself for loralib-style adapters.  This is what calibration hooks.
+    """
+    layers: dict[str, nn.Module] = {}
+    for name, module, kind in _walk(plain_root(model)):
+        if kind in ("covinit", "peft"):
+            layers[name] = module.base_layer if kind == "covinit" else module.get_base_layer()
+        elif kind in ("loralib", "linear"):
+            layers[name] = module
+        elif kind == "peft-other":
+            base = module.get_base_layer()
+            if is_linear(base):
+                layers[name] = base
+    return layers
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, object]:
+    """A description of ``model``'s linear layers that survives adding or removing LoRA.
+
+    Returns
+    -------
+    dict
+        ``{"layers": {canonical name: [d, k]}, "sha256": hex digest of that mapping}``.
+        Two models with the same fingerprint have the same linear layers under the same
+        names and shapes; calibrations and adapter files record it to refuse other models.
+    """
+    layers: dict[str, list[int]] = {}
+    for name, module in find_linear_layers(model).items():
+        if _is_loralib_style(module):
+            # An nn.Linear subclass that may store its weight (k, d): read d, k off A and B.
+            layers[name] = [int(module.lora_B.shape[0]), int(module.lora_A.shape[1])]
+        else:
+            layers[name] = [int(s) for s in linear_shape(module)]
+    return {"layers": layers, "sha256": fingerprint_digest(layers)}
+
+
+def fingerprint_digest(layers: dict[str, list[int]]) -> str:
+    """SHA-256 of a ``{name: [d, k]}`` mapping, independent of key order."""
+    blob = json.dumps(layers, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()

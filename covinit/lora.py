@@ -1,0 +1,424 @@
+"""covinit's own LoRA layer and the functions that put it into a model.
+
+:class:`LoRALinear` wraps an *existing* ``nn.Linear`` (or Hugging Face ``Conv1D``) without
+copying its weight: the wrapped module stays reachable as ``.base_layer``, so a model's state
+dict keeps ``...query.base_layer.weight`` next to the new ``...query.lora_A`` and
+``...query.lora_B``.  The layer computes (Hu et al. 2021)::
+
+    y = base_layer(x) + scaling · (dropout(x) @ Aᵀ) @ Bᵀ,  scaling = α/r  (rsLoRA: α/√r)
+
+in two thin matrix products, never forming the d×k matrix ``B·A``.
+
+Example
+-------
+>>> import torch
+>>> from torch import nn
+>>> from covinit import add_lora
+>>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+>>> model = add_lora(model, ["0"], rank=4, alpha=8)
+>>> model[0].lora_A.shape, model[0].lora_B.shape, model[0].scaling
+(torch.Size([4, 16]), torch.Size([32, 4]), 2.0)
+>>> [n for n, p in model.named_parameters() if p.requires_grad]
+['0.lora_A', '0.lora_B']
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "LoRALinear",
+    "Targets",
+    "add_lora",
+    "is_linear",
+    "linear_shape",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "scaling_for",
+    "set_submodule",
+]
+
+Targets = Sequence[str] | str | Callable[[str, nn.Module], bool]
+
+
+# ---------------------------------------------------------------------- linear-like modules
+def _conv1d_class() -> type | None:
+    """``transformers.pytorch_utils.Conv1D`` if transformers is already imported.
+
+    A model built from ``Conv1D`` layers has necessarily imported transformers, so looking in
+    ``sys.modules`` finds the class without making transformers an import-time dependency.
+    """
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None) if module is not None else None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a plain linear map covinit can wrap (``nn.Linear`` or ``Conv1D``)."""
+    if isinstance(module, nn.Linear):
+        return True
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d, k)`` = (out_features, in_features) of an ``nn.Linear`` or ``Conv1D``.
+
+    Raises
+    ------
+    TypeError
+        If ``module`` is neither.
+    """
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if _is_conv1d(module):
+        k, d = module.weight.shape  # Conv1D stores its weight as (in, out)
+        return d, k
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+def scaling_for(alpha: float, rank: int, use_rslora: bool) -> float:
+    """LoRA's output scale: ``alpha / rank``, or ``alpha / sqrt(rank)`` for rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def _check_rank(rank: object, name: str, d: int, k: int) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank for layer {name!r} must be an int, got {type(rank).__name__}")
+    if not 0 < rank <= min(d, k):
+        raise ValueError(
+            f"rank {rank} is invalid for layer {name!r} of shape (d={d}, k={k}); "
+            f"allowed: 1 <= rank <= min(d, k) = {min(d, k)}"
+        )
+    return rank
+
+
+# ---------------------------------------------------------------------- the layer
+class LoRALinear(nn.Module):
+    """A low-rank adapter around an existing linear layer.
+
+    Parameters
+    ----------
+    base_layer : nn.Linear or transformers Conv1D
+        The layer to adapt.  It is kept as ``self.base_layer`` (not copied) and left as is;
+        :func:`add_lora` is what freezes it.
+    rank : int, default=8
+        ``r``, with ``1 <= r <= min(d, k)``.
+    alpha : float, default=16
+        LoRA's ``α``; the adapter's output is scaled by :attr:`scaling`.
+    dropout : float, default=0.0
+        Dropout probability on the adapter's input, in ``[0, 1)``.
+    use_rslora : bool, default=False
+        Scale by ``α/√r`` instead of ``α/r``.
+    name : str, optional
+        Layer name used in error messages.
+
+    Attributes
+    ----------
+    lora_A : nn.Parameter, shape (r, k)
+        Initialised as PEFT's default (Kaiming-uniform with ``a=√5``).
+    lora_B : nn.Parameter, shape (d, r)
+        Initialised to zero, so a fresh layer computes exactly ``base_layer(x)``.
+    merged : bool
+        Whether ``scaling·B·A`` is currently added into the base weight.
+    base_replaced : bool
+        Whether :meth:`set_base_weight` replaced ``W0`` (e.g. with a strategy's residual);
+        :func:`covinit.save_lora` then saves the base weight too.
+
+    Notes
+    -----
+    ``A`` and ``B`` take the base weight's dtype and device.  Shapes: ``d`` = out_features,
+    ``k`` = in_features; input ``x`` is ``(..., k)`` and the output ``(..., d)``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        *,
+        name: str = "<layer>",
+    ) -> None:
+        super().__init__()
+        if isinstance(base_layer, LoRALinear):
+            raise ValueError(f"layer {name!r} already has a covinit LoRA adapter")
+        if not is_linear(base_layer):
+            raise TypeError(
+                f"layer {name!r}: LoRALinear wraps nn.Linear or transformers Conv1D, "
+                f"got {type(base_layer).__name__}"
+            )
+        d, k = linear_shape(base_layer)
+        rank = _check_rank(rank, name, d, k)
+        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0):
+            raise ValueError(f"alpha for layer {name!r} must be a positive number, got {alpha!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout for layer {name!r} must be in [0, 1), got {dropout!r}")
+        self.base_layer = base_layer
+        self.in_features = k
+        self.out_features = d
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.use_rslora = bool(use_rslora)
+        self.fan_in_fan_out = _is_conv1d(base_layer)
+        self.name = name
+        self.merged = False
+        self.base_replaced = False
+        weight = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, k, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(d, rank, dtype=weight.dtype, device=weight.device))
+        # Same default as PEFT and loralib: A as nn.Linear's own init, B = 0 (so ΔW = 0).
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = float(dropout)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA)."""
+        return scaling_for(self.alpha, self.rank, self.use_rslora)
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's stored weight parameter (as stored: ``(k, d)`` for Conv1D)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's bias, shape (d,), or None."""
+        return self.base_layer.bias
+
+    def base_weight(self) -> Tensor:
+        """The base weight in ``nn.Linear`` orientation, shape (d, k).
+
+        A detached view of the stored parameter (transposed for Conv1D), not a copy: do not
+        modify it in place; use :meth:`set_base_weight`.  While :attr:`merged`, it includes
+        ``scaling·B·A``.
+        """
+        w = self.base_layer.weight.detach()
+        return w.T if self.fan_in_fan_out else w
+
+    def set_base_weight(self, weight: Tensor) -> None:
+        """Overwrite the base weight in place (keeps the parameter, its dtype and device).
+
+        Parameters
+        ----------
+        weight : Tensor, shape (d, k)
+            New base weight in ``nn.Linear`` orientation, any floating dtype.
+        """
+        self._require_unmerged("set the base weight of")
+        expected = (self.out_features, self.in_features)
+        if tuple(weight.shape) != expected:
+            raise ValueError(
+                f"base weight for layer {self.name!r} must have shape {expected}, "
+                f"got {tuple(weight.shape)}"
+            )
+        with torch.no_grad():
+            self.base_weight().copy_(weight)
+        self.base_replaced = True
+
+    def get_lora(self) -> tuple[Tensor, Tensor]:
+        """Copies of ``(A (r, k), B (d, r))``."""
+        return self.lora_A.detach().clone(), self.lora_B.detach().clone()
+
+    def set_lora(self, a: Tensor, b: Tensor) -> None:
+        """Write ``A (r, k)`` and ``B (d, r)`` in place (parameters, dtype and device kept)."""
+        self._require_unmerged("set the LoRA factors of")
+        for label, value, param in (("A", a, self.lora_A), ("B", b, self.lora_B)):
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"LoRA {label} for layer {self.name!r} must have shape "
+                    f"{tuple(param.shape)}, got {tuple(value.shape)}"
+                )
+        with torch.no_grad():
+            self.lora_A.copy_(a)
+            self.lora_B.copy_(b)
+
+    def delta_weight(self) -> Tensor:
+        """``scaling · B·A``, shape (d, k), in at least float32 (for merging and inspection)."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        a = self.lora_A.detach().to(dtype)
+        b = self.lora_B.detach().to(dtype)
+        return (b @ a) * self.scaling
+
+    # ------------------------------------------------------------------ merge
+    def merge(self) -> None:
+        """Add ``scaling·B·A`` into the base weight; :meth:`forward` then skips the adapter.
+
+        The sum is formed in at least float32 and rounded once to the base dtype, so
+        ``merge(); unmerge()`` restores the weight to that dtype's precision.
+        """
+        if self.merged:
+            raise ValueError(f"layer {self.name!r} is already merged")
+        self._add_delta(+1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract ``scaling·B·A`` from the base weight again."""
+        if not self.merged:
+            raise ValueError(f"layer {self.name!r} is not merged")
+        self._add_delta(-1.0)
+        self.merged = False
+
+    def _add_delta(self, sign: float) -> None:
+        w = self.base_weight()
+        delta = self.delta_weight()
+        with torch.no_grad():
+            w.copy_((w.to(delta.dtype) + sign * delta).to(w.dtype))
+
+    def _require_unmerged(self, action: str) -> None:
+        if self.merged:
+            raise ValueError(f"cannot {action} layer {self.name!r} while it is merged; "
+                             "call unmerge() first")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        """``base_layer(x) + scaling·(dropout(x) @ Aᵀ) @ Bᵀ``; x (..., k) → (..., d)."""
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        h = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.T  # (..., r)
+        return y + (h @ self.lora_B.T * self.scaling).to(y.dtype)  # (..., d)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
+                f"use_rslora={self.use_rslora}, dropout={self.dropout:g}, merged={self.merged}")
+
+
+# ---------------------------------------------------------------------- model surgery
+def _target_matcher(targets: Targets) -> Callable[[str, nn.Module], bool]:
+    if callable(targets) and not isinstance(targets, str):
+        return targets
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as err:
+            raise ValueError(
+                f"targets {targets!r} is not a valid regular expression: {err}"
+            ) from None
+        return lambda name, _module: pattern.fullmatch(name) is not None
+    if isinstance(targets, Sequence) and targets and all(isinstance(t, str) for t in targets):
+        suffixes = tuple(targets)
+        return lambda name, _module: any(name == s or name.endswith("." + s) for s in suffixes)
+    raise TypeError(
+        "targets must be a non-empty list of name suffixes, a regular expression string "
+        f"(matched with re.fullmatch), or a callable (name, module) -> bool; got {targets!r}"
+    )
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` of ``model`` by ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def add_lora(
+    model: nn.Module,
+    targets: Targets,
+    rank: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> nn.Module:
+    """Wrap the matching linear layers of ``model`` in :class:`LoRALinear`, in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model with ``nn.Linear`` / ``Conv1D`` layers.
+    targets : list of str, str or callable
+        Which layers to adapt, by qualified module name:
+
+        * a list of name suffixes (``["query", "value"]`` matches ``...attention.self.query``;
+          a suffix matches whole dotted components only),
+        * a regular expression string matched against the full name with ``re.fullmatch``
+          (as PEFT does), e.g. ``r".*\\.attention\\..*"``,
+        * a callable ``(name, module) -> bool``.
+
+        Only linear-like layers are candidates.
+    rank, alpha, dropout, use_rslora
+        See :class:`LoRALinear`.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself, with every parameter frozen except the LoRA factors.
+
+    Raises
+    ------
+    ValueError
+        If nothing matches (the message lists the available linear layers), if a matching
+        layer already carries a LoRA adapter (covinit's, PEFT's or loralib-style), or if the
+        rank is invalid for a layer.
+    """
+    from covinit.adapters import find_adapters, find_linear_layers, plain_root  # imports lora
+
+    match = _target_matcher(targets)
+    adapted = find_adapters(model)
+    for name, adapter in adapted.items():
+        if match(name, adapter.module):
+            raise ValueError(
+                f"layer {name!r} already has a LoRA adapter ({type(adapter.module).__name__}); "
+                "refusing to wrap it twice"
+            )
+    candidates = {name: m for name, m in find_linear_layers(model).items()
+                  if name not in adapted}
+    chosen = [name for name, m in candidates.items() if match(name, m)]
+    if not chosen:
+        listing = ", ".join(candidates) or "(none)"
+        done = f" (already adapted: {', '.join(adapted)})" if adapted else ""
+        raise ValueError(
+            f"targets {targets!r} match no linear layer; available: {listing}{done}"
+        )
+    # Validate every rank before touching the model, so a bad rank leaves it unchanged.
+    for name in chosen:
+        _check_rank(rank, name, *linear_shape(candidates[name]))
+    for name in chosen:
+        wrapper = LoRALinear(candidates[name], rank, alpha, dropout, use_rslora, name=name)
+        set_submodule(plain_root(model), name, wrapper)
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    """Freeze every parameter of ``model`` except the ``lora_A``/``lora_B`` of covinit layers."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.lora_A.requires_grad_(True)
+            module.lora_B.requires_grad_(True)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter tensors of every covinit, PEFT or loralib-style layer, keyed by canonical name.
+
+    Keys are ``"<layer>.lora_A"`` (r, k), ``"<layer>.lora_B"`` (d, r) and, for layers whose
+    base weight was replaced through the adapter protocol (a residual strategy),
+    ``"<layer>.base_weight"`` (d, k, ``nn.Linear`` orientation).  ``<layer>`` is the name
+    of the layer in the plain, un-adapted model (see :func:`covinit.find_adapters`).
+    Tensors are detached copies.
+    """
+    from covinit.adapters import find_adapters
+
+    state: dict[str, Tensor] = {}
+    for name, adapter in find_adapters(model).items():
+        a, b = adapter.get_lora()
+        state[f"{name}.lora_A"] = a
+        state[f"{name}.lora_B"] = b
+        if adapter.base_replaced:
+            state[f"{name}.base_weight"] = adapter.base_weight().contiguous().clone()
+    return state
