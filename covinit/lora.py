@@ -42,6 +42,7 @@ __all__ = [
     "mark_only_lora_as_trainable",
     "scaling_for",
     "set_submodule",
+    "target_matcher",
 ]
 
 Targets = Sequence[str] | str | Callable[[str, nn.Module], bool]
@@ -245,6 +246,28 @@ class LoRALinear(nn.Module):
             self.lora_A.copy_(a)
             self.lora_B.copy_(b)
 
+    def resize(self, rank: int) -> None:
+        """Change the rank to ``rank``, keeping :attr:`scaling` (``alpha`` is adjusted).
+
+        ``lora_A`` and ``lora_B`` are replaced by *new* parameters of shapes (rank, k) and
+        (d, rank), initialised as in the constructor (Kaiming-uniform A, zero B), so the
+        layer's output is ``base_layer(x)`` afterwards.  An optimizer holding the old
+        parameters must be re-created.  Used by rank allocation (``rank_budget=``).
+        """
+        self._require_unmerged("resize")
+        rank = _check_rank(rank, self.name, self.out_features, self.in_features)
+        scaling = self.scaling
+        self.alpha = scaling * (math.sqrt(rank) if self.use_rslora else rank)
+        self.rank = rank
+        old_a, old_b = self.lora_A, self.lora_B
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=old_a.dtype,
+                                               device=old_a.device),
+                                   requires_grad=old_a.requires_grad)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=old_b.dtype,
+                                               device=old_b.device),
+                                   requires_grad=old_b.requires_grad)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
     def delta_weight(self) -> Tensor:
         """``scaling · B·A``, shape (d, k), in at least float32 (for merging and inspection)."""
         dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
@@ -298,16 +321,33 @@ class LoRALinear(nn.Module):
 
 
 # ---------------------------------------------------------------------- model surgery
-def _target_matcher(targets: Targets) -> Callable[[str, nn.Module], bool]:
+def target_matcher(targets: Targets) -> Callable[[str, nn.Module], bool]:
+    """Turn ``targets`` into a predicate ``(name, module) -> bool``.
+
+    Parameters
+    ----------
+    targets : list of str, str or callable
+        * a list of name suffixes: ``"query"`` matches ``...attention.self.query``; a suffix
+          matches whole dotted components only,
+        * a regular expression string matched against the full name with ``re.fullmatch``
+          (as PEFT does),
+        * a callable ``(name, module) -> bool``.
+
+    Raises
+    ------
+    TypeError
+        For anything else (including an empty list).
+    ValueError
+        For an invalid regular expression.
+    """
     if callable(targets) and not isinstance(targets, str):
         return targets
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)
         except re.error as err:
-            raise ValueError(
-                f"targets {targets!r} is not a valid regular expression: {err}"
-            ) from None
+            raise ValueError(f"targets {targets!r} is not a valid regular expression: {err}") \
+                from None
         return lambda name, _module: pattern.fullmatch(name) is not None
     if isinstance(targets, Sequence) and targets and all(isinstance(t, str) for t in targets):
         suffixes = tuple(targets)
@@ -366,7 +406,7 @@ def add_lora(
     """
     from covinit.adapters import find_adapters, find_linear_layers, plain_root  # imports lora
 
-    match = _target_matcher(targets)
+    match = target_matcher(targets)
     adapted = find_adapters(model)
     for name, adapter in adapted.items():
         if match(name, adapter.module):

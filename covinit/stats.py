@@ -93,6 +93,34 @@ class Moments:
         q = (sq * sq).sum()
         return cls(n, mean, m2, t, q)
 
+    @classmethod
+    def from_shifted_sums(cls, n: int, shift: Tensor, s1: Tensor, s2: Tensor, s3: Tensor,
+                          s4: Tensor) -> Moments:
+        """Summary from power sums about an arbitrary fixed centre ``c``.
+
+        With ``y = x − c`` over the rows, the inputs are ``s1 = Σ y`` (k,), ``s2 = Σ y yᵀ``
+        (k, k), ``s3 = Σ ‖y‖² y`` (k,) and ``s4 = Σ ‖y‖⁴`` (scalar), all float64.  With
+        ``δ = s1 / n`` (the mean's offset from ``c``)::
+
+            M2 = s2 − n·δδᵀ
+            T  = s3 − tr(s2)·δ − 2·s2·δ + 2n‖δ‖²·δ
+            Q  = s4 − 4·δᵀs3 + 4·δᵀs2·δ + 2‖δ‖²·tr(s2) − 3n‖δ‖⁴
+
+        This is how streams accumulate cheaply (one in-place GEMM per batch about a centre
+        close to the mean); it is exact as long as ``‖δ‖`` stays small compared with the
+        spread, which :mod:`covinit.collect` guarantees by re-centring when it would not.
+        """
+        if n == 0:
+            return cls.empty(shift.shape[0], shift.device)
+        d = s1 / n
+        dd = d @ d
+        tr = torch.trace(s2)
+        s2d = s2 @ d
+        m2 = torch.outer(d, d).mul_(-float(n)).add_(s2)  # s2 − n·ddᵀ, exactly symmetric
+        t = s3 - tr * d - 2.0 * s2d + (2.0 * n) * dd * d
+        q = s4 - 4.0 * (d @ s3) + 4.0 * (d @ s2d) + 2.0 * dd * tr - (3.0 * n) * dd * dd
+        return cls(n, shift + d, m2, t, q)
+
     # ------------------------------------------------------------------ algebra
     @property
     def k(self) -> int:

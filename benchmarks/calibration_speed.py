@@ -1,0 +1,374 @@
+"""Calibration speed: covinit.calibrate against its floor and against PEFT's EVA and CorDA.
+
+On all-MiniLM-L6-v2 (Rotten Tomatoes snippets) and SmolLM2-135M (Hamlet blocks), with the same
+data, the same target layers and the same process, it times
+
+  (a) a plain forward pass over the calibration data,
+  (b) forward + float32 ``XᵀX`` per target layer and side (the floor for exact statistics:
+      the same masked rows, one GEMM each, no sharing, no higher moments),
+  (c) ``covinit.calibrate`` (float64 and mixed precision; inputs+outputs and inputs only),
+  (d) PEFT's EVA ``get_eva_state_dict`` (incremental PCA until its components converge),
+  (e) PEFT's CorDA ``preprocess_corda`` (its hook needs batch size 1; includes its SVDs),
+
+and reports seconds, ratios and the peak resident memory added during each run (sampled from
+/proc every 5 ms).  The machine's load average is printed because the cores are shared.
+
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python benchmarks/calibration_speed.py
+    ... --quick          # (a)-(c) on less data (< 2 minutes), written to *_quick.{csv,md}
+
+SmolLM2's weights are dequantized Q4_1 (4-bit noise), cached as safetensors in ``.cache/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import gc
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+from torch import Tensor, nn
+
+import covinit
+from covinit import zoo
+from covinit.collect import batch_masks, match_layers, rows_of
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# Settings: (examples or blocks, batch size, sequence length) per model, full and quick.
+MINILM = {"full": (128, 32, 64), "quick": (64, 32, 64)}
+SMOLLM2 = {"full": (16, 8, 128), "quick": (2, 2, 128)}
+MINILM_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+                  "output.dense"]  # every encoder linear (3-D inputs; pooler/classifier left out)
+SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# EVA loops until convergence with no cap; we stop it after this many passes over the data.
+EVA_MAX_PASSES = {"full": 2, "quick": 1}
+
+
+# ---------------------------------------------------------------------- measurement
+class PeakRSS:
+    """Peak resident set size above the starting value while the block runs (MiB)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self._rss()
+        self.peak = self.start
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    seconds: float
+    peak_mib: float
+    note: str = ""
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the OS so each run's peak RSS starts from a clean base."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
+    best, peak, out = float("inf"), 0.0, None
+    for _ in range(repeats):
+        release_memory()
+        with PeakRSS() as mem:
+            start = time.perf_counter()
+            out = fn()
+            seconds = time.perf_counter() - start
+        best, peak = min(best, seconds), max(peak, mem.mib)
+    return best, peak, out
+
+
+# ---------------------------------------------------------------------- methods
+def forward_all(model: nn.Module, batches: list[dict[str, Tensor]]) -> None:
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+
+
+def forward_with_gram(model: nn.Module, batches: list[dict[str, Tensor]],
+                      layers: dict[str, nn.Module], sides: tuple[str, ...]) -> None:
+    """(b): the same masked rows, one float32 ``XᵀX`` per layer and side, accumulated."""
+    grams: dict[tuple[str, str], Tensor] = {}
+    masks: list[Tensor] = []
+
+    def make(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            for side, t in (("input", args[0]), ("output", out)):
+                if side in sides:
+                    x = rows_of(t, masks).float()
+                    g = grams.get((name, side))
+                    if g is None:
+                        grams[name, side] = x.T @ x
+                    else:
+                        g.addmm_(x.T, x)
+        return hook
+
+    handles = [m.register_forward_hook(make(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                masks[:] = batch_masks(b)
+                model(**b)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def eva(model: nn.Module, batches: list[dict[str, Tensor]], targets: list[str],
+        rank: int, max_passes: int) -> str:
+    from peft import EvaConfig, LoraConfig
+    from peft.tuners.lora.eva import get_eva_state_dict
+
+    class Stop(Exception):
+        pass
+
+    calls = 0
+    cap = max_passes * len(batches)
+
+    def forward_fn(m: nn.Module, inputs: dict[str, Tensor]) -> Any:
+        # EVA cycles the data (itertools.cycle) until its components converge, with no cap:
+        # count forward passes here, where every replayed batch goes through.
+        nonlocal calls
+        calls += 1
+        if calls > cap:
+            raise Stop
+        return m(**inputs)
+
+    config = LoraConfig(r=rank, target_modules=targets, init_lora_weights="eva",
+                        eva_config=EvaConfig(use_label_mask=False))
+    try:
+        get_eva_state_dict(model, batches, peft_config=config, forward_fn=forward_fn,
+                           show_progress_bar=False)
+    except Stop:
+        # EVA registers its hooks outside any try/finally: when stopped, they stay attached.
+        # Nothing else hooks this model here, so clearing every forward hook is safe.
+        for m in model.modules():
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+        return f"stopped unconverged after {max_passes} passes (lower bound)"
+    return f"converged after {calls} batches ({calls / len(batches):.1f} passes)"
+
+
+def corda(model: nn.Module, singles: list[dict[str, Tensor]], targets: list[str],
+          rank: int) -> str:
+    from peft import LoraConfig
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    config = LoraConfig(r=rank, target_modules=targets, init_lora_weights="corda",
+                        corda_config=CordaConfig(corda_method="ipm"))
+
+    def run_model() -> None:
+        with torch.no_grad():
+            for b in singles:
+                model(**b)
+
+    preprocess_corda(model, config, run_model=run_model)
+    for m in model.modules():  # drop what it attached, so the next method starts clean
+        for attr in ("eigens", "covariance_matrix", "sample_count", "mean", "std"):
+            if hasattr(m, attr) and not isinstance(getattr(type(m), attr, None), property):
+                try:
+                    delattr(m, attr)
+                except AttributeError:
+                    pass
+    return f"{len(singles)} batches of size 1"
+
+
+# ---------------------------------------------------------------------- data
+def minilm_setup(mode: str) -> tuple[nn.Module, list[dict[str, Tensor]], list[dict[str, Tensor]]]:
+    n, bs, length = MINILM[mode]
+    torch.manual_seed(0)
+    model, tok = zoo.load_minilm()
+    texts = [text for text, _ in zoo.rotten_tomatoes(seed=0)["train"][:n]]
+    loader = zoo.text_classification_loader(tok, texts, batch_size=bs, max_length=length)
+    singles = zoo.text_classification_loader(tok, texts, batch_size=1, max_length=length)
+    return model, list(loader), list(singles)
+
+
+def smollm2_setup(mode: str) -> tuple[nn.Module, list[dict[str, Tensor]], list[dict[str, Tensor]]]:
+    n, bs, length = SMOLLM2[mode]
+    model, tok = zoo.load_smollm2(cache_dir=ROOT / ".cache" / "smollm2")
+    train, _ = zoo.hamlet()
+    blocks = list(zoo.causal_lm_loader(tok, train, seq_len=length, batch_size=1))[:n]
+    batches = [{k: torch.cat([b[k] for b in blocks[i:i + bs]]) for k in blocks[0]}
+               for i in range(0, n, bs)]
+    return model, batches, blocks
+
+
+# ---------------------------------------------------------------------- driver
+def bench_model(name: str, setup: Callable[[str], Any], targets: list[str], mode: str,
+                repeats: int, baselines: bool, rank: int) -> list[Row]:
+    model, batches, singles = setup(mode)
+    model.eval()
+    layers = match_layers(model, targets)
+    positions = sum(int(b["attention_mask"].sum()) for b in batches)
+    print(f"\n== {name}: {len(layers)} target layers, {len(batches)} batches, "
+          f"{positions} positions", flush=True)
+    methods: dict[str, Callable[[], Any]] = {"a_forward": lambda: forward_all(model, batches)}
+    for sides, tag in ((("input", "output"), "in+out"), (("input",), "in")):
+        methods[f"b_floor_fp32_gram[{tag}]"] = (
+            lambda sides=sides: forward_with_gram(model, batches, layers, sides))
+        for precision in ("float64", "mixed"):
+            methods[f"c_covinit[{tag},{precision}]"] = (
+                lambda sides=sides, precision=precision: covinit.calibrate(
+                    model, batches, targets=targets, sides=sides, precision=precision,
+                    show_progress=False) and "")
+    forward_all(model, batches[:1])  # warm-up: allocator, kernels, lazy init
+    # Rounds over all methods, best time per method: the cores are shared, and interleaving
+    # spreads any burst of outside load over every method instead of one.
+    best: dict[str, tuple[float, float]] = {}
+    for round_ in range(repeats):
+        for method, fn in methods.items():
+            seconds, peak, _ = timed(fn, 1)
+            old = best.get(method, (float("inf"), 0.0))
+            best[method] = (min(old[0], seconds), max(old[1], peak))
+            print(f"  round {round_ + 1} {method:<30} {seconds:8.2f} s  {peak:8.1f} MiB",
+                  flush=True)
+    rows = [Row(name, method, seconds, peak) for method, (seconds, peak) in best.items()]
+    if baselines:
+        for method, fn in (
+                ("d_peft_eva", lambda: eva(model, batches, targets, rank, EVA_MAX_PASSES[mode])),
+                ("e_peft_corda(bs=1)", lambda: corda(model, singles, targets, rank))):
+            seconds, peak, note = timed(fn, 1)
+            rows.append(Row(name, method, seconds, peak, note))
+            print(f"  {method:<38} {seconds:8.2f} s  {peak:8.1f} MiB  {note}", flush=True)
+    return rows
+
+
+def ratios(rows: list[Row]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        same = {x.method: x.seconds for x in rows if x.model == r.model}
+        tag = "in" if "[in," in r.method or r.method.endswith("[in]") else "in+out"
+        floor = same.get(f"b_floor_fp32_gram[{tag}]")
+        out.append({"model": r.model, "method": r.method, "seconds": round(r.seconds, 3),
+                    "x_forward": round(r.seconds / same["a_forward"], 3),
+                    "x_floor": round(r.seconds / floor, 3) if floor and r.method[0] in "bc"
+                    else "",
+                    "peak_extra_mib": round(r.peak_mib, 1), "note": r.note})
+    return out
+
+
+def write(table: list[dict[str, Any]], rows: list[Row], args: argparse.Namespace,
+          load: tuple[float, float, float], command: str) -> None:
+    suffix = "_quick" if args.quick else ""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f"calibration_speed{suffix}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    lines = [
+        "# Calibration speed",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s); load average before: "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after: "
+        + " ".join(f"{v:.2f}" for v in os.getloadavg()) + "  ",
+        f"Times are the best of {args.repeats} interleaved round(s) (EVA and CorDA: one run); "
+        "`x_floor` compares with "
+        "(b) for the same sides. SmolLM2's weights are dequantized Q4_1 (4-bit noise).",
+        "",
+        "| model | method | seconds | × forward | × floor | peak extra MiB | note |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for t in table:
+        lines.append(f"| {t['model']} | {t['method']} | {t['seconds']:.2f} | {t['x_forward']} "
+                     f"| {t['x_floor']} | {t['peak_extra_mib']} | {t['note']} |")
+    lines += ["", "Speed-ups of covinit (inputs only, the statistics EVA and CorDA collect):", ""]
+    for model in dict.fromkeys(r.model for r in rows):
+        same = {r.method: r.seconds for r in rows if r.model == model}
+        for precision in ("float64", "mixed"):
+            c = same.get(f"c_covinit[in,{precision}]")
+            parts = [f"{base} {same[key] / c:.1f}×" for base, key in
+                     (("vs EVA", "d_peft_eva"), ("vs CorDA", "e_peft_corda(bs=1)"))
+                     if key in same and c]
+            if parts:
+                lines.append(f"- {model}, {precision}: " + ", ".join(parts))
+    (RESULTS / f"calibration_speed{suffix}.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small data (< 2 minutes)")
+    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"],
+                        choices=["minilm", "smollm2"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved rounds of (a)-(c), best kept (default 3, quick 1)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip EVA and CorDA")
+    parser.add_argument("--baselines", action="store_true",
+                        help="run EVA and CorDA in --quick mode too (they have fixed costs of "
+                             "minutes: CorDA's per-layer SVDs, EVA's incremental SVDs)")
+    parser.add_argument("--rank", type=int, default=8)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats = args.repeats or (1 if args.quick else 3)
+    mode = "quick" if args.quick else "full"
+    load = os.getloadavg()
+    command = "HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python " + " ".join(
+        ["benchmarks/calibration_speed.py", *(argv if argv is not None else sys.argv[1:])])
+    print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+          f"threads: {args.threads}; mode: {mode}", flush=True)
+    rows: list[Row] = []
+    specs = {"minilm": (minilm_setup, MINILM_TARGETS), "smollm2": (smollm2_setup,
+                                                                   SMOLLM2_TARGETS)}
+    for name in args.models:
+        setup, targets = specs[name]
+        baselines = not args.no_baselines and (args.baselines or not args.quick)
+        rows += bench_model(name, setup, targets, mode, repeats, baselines, args.rank)
+    table = ratios(rows)
+    write(table, rows, args, load, command)
+    print("\nload average after: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
+    for t in table:
+        print(f"  {t['model']:<8} {t['method']:<34} {t['seconds']:8.2f} s  "
+              f"×fwd {t['x_forward']:<7} ×floor {t['x_floor']!s:<6} {t['peak_extra_mib']} MiB")
+
+
+if __name__ == "__main__":
+    main()

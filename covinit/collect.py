@@ -1,0 +1,749 @@
+"""Forward hooks that stream layer activations into exact float64 summaries (DESIGN.md §2).
+
+The pieces, in the order :func:`covinit.calibrate` uses them:
+
+* :func:`match_layers` — which layers to hook, by the same target rules as
+  :func:`covinit.add_lora` (name suffixes, a regular expression, or a callable).
+* :func:`batch_masks` / :func:`call_model` / :func:`move_to_device` — turn one batch of a
+  dataloader into a model call plus the masks of positions to keep (``attention_mask != 0``
+  and, for token-level labels, ``labels != -100``).
+* :class:`Collector` — registers one forward hook per layer; each call reduces the layer's
+  input and/or output rows (any leading shape: (B, T, k), (B, k), (B, H, W, k)) to power
+  sums about a per-stream centre with one GEMM and accumulates them in place.
+
+Why power sums about a centre instead of a Chan merge per batch: the merge costs several
+k×k passes per batch and layer, the in-place ``addmm_`` none.  The centre is the first
+batch's mean; if a later batch's mean drifts from it by more than a few standard deviations
+in any feature (the regime where ``Σyyᵀ − nδδᵀ`` would cancel), the stream is folded into an
+exact :class:`~covinit.stats.Moments` with Chan's update and restarted about the new mean.
+The result equals the dense float64 reference to ~1e-13 relative, whatever the mean.
+
+Cost: the GEMM ``yᵀy`` dominates (n·k² per layer side and batch).  Only its lower panels
+are computed (~9/16 of the flops, :func:`_add_lower_gram`), which makes the float64 product
+about as fast as a plain float32 ``XᵀX``; from the second batch on, layers whose reductions
+nobody shares accumulate straight into their sums, with no k×k temporary.
+
+Layers fed the very same tensor in one forward pass (q/k/v projections, gate/up projections)
+reduce it once: a tensor is recognised by its storage pointer, shape, strides, dtype and
+version counter while a weak reference shows it is still alive, so its memory cannot have
+been reused by another tensor.  No activation is hashed or copied for this.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from covinit.lora import Targets, target_matcher
+from covinit.sketch import Sketch, sketch_matrix
+from covinit.stats import Moments
+
+__all__ = [
+    "PRECISIONS",
+    "SIDES",
+    "Collector",
+    "StreamResult",
+    "batch_masks",
+    "call_model",
+    "match_layers",
+    "move_to_device",
+    "rows_of",
+    "target_matcher",
+]
+
+SIDES = ("input", "output")
+PRECISIONS = ("float64", "mixed")
+
+# A batch whose mean sits further than sqrt(_DRIFT) standard deviations from the stream's
+# centre (in any feature) triggers a re-centre: the cancellation in s2 − nδδᵀ then costs at
+# most log10(_DRIFT) ≈ 1.8 of float64's ~16 digits.
+_DRIFT = 64.0
+
+# Recent activations whose reductions are kept for reuse within one forward pass.
+_CACHE_ENTRIES = 4
+
+
+
+# ---------------------------------------------------------------------- layer selection
+def match_layers(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:
+    """The linear layers of ``model`` selected by ``targets``, by canonical name.
+
+    Candidates are ``nn.Linear`` and Hugging Face ``Conv1D`` layers; in a model that holds
+    LoRA layers the candidate for an adapter is the module computing ``W0·x`` under it (see
+    :func:`covinit.adapters.find_linear_layers`), named by the layer's name in the plain model.
+
+    Parameters
+    ----------
+    model : nn.Module
+    targets : list of str, str or callable
+        See :func:`target_matcher`.  With a list, every entry must match at least one layer,
+        so a typo cannot silently shrink the selection.
+
+    Returns
+    -------
+    dict
+        ``canonical name -> module`` in module order.
+
+    Raises
+    ------
+    ValueError
+        If nothing matches, or a list entry matches nothing; the message lists the layers
+        that exist.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> list(match_layers(model, ["2"]))
+    ['2']
+    """
+    from covinit.adapters import find_linear_layers  # adapters → lora; keep import light
+
+    candidates = find_linear_layers(model)
+    match = target_matcher(targets)
+    chosen = {name: module for name, module in candidates.items() if match(name, module)}
+    listing = ", ".join(candidates) or "(none)"
+    if not chosen:
+        raise ValueError(f"targets {targets!r} match no linear layer; available: {listing}")
+    if not isinstance(targets, str) and not callable(targets):
+        for suffix in targets:
+            if not any(n == suffix or n.endswith("." + suffix) for n in chosen):
+                raise ValueError(
+                    f"target {suffix!r} matches no linear layer; available: {listing}"
+                )
+    return chosen
+
+
+def _features(name: str, module: nn.Module) -> tuple[int, int]:
+    """``(k, d)`` = (in_features, out_features) of a linear-like layer."""
+    from covinit.lora import linear_shape
+
+    try:
+        d, k = linear_shape(module)
+    except TypeError:
+        raise TypeError(
+            f"layer {name!r} is a {type(module).__name__}; calibration hooks nn.Linear or "
+            "transformers Conv1D layers only"
+        ) from None
+    return k, d
+
+
+# ---------------------------------------------------------------------- batches
+def move_to_device(batch: Any, device: torch.device | None) -> Any:
+    """``batch`` with every tensor moved to ``device`` (dicts, lists and tuples recursed)."""
+    if device is None:
+        return batch
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()}) \
+            if type(batch) is dict else {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_masks(batch: Any) -> list[Tensor]:
+    """Boolean masks of the positions to keep, one per distinct position shape.
+
+    For a mapping batch: ``attention_mask != 0`` and, when ``labels`` are token-level
+    (at least 2-D), ``labels != -100``; the two are combined when their shapes agree and kept
+    apart otherwise (an encoder-decoder's labels index the decoder's positions).  Sequence
+    labels of shape (B,) are not a mask.  Tuples and tensors carry no mask.
+
+    Returns
+    -------
+    list of Tensor
+        Boolean masks, e.g. one (B, T) mask; empty when every position counts.
+    """
+    if not isinstance(batch, Mapping):
+        return []
+    masks: list[Tensor] = []
+    attention = batch.get("attention_mask")
+    if isinstance(attention, Tensor):
+        masks.append(attention != 0)
+    labels = batch.get("labels")
+    if isinstance(labels, Tensor) and labels.ndim >= 2 and not labels.is_floating_point():
+        keep = labels != -100
+        if masks and masks[0].shape == keep.shape:
+            masks[0] = masks[0] & keep
+        else:
+            masks.append(keep)
+    return masks
+
+
+def call_model(model: nn.Module, batch: Any,
+               forward_fn: Callable[[nn.Module, Any], Any] | None = None) -> Any:
+    """Run ``model`` on one batch: ``forward_fn(model, batch)`` if given, else by batch type.
+
+    A mapping is passed as keyword arguments, a list or tuple as positional arguments, a
+    tensor as the single argument.
+
+    Raises
+    ------
+    TypeError
+        For any other batch type when no ``forward_fn`` is given.
+    """
+    if forward_fn is not None:
+        return forward_fn(model, batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        return model(*batch)
+    if isinstance(batch, Tensor):
+        return model(batch)
+    raise TypeError(
+        f"cannot call the model on a batch of type {type(batch).__name__}; batches must be a "
+        "dict (passed as keyword arguments), a tuple/list (positional) or a tensor, or pass "
+        "forward_fn=lambda model, batch: ..."
+    )
+
+
+def rows_of(x: Tensor, masks: Sequence[Tensor]) -> Tensor:
+    """The kept rows of an activation ``x`` of shape (*lead, k), as (n, k).
+
+    The first mask whose shape equals the leading dimensions of ``x`` (or their first
+    dimensions, or their flattened count) selects the rows; with no such mask — e.g. a
+    pooler's (B, k) input against a (B, T) mask — every row is kept.
+    """
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    for mask in masks:
+        if mask.device != x.device:
+            mask = mask.to(x.device)
+        if mask.shape == lead:
+            return x[mask]
+        if len(lead) > mask.ndim and lead[: mask.ndim] == mask.shape:
+            return x[mask].reshape(-1, k)
+        if len(lead) == 1 and lead[0] == mask.numel() and mask.ndim > 1:
+            return x.reshape(-1, k)[mask.reshape(-1)]
+    return x.reshape(-1, k)
+
+
+# ---------------------------------------------------------------------- accumulation
+@dataclass
+class _Reduction:
+    """One batch of rows reduced to power sums about ``shift_after`` (``s2``: lower
+    triangle valid only, see :func:`_lower_gram`)."""
+
+    shift_before: Tensor | None
+    shift_after: Tensor
+    n: int
+    s1: Tensor
+    s2: Tensor | None
+    s3: Tensor
+    s4: Tensor
+    serial: int
+
+
+@dataclass
+class _Accumulator:
+    """Power sums about ``shift`` plus everything folded away before the last re-centre.
+
+    ``s2`` is a "lower" matrix: only the blocks on and below the diagonal panels of
+    :func:`_panels` are ever written or read (see :func:`_symmetrize`); the rest is left
+    uninitialised on purpose, to save a k×k fill per stream.
+    """
+
+    k: int
+    shift: Tensor | None = None
+    n: int = 0
+    s1: Tensor | None = None
+    s2: Tensor | None = None
+    s3: Tensor | None = None
+    s4: Tensor | None = None
+    done: Moments | None = None
+    # s2 is a reduction's own tensor, possibly still read by layers sharing that reduction in
+    # this forward pass: copy before writing (cleared at the end of each batch).
+    borrowed: bool = False
+
+    def _fold(self) -> None:
+        if self.n:
+            assert self.shift is not None and self.s1 is not None
+            part = Moments.from_shifted_sums(self.n, self.shift, self.s1,
+                                             _symmetrize(self.s2), self.s3, self.s4)
+            self.done = part if self.done is None else self.done.merge(part)
+        self.n, self.s1, self.s2, self.s3, self.s4 = 0, None, None, None, None
+        self.borrowed = False
+
+    def can_take(self, red: _Reduction) -> bool:
+        return self.n == 0 or self.shift is red.shift_before or self.shift is red.shift_after
+
+    def prepare(self, red: _Reduction, adopt: bool = False) -> None:
+        """Move to ``red``'s centre (folding what was summed about the old one) and make sure
+        the sums exist and may be written, so that ``red`` can be added.  With ``adopt`` a
+        fresh accumulator starts from ``red``'s own co-moment instead of zeros."""
+        if self.shift is not red.shift_after:
+            self._fold()
+            self.shift = red.shift_after
+        if self.s1 is None:
+            device = red.s1.device
+            self.s1 = torch.zeros(self.k, dtype=torch.float64, device=device)
+            self.s3 = torch.zeros(self.k, dtype=torch.float64, device=device)
+            self.s4 = torch.zeros((), dtype=torch.float64, device=device)
+            if red.s2 is not None and adopt:
+                self.s2, self.borrowed = red.s2, True
+                return
+            self.s2 = _new_lower(self.k, device)
+            if red.s2 is not None:
+                _add_lower(self.s2, red.s2, overwrite=True)
+            return
+        if self.borrowed:
+            self.s2, self.borrowed = self.s2.clone(), False
+        if red.s2 is not None:
+            _add_lower(self.s2, red.s2)
+
+    def take(self, red: _Reduction, adopt: bool = False) -> None:
+        """Add ``red`` (whose ``s2`` is ``None`` when it was already added in place)."""
+        fresh = self.s1 is None or self.shift is not red.shift_after
+        self.prepare(red, adopt=adopt)
+        if fresh:
+            self.s1.copy_(red.s1)
+            self.s3.copy_(red.s3)
+            self.s4.copy_(red.s4)
+        else:
+            self.s1.add_(red.s1)
+            self.s3.add_(red.s3)
+            self.s4.add_(red.s4)
+        self.n += red.n
+
+    def moments(self, device: torch.device | None = None) -> Moments:
+        self._fold()
+        if self.done is None:
+            return Moments.empty(self.k, device)
+        return self.done
+
+
+def _panels(k: int) -> list[tuple[int, int]]:
+    """Column panels ``[i, j)`` of a k×k "lower" matrix: blocks ``[i:, i:j]`` are its data."""
+    if k < 128:
+        return [(0, k)]
+    b = -(-k // 8)
+    return [(i, min(i + b, k)) for i in range(0, k, b)]
+
+
+def _new_lower(k: int, device: torch.device) -> Tensor:
+    """A zero "lower" matrix (only the panel blocks are zeroed)."""
+    out = torch.empty(k, k, dtype=torch.float64, device=device)
+    for i, j in _panels(k):
+        out[i:, i:j].zero_()
+    return out
+
+
+def _add_lower(out: Tensor, other: Tensor, overwrite: bool = False) -> None:
+    """``out += other`` (or ``out = other``) on the panel blocks only."""
+    for i, j in _panels(out.shape[0]):
+        if overwrite:
+            out[i:, i:j].copy_(other[i:, i:j])
+        else:
+            out[i:, i:j].add_(other[i:, i:j])
+
+
+def _add_lower_gram(out: Tensor, y: Tensor, dtype: torch.dtype, overwrite: bool = False
+                    ) -> None:
+    """``out += yᵀy`` (or ``out = yᵀy``) on the panel blocks of a "lower" matrix ``out``
+    ((k, k) float64).
+
+    A Gram matrix is symmetric, but a GEMM computes both halves.  Splitting the columns into
+    8 panels and multiplying each panel by the columns from its own start onwards costs
+    ~9/16 of the flops; :func:`_symmetrize` restores the full matrix once, at the end.  With
+    ``dtype=float32`` each panel product runs in float32 and is added into float64.
+    """
+    yg = y if y.dtype == dtype else y.to(dtype)
+    for i, j in _panels(y.shape[1]):
+        block = out[i:, i:j]  # (k−i, j−i)
+        if dtype == torch.float64:
+            # beta=0 ignores the block's old contents, even uninitialised NaN/Inf
+            block.addmm_(yg[:, i:].T, yg[:, i:j], beta=0.0 if overwrite else 1.0)
+        elif overwrite:
+            block.copy_(yg[:, i:].T @ yg[:, i:j])
+        else:
+            block.add_(yg[:, i:].T @ yg[:, i:j])
+
+
+def _symmetrize(lower: Tensor) -> Tensor:
+    """The full symmetric matrix from a "lower" matrix (valid on its panel blocks, whose
+    diagonal blocks are complete), copied panel by panel: a whole-matrix transpose is
+    cache-hostile and ~3× slower at k = 1536."""
+    out = torch.empty_like(lower)
+    for i, j in _panels(lower.shape[0]):
+        block = lower[i:, i:j]  # (k−i, j−i)
+        out[i:, i:j] = block
+        out[i:j, i:] = block.T
+        # the GEMM's diagonal block is symmetric only to rounding: make it exactly so
+        diag = torch.tril(block[: j - i])
+        out[i:j, i:j] = diag + torch.tril(diag, -1).T
+    return out
+
+
+def _reduce(rows: Tensor, acc: _Accumulator, gemm_dtype: torch.dtype, serial: int,
+            direct: bool = False) -> _Reduction:
+    """Reduce ``rows`` (n, k) to power sums about ``acc``'s centre, re-centring on drift.
+
+    With ``direct`` the co-moment is accumulated straight into ``acc`` (no k×k temporary)
+    and the returned reduction has no ``s2``, so it cannot be shared with another layer.
+    """
+    n = rows.shape[0]
+    before = acc.shift
+    shift = rows.mean(dim=0, dtype=torch.float64) if before is None else before
+    y = torch.sub(rows, shift) if rows.is_floating_point() else rows.double() - shift  # f64
+    if before is not None and acc.n:
+        # Drift test, per feature: batch-mean offset² against the stream's variance so far
+        # (plus a few ulps of the centre, so that constant features never trigger it).
+        offset = y.mean(dim=0)  # (k,)
+        var = torch.diagonal(acc.s2) / acc.n - (acc.s1 / acc.n) ** 2
+        floor = (1e-14 * shift.abs()) ** 2
+        if bool((offset * offset > _DRIFT * var.clamp_min(0) + floor).any()):
+            shift = shift + offset
+            y = y - offset
+    s1 = y.sum(dim=0)
+    sq = (y * y).sum(dim=1)  # (n,) ‖y‖²
+    s3 = y.T @ sq
+    s4 = (sq * sq).sum()
+    k = y.shape[1]
+    if not direct:
+        s2 = torch.empty(k, k, dtype=torch.float64, device=y.device)  # panels only, below
+        _add_lower_gram(s2, y, gemm_dtype, overwrite=True)
+        return _Reduction(before, shift, n, s1, s2, s3, s4, serial)
+    red = _Reduction(before, shift, n, s1, None, s3, s4, serial)
+    acc.prepare(red)
+    _add_lower_gram(acc.s2, y, gemm_dtype)
+    acc.take(red)
+    return red
+
+
+@dataclass
+class StreamResult:
+    """What one layer side collected.
+
+    Attributes
+    ----------
+    total : Moments or Sketch
+        Summary of every kept row (the merge of ``folds``); a :class:`~covinit.sketch.Sketch`
+        for layers wider than the collector's ``sketch_above``.
+    folds : list of Moments or Sketch
+        Per-fold summaries (batch ``i`` → fold ``i % M``); a single entry without folds.
+    calls : int
+        How many times the layer was called.
+    """
+
+    total: Moments | Sketch
+    folds: list[Moments] | list[Sketch]
+    calls: int
+
+
+@dataclass
+class _Stream:
+    name: str
+    side: str
+    k: int
+    accs: list[_Accumulator]
+    calls: int = 0
+    serials: list[int] = field(default_factory=list)
+    # Whether another layer reused one of this stream's reductions (then its reductions
+    # keep their own s2); streams that never shared accumulate in place from batch 1 on.
+    shares: bool = False
+    sketches: list[Sketch] | None = None  # bounded-memory mode for wide layers
+
+
+@dataclass
+class _CacheEntry:
+    ref: weakref.ref  # type: ignore[type-arg]
+    version: int
+    reductions: list[_Reduction]
+
+
+class Collector:
+    """Forward hooks streaming the inputs/outputs of linear layers into float64 summaries.
+
+    Use as a context manager; hooks are removed on exit, whatever happened inside.
+
+    Parameters
+    ----------
+    layers : dict
+        ``name -> module`` to hook (``nn.Linear`` / ``Conv1D``, or a LoRA layer's base layer).
+    sides : sequence of {"input", "output"}
+        Which activations to summarise.
+    precision : {"float64", "mixed"}
+        ``"float64"``: everything in float64 (exact to ~1e-13).  ``"mixed"``: rows are centred
+        in float64 but the ``yᵀy`` GEMM runs in float32 (relative error ~1e-7 of the spread,
+        about half the time); sums are accumulated in float64 either way.
+    folds : int
+        Number of fold accumulators per stream (batch ``i`` goes to fold ``i % folds``).
+    sketch_above : int, optional
+        Streams at least this wide keep a k×``sketch_size`` :class:`~covinit.sketch.Sketch`
+        instead of the k×k co-moment (bounded memory, approximate top eigenpairs).
+    sketch_size, sketch_seed : int
+        Sketch width ℓ and the seed of its Gaussian test matrix.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(3, 2))
+    >>> with Collector({"0": model[0]}, ("input",)) as col:
+    ...     col.run_batch(model, torch.randn(5, 3), index=0)
+    5
+    >>> col.results()[("0", "input")].total.n
+    5
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module], sides: Sequence[str] = SIDES, *,
+                 precision: str = "float64", folds: int = 1, sketch_above: int | None = None,
+                 sketch_size: int = 256, sketch_seed: int = 0) -> None:
+        if isinstance(sides, str):
+            sides = (sides,)
+        sides = tuple(sides)
+        if not sides or any(s not in SIDES for s in sides) or len(set(sides)) != len(sides):
+            raise ValueError(f"sides must be a non-empty subset of {SIDES}, got {sides!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+            raise ValueError(f"folds must be a positive int, got {folds!r}")
+        if sketch_above is not None and (isinstance(sketch_above, bool)
+                                         or not isinstance(sketch_above, int)
+                                         or sketch_above < 1):
+            raise ValueError(f"sketch_above must be a positive int or None, got {sketch_above!r}")
+        if isinstance(sketch_size, bool) or not isinstance(sketch_size, int) or sketch_size < 1:
+            raise ValueError(f"sketch_size must be a positive int, got {sketch_size!r}")
+        self.sketch_above, self.sketch_size, self.sketch_seed = (sketch_above, sketch_size,
+                                                                 sketch_seed)
+        self._omegas: dict[tuple[int, torch.device], Tensor] = {}
+        self.layers = dict(layers)
+        self.sides = sides
+        self.gemm_dtype = torch.float64 if precision == "float64" else torch.float32
+        self.n_folds = folds
+        self.shapes = {name: _features(name, m) for name, m in self.layers.items()}
+        self._streams: dict[tuple[str, str], _Stream] = {}
+        for name, (k, d) in self.shapes.items():
+            for side in sides:
+                width = k if side == "input" else d
+                stream = _Stream(name, side, width, [_Accumulator(width) for _ in range(folds)])
+                if sketch_above is not None and width >= sketch_above:
+                    if sketch_size > width:
+                        raise ValueError(f"sketch_size {sketch_size} exceeds the width {width} "
+                                         f"of layer {name!r} {side}")
+                    stream.sketches = [Sketch.empty(width, sketch_size, sketch_seed)
+                                       for _ in range(folds)]
+                self._streams[name, side] = stream
+        self._handles: list[Any] = []
+        self._cache: dict[tuple[Any, ...], _CacheEntry] = {}
+        self._masks: list[Tensor] = []
+        self._batch = 0
+        self._serial = 0
+        self._batches_done = 0
+        self._producers: dict[int, _Stream] = {}
+        self._borrowed: list[_Accumulator] = []
+        self._rows_this_batch = 0
+        self._first = next(iter(self._streams), None)
+
+    # -------------------------------------------------------------- hooks
+    def __enter__(self) -> Collector:
+        try:
+            for name, module in self.layers.items():
+                self._handles.append(module.register_forward_hook(
+                    self._make_hook(name), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook this collector registered (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._cache.clear()
+
+    def _make_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 output: Any) -> None:
+            if "input" in self.sides:
+                x = args[0] if args else next(iter(kwargs.values()), None)
+                self._observe(name, "input", x)
+            if "output" in self.sides:
+                self._observe(name, "output", output)
+        return hook
+
+    def _observe(self, name: str, side: str, x: Any) -> None:
+        stream = self._streams[name, side]
+        stream.calls += 1
+        if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[-1] != stream.k:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"layer {name!r} {side}: expected an activation of shape (..., {stream.k}), "
+                f"got {got}"
+            )
+        if x.is_meta:  # statistics need values; the forward ran on placeholder weights
+            raise ValueError(
+                f"layer {name!r} {side}: the activation is on the meta device, so the model's "
+                "weights were never loaded (created under device='meta' or "
+                "init_empty_weights); load or materialise them before calibrating"
+            )
+        if stream.sketches is not None:
+            self._observe_sketch(stream, x)
+            return
+        acc = stream.accs[self._batch % self.n_folds]
+        key = (x.data_ptr(), x.device, x.dtype, tuple(x.shape), x.stride(),
+               x.storage_offset())
+        entry = self._cache.get(key)
+        if entry is not None and (entry.ref() is None or entry.version != x._version):
+            entry = None
+        red = None
+        if entry is not None:
+            red = next((r for r in entry.reductions if acc.can_take(r)), None)
+        if red is None:
+            rows = rows_of(x.detach(), self._masks)
+            if rows.shape[0] == 0:
+                return
+            self._serial += 1
+            # After one full batch every sharing pattern has been seen once: layers whose
+            # reductions nobody reused accumulate in place, without a k×k temporary.
+            direct = self._batches_done > 0 and not stream.shares
+            red = _reduce(rows, acc, self.gemm_dtype, self._serial, direct=direct)
+            if not bool(torch.isfinite(red.s4)):
+                self._raise_non_finite(name, side, rows)
+            self._producers[red.serial] = stream
+            if not direct:
+                acc.take(red, adopt=True)  # the producer keeps the reduction's own s2
+                if acc.borrowed:
+                    self._borrowed.append(acc)
+                if entry is None:
+                    entry = _CacheEntry(weakref.ref(x), x._version, [])
+                    self._cache[key] = entry
+                    # Layers sharing an input are called back to back (q, k, v; gate, up),
+                    # so a few recent entries find them while bounding the temporaries held.
+                    while len(self._cache) > _CACHE_ENTRIES:
+                        self._cache.pop(next(iter(self._cache)))
+                entry.reductions.append(red)
+        else:
+            acc.take(red)
+            self._producers[red.serial].shares = True
+        stream.serials.append(red.serial)
+        if (name, side) == self._first:
+            self._rows_this_batch += red.n
+
+    def _observe_sketch(self, stream: _Stream, x: Tensor) -> None:
+        """Bounded-memory path: merge this call's rows into the stream's :class:`Sketch`."""
+        rows = rows_of(x.detach(), self._masks)
+        if rows.shape[0] == 0:
+            return
+        key = (stream.k, rows.device)
+        omega = self._omegas.get(key)
+        if omega is None:
+            omega = self._omegas[key] = sketch_matrix(stream.k, self.sketch_size,
+                                                      self.sketch_seed, rows.device)
+        part = Sketch.from_batch(rows, self.sketch_size, self.sketch_seed, omega=omega)
+        if not bool(torch.isfinite(part.trace)):
+            self._raise_non_finite(stream.name, stream.side, rows)
+        fold = self._batch % self.n_folds
+        assert stream.sketches is not None
+        stream.sketches[fold] = stream.sketches[fold].merge(part, omega)
+        if (stream.name, stream.side) == self._first:
+            self._rows_this_batch += part.n
+
+    def _raise_non_finite(self, name: str, side: str, rows: Tensor) -> None:
+        finite = torch.isfinite(rows)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise ValueError(
+                f"layer {name!r} {side} activation at batch {self._batch} contains "
+                f"{bad} NaN/Inf value(s) out of {rows.numel()}; check the model's dtype "
+                "(fp16 overflow?) and the data"
+            )
+        peak = float(rows.abs().max())
+        raise ValueError(
+            f"layer {name!r} {side} activation at batch {self._batch}: values up to {peak:.3g} "
+            "overflow the float64 fourth-moment statistics"
+        )
+
+    # -------------------------------------------------------------- driving
+    def run_batch(self, model: nn.Module, batch: Any, index: int,
+                  forward_fn: Callable[[nn.Module, Any], Any] | None = None) -> int:
+        """Run one batch through ``model`` with the hooks active.
+
+        Parameters
+        ----------
+        model : nn.Module
+        batch : dict, tuple, list or Tensor
+        index : int
+            Batch index (selects the fold and appears in error messages).
+        forward_fn : callable, optional
+            ``forward_fn(model, batch)`` replaces the default call.
+
+        Returns
+        -------
+        int
+            Rows the first stream kept in this batch (the batch's usable positions).
+        """
+        self._batch = index
+        self._masks = batch_masks(batch)
+        self._rows_this_batch = 0
+        self._cache.clear()
+        try:
+            call_model(model, batch, forward_fn)
+        finally:
+            self._cache.clear()
+            self._producers.clear()
+            for acc in self._borrowed:  # nothing else holds those reductions any more
+                acc.borrowed = False
+            self._borrowed.clear()
+            self._masks = []
+        self._batches_done += 1
+        return self._rows_this_batch
+
+    # -------------------------------------------------------------- results
+    def calls(self, name: str) -> int:
+        """How many times layer ``name`` was called so far."""
+        return max(self._streams[name, side].calls for side in self.sides)
+
+    def results(self) -> dict[tuple[str, str], StreamResult]:
+        """``(name, side) -> StreamResult``; summaries live on the activations' device."""
+        out: dict[tuple[str, str], StreamResult] = {}
+        for key, stream in self._streams.items():
+            if stream.sketches is not None:
+                total_sketch = stream.sketches[0]
+                for part in stream.sketches[1:]:
+                    total_sketch = total_sketch.merge(part)
+                out[key] = StreamResult(total_sketch, list(stream.sketches), stream.calls)
+                continue
+            device = next((a.shift.device for a in stream.accs if a.shift is not None), None)
+            folds = [acc.moments(device) for acc in stream.accs]
+            total = folds[0] if len(folds) == 1 else _merge_in_order(folds)
+            out[key] = StreamResult(total, folds, stream.calls)
+        return out
+
+    def shared_inputs(self) -> dict[str, str]:
+        """``layer -> owner`` for input streams that saw exactly the same reductions as an
+        earlier layer's in every call (q/k/v fed one tensor): their summaries are identical."""
+        owners: dict[tuple[int, ...], str] = {}
+        shared: dict[str, str] = {}
+        if "input" not in self.sides:
+            return shared
+        for name in self.layers:
+            serials = tuple(self._streams[name, "input"].serials)
+            if not serials:
+                continue
+            owner = owners.setdefault(serials, name)
+            if owner != name:
+                shared[name] = owner
+        return shared
+
+
+def _merge_in_order(parts: Iterable[Moments]) -> Moments:
+    total: Moments | None = None
+    for part in parts:
+        total = part if total is None else total.merge(part)
+    assert total is not None
+    return total
+

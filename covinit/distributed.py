@@ -1,0 +1,113 @@
+"""Merge per-rank calibration summaries once, at the end (DESIGN.md §2).
+
+Each rank of a ``torch.distributed`` job hooks its own shard of the data and keeps its own
+:class:`~covinit.stats.Moments`; nothing is communicated inside the hooks.  At the end every
+summary is packed into one fixed-size float64 vector ``[n, q, mean (k), t (k), m2 (k·k)]``
+and exchanged with ``all_gather`` of plain tensors (not ``all_gather_object``, which pickles),
+one layer side at a time so that the buffer stays ``world_size × (k² + 2k + 2)``.  Every rank
+then merges the gathered summaries in rank order with Chan's update, so all ranks hold the
+same, exact result — the single-process result on the union of the shards, to rounding.
+
+Ranks may see different numbers of batches, or none: an empty summary packs as ``n = 0``
+and merges as the identity.  Counts travel as float64, exact below 2⁵³ rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from covinit.sketch import Sketch
+from covinit.stats import Moments
+
+__all__ = [
+    "all_gather_ints",
+    "all_gather_moments",
+    "all_gather_sketch",
+    "is_distributed",
+    "pack_moments",
+    "unpack_moments",
+]
+
+
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group with more than one rank is active."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device() -> torch.device:
+    """The device collectives of the default group expect (CUDA for NCCL, else CPU)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def pack_moments(m: Moments, device: torch.device | None = None) -> Tensor:
+    """One flat float64 vector ``[n, q, mean, t, m2.ravel()]`` of length ``k² + 2k + 2``."""
+    device = m.mean.device if device is None else device
+    head = torch.tensor([float(m.n)], dtype=torch.float64, device=device)
+    return torch.cat([head, m.q.reshape(1).to(device), m.mean.to(device), m.t.to(device),
+                      m.m2.reshape(-1).to(device)])
+
+
+def unpack_moments(flat: Tensor, k: int) -> Moments:
+    """Inverse of :func:`pack_moments`.
+
+    Raises
+    ------
+    ValueError
+        If ``flat`` does not have length ``k² + 2k + 2``.
+    """
+    if flat.shape != (k * k + 2 * k + 2,):
+        raise ValueError(f"packed moments of width {k} need {k * k + 2 * k + 2} values, "
+                         f"got shape {tuple(flat.shape)}")
+    n = int(flat[0].item())
+    if n == 0:
+        return Moments.empty(k, flat.device)
+    return Moments(n, flat[2:2 + k].clone(), flat[2 + 2 * k:].reshape(k, k).clone(),
+                   flat[2 + k:2 + 2 * k].clone(), flat[1].clone())
+
+
+def all_gather_moments(m: Moments) -> list[Moments]:
+    """Every rank's summary of the same layer side, in rank order.
+
+    All ranks must call this collectively with summaries of the same width ``k``.  The
+    result lives on ``m``'s device.
+    """
+    device = _comm_device()
+    flat = pack_moments(m, device)
+    parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, flat)
+    return [unpack_moments(p, m.k).to(m.mean.device) for p in parts]
+
+
+def all_gather_ints(values: Sequence[int]) -> list[list[int]]:
+    """Every rank's list of ints (all ranks pass lists of the same length), in rank order."""
+    device = _comm_device()
+    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return [[int(v) for v in p.tolist()] for p in parts]
+
+
+def all_gather_sketch(s: Sketch) -> list[Sketch]:
+    """Every rank's sketch of the same layer side, in rank order (packed as
+    ``[n, trace, mean (k), y (k·ℓ)]``; all ranks share the seed and hence ``Ω``)."""
+    device = _comm_device()
+    k, size = s.k, s.size
+    head = torch.tensor([float(s.n)], dtype=torch.float64, device=device)
+    flat = torch.cat([head, s.trace.reshape(1).to(device), s.mean.to(device),
+                      s.y.reshape(-1).to(device)])
+    parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, flat)
+    out = []
+    for p in parts:
+        p = p.to(s.mean.device)
+        n = int(p[0].item())
+        out.append(Sketch.empty(k, size, s.seed, p.device) if n == 0 else
+                   Sketch(n, p[2:2 + k].clone(), p[2 + k:].reshape(k, size).clone(),
+                          p[1].clone(), s.seed))
+    return out

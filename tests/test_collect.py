@@ -1,0 +1,420 @@
+"""Tests for covinit.collect: hooks, masks, leading shapes, shared inputs, batch calling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _dense import assert_matches, dense
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from covinit.collect import (
+    Collector,
+    batch_masks,
+    call_model,
+    match_layers,
+    move_to_device,
+    rows_of,
+    target_matcher,
+)
+
+
+class QKV(nn.Module):
+    """q/k/v fed the very same tensor, then ``out`` fed a new one; input (..., 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None) -> Tensor:
+        h = self.q(x) + self.k(x)
+        return self.out(F.relu(h)) + self.v(x).sum(-1, keepdim=True)
+
+
+def collect(model: nn.Module, batches, layers=None, sides=("input", "output"), **kw):
+    layers = layers or {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    with torch.no_grad(), Collector(layers, sides, **kw) as col:
+        for i, b in enumerate(batches):
+            col.run_batch(model, b, i)
+    return col
+
+
+def recorded(model: nn.Module, batches) -> dict[str, list[Tensor]]:
+    """The raw (unmasked) activations each layer sees, via a plain recording hook."""
+    seen: dict[str, list[Tensor]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            def hook(mod, args, out, name=name):
+                seen.setdefault(name + ":input", []).append(args[0].detach().clone())
+                seen.setdefault(name + ":output", []).append(out.detach().clone())
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        for b in batches:
+            call_model(model, b)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+# ------------------------------------------------------------------ matching
+def test_match_layers_suffix_regex_callable(tiny_model):
+    assert list(match_layers(tiny_model, ["query", "head"])) == ["block.query", "head"]
+    assert list(match_layers(tiny_model, r"block\..*")) == ["block.query", "block.dense"]
+    assert list(match_layers(tiny_model, lambda n, m: m.out_features == 5)) == ["head"]
+    # a suffix matches whole dotted components only
+    with pytest.raises(ValueError, match=r"available: block\.query, block\.dense, head"):
+        match_layers(tiny_model, ["uery"])
+
+
+def test_match_layers_each_suffix_must_match(tiny_model):
+    with pytest.raises(ValueError, match="target 'qurey' matches no linear layer"):
+        match_layers(tiny_model, ["query", "qurey"])
+
+
+def test_target_matcher_rejects_bad_targets():
+    with pytest.raises(TypeError, match="name suffixes"):
+        target_matcher([])
+    with pytest.raises(TypeError, match="name suffixes"):
+        target_matcher(3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="regular expression"):
+        target_matcher("(")
+
+
+def test_match_layers_finds_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    model = nn.Sequential(Conv1D(6, 4), nn.ReLU())
+    layers = match_layers(model, ["0"])
+    assert list(layers) == ["0"]
+    x = torch.randn(3, 5, 4)
+    col = collect(model, [x], layers=layers)
+    res = col.results()
+    assert res["0", "input"].total.k == 4 and res["0", "output"].total.k == 6
+    assert_matches(res["0", "output"].total, dense(model[0](x).detach().reshape(-1, 6).numpy()))
+
+
+# ------------------------------------------------------------------ batches
+def test_batch_masks_combine_attention_and_token_labels():
+    am = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    labels = torch.tensor([[-100, 3, 4], [5, -100, 6]])
+    (mask,) = batch_masks({"attention_mask": am, "labels": labels})
+    assert mask.tolist() == [[False, True, False], [True, False, True]]
+    # sequence labels (B,) are not a mask
+    (mask,) = batch_masks({"attention_mask": am, "labels": torch.tensor([0, 1])})
+    assert mask.tolist() == am.bool().tolist()
+    # decoder labels of another length stay a separate mask
+    masks = batch_masks({"attention_mask": am, "labels": torch.tensor([[1, -100]] * 2)})
+    assert [m.shape for m in masks] == [(2, 3), (2, 2)]
+    assert batch_masks((torch.ones(2),)) == [] and batch_masks(torch.ones(2)) == []
+
+
+def test_call_model_by_batch_type():
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    expected = model(x)
+    assert torch.equal(call_model(model, x), expected)
+    assert torch.equal(call_model(model, (x,)), expected)
+    assert torch.equal(call_model(model, [x]), expected)
+    assert torch.equal(call_model(model, {"input": x}), expected)
+    assert torch.equal(call_model(model, {"z": x}, lambda m, b: m(b["z"])), expected)
+    with pytest.raises(TypeError, match="batch of type str"):
+        call_model(model, "tokens")
+
+
+def test_move_to_device_recurses():
+    batch = {"a": torch.ones(2), "b": (torch.zeros(1), [torch.ones(1)]), "c": "text"}
+    moved = move_to_device(batch, torch.device("cpu"))
+    assert moved["c"] == "text" and isinstance(moved["b"], tuple)
+    assert move_to_device(batch, None) is batch
+
+
+def test_rows_of_leading_shapes():
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    assert rows_of(x, [mask]).tolist() == [x[0, 0].tolist(), x[0, 2].tolist(),
+                                            x[1, 2].tolist()]
+    assert rows_of(x.reshape(6, 4), [mask]).shape == (3, 4)  # flattened positions
+    assert rows_of(x[:, 0], [mask]).shape == (2, 4)  # pooler-like (B, k): every row
+    img = torch.randn(2, 3, 5, 4)  # (B, H, W, k): no mask fits → all rows
+    assert rows_of(img, [torch.ones(2, 7, dtype=torch.bool)]).shape == (30, 4)
+    assert rows_of(img, [mask]).shape == (3 * 5, 4)  # mask over the first dims
+
+
+# ------------------------------------------------------------------ statistics
+def test_masked_uneven_batches_match_dense():
+    model = QKV()
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for b, t in [(3, 5), (1, 7), (4, 2)]:
+        am = (torch.rand(b, t, generator=gen) > 0.3).long()
+        labels = torch.randint(0, 5, (b, t), generator=gen)
+        labels[torch.rand(b, t, generator=gen) > 0.7] = -100
+        batches.append({"x": torch.randn(b, t, 8, generator=gen) * 3 + 2,
+                        "attention_mask": am, "labels": labels})
+    col = collect(model, batches)
+    raw = recorded(model, batches)
+    keep = [(b["attention_mask"] != 0) & (b["labels"] != -100) for b in batches]
+    for (name, side), res in col.results().items():
+        rows = torch.cat([a[m] for a, m in zip(raw[f"{name}:{side}"], keep, strict=True)])
+        assert_matches(res.total, dense(rows.double().numpy()))
+        assert res.calls == 3
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (2, 3, 8), (2, 2, 3, 8)])
+def test_any_leading_shape(shape):
+    model = QKV()
+    batches = [torch.randn(*shape) for _ in range(3)]
+    col = collect(model, batches)
+    raw = recorded(model, batches)
+    for (name, side), res in col.results().items():
+        rows = torch.cat([a.reshape(-1, a.shape[-1]) for a in raw[f"{name}:{side}"]])
+        assert_matches(res.total, dense(rows.double().numpy()))
+        assert torch.equal(res.total.m2, res.total.m2.T)
+
+
+def test_batch_order_does_not_matter():
+    model = QKV()
+    batches = [torch.randn(n, 8) * (i + 1) + 10 * i for i, n in enumerate([5, 1, 9, 3])]
+    a = collect(model, batches).results()
+    b = collect(model, batches[::-1]).results()
+    for key in a:
+        for f in ("mean", "m2", "t", "q"):
+            x, y = getattr(a[key].total, f), getattr(b[key].total, f)
+            assert (x - y).abs().max() <= 1e-10 * max(float(x.abs().max()), 1e-300)
+
+
+def test_drifting_mean_is_recentred():
+    # The mean jumps by 1e6 spreads between batches: power sums about the first batch's
+    # mean would cancel ~12 digits; the re-centring keeps the dense reference.
+    lin = nn.Linear(3, 2)
+    model = nn.Sequential(lin)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(50, 3, generator=gen, dtype=torch.float64) * 1e-3 + 1e3 * i
+               for i in range(4)]
+    model = model.double()
+    col = collect(model, batches, sides=("input",))
+    assert_matches(col.results()["0", "input"].total, dense(torch.cat(batches).numpy()))
+
+
+def test_large_mean_fp32_model():
+    lin = nn.Linear(4, 3)
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randn(200, 4, generator=gen) + 1e3 for _ in range(5)]
+    col = collect(nn.Sequential(lin), batches, sides=("input",))
+    x = torch.cat(batches).double().numpy()
+    np.testing.assert_allclose(col.results()["0", "input"].total.covariance().numpy(),
+                               np.cov(x.T, bias=True), rtol=1e-10, atol=1e-12)
+
+
+def test_mixed_precision_is_close():
+    model = QKV()
+    batches = [torch.randn(64, 8) * 2 + 30 for _ in range(3)]
+    exact = collect(model, batches).results()
+    mixed = collect(model, batches, precision="mixed").results()
+    for key in exact:
+        e, m = exact[key].total, mixed[key].total
+        # float32 product of rows centred in float64: rounding ~ 1e-7 of the spread, never
+        # the mean (here 15 spreads from zero) — so a 1e-5 relative bound on M2.
+        assert torch.equal(e.mean, m.mean)
+        assert (e.m2 - m.m2).abs().max() <= 1e-5 * e.m2.abs().max()
+
+
+def test_folds_merge_to_total():
+    model = QKV()
+    batches = [torch.randn(n, 8) for n in [3, 4, 5, 6, 7]]
+    res = collect(model, batches, folds=3).results()["out", "input"]
+    assert [f.n for f in res.folds] == [3 + 6, 4 + 7, 5]
+    raw = recorded(model, batches)["out:input"]
+    assert_matches(res.folds[0], dense(torch.cat([raw[0], raw[3]]).double().numpy()))
+    assert_matches(res.total, dense(torch.cat(raw).double().numpy()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(lead=st.lists(st.integers(1, 4), min_size=1, max_size=3), n_batches=st.integers(1, 4),
+       scale=st.sampled_from([1e-3, 1.0, 1e2]), offset=st.sampled_from([0.0, 1e3, -50.0]),
+       masked=st.booleans(), precision=st.sampled_from(["float64", "mixed"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_property_collector_equals_dense(lead, n_batches, scale, offset, masked, precision,
+                                         seed):
+    gen = torch.Generator().manual_seed(seed)
+    model = QKV().double()
+    batches, kept = [], []
+    for _ in range(n_batches):
+        x = torch.randn(*lead, 8, generator=gen, dtype=torch.float64) * scale + offset
+        batch = {"x": x}
+        mask = torch.ones(lead, dtype=torch.bool)
+        if masked and len(lead) >= 1:
+            mask = torch.rand(*lead, generator=gen) > 0.4
+            batch["attention_mask"] = mask.long()
+        batches.append(batch)
+        kept.append(x[mask])
+    rows = torch.cat(kept)
+    col = collect(model, batches, sides=("input",), precision=precision)
+    got = col.results()["q", "input"].total
+    assert got.n == rows.shape[0]
+    if got.n == 0:
+        return
+    ref = dense(rows.numpy())
+    # exact path: 1e-10 of the field's size; mixed: float32 rounding of the centred product
+    tol = 1e-10 if precision == "float64" else 1e-5
+    np.testing.assert_allclose(got.mean.numpy(), ref["mean"], rtol=0,
+                               atol=1e-12 * (abs(offset) + scale))
+    np.testing.assert_allclose(got.m2.numpy(), ref["m2"], rtol=0,
+                               atol=tol * max(np.abs(ref["m2"]).max(), 1e-300)
+                               + 1e-13 * abs(offset) * scale * ref["n"])
+
+
+# ------------------------------------------------------------------ shared inputs
+def test_shared_input_detected_and_reduced_once(monkeypatch):
+    import covinit.collect as collect_mod
+
+    calls = []
+    original = collect_mod._reduce
+    def counting(rows, *args, **kwargs):
+        calls.append(rows.shape)
+        return original(rows, *args, **kwargs)
+
+    monkeypatch.setattr(collect_mod, "_reduce", counting)
+    model = QKV()
+    col = collect(model, [torch.randn(4, 8), torch.randn(2, 3, 8)], sides=("input",))
+    assert col.shared_inputs() == {"k": "q", "v": "q"}
+    assert len(calls) == 2 * 2  # per batch: q's input once, out's input once
+    res = col.results()
+    assert torch.equal(res["q", "input"].total.m2, res["v", "input"].total.m2)
+
+
+def test_equal_but_distinct_tensors_are_not_shared():
+    class Copies(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.a(x.clone()) + self.b(x.clone())
+
+    col = collect(Copies(), [torch.randn(5, 4)], sides=("input",))
+    assert col.shared_inputs() == {}
+
+
+def test_sharing_that_changes_between_batches_is_not_an_alias():
+    class Switch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 2), nn.Linear(4, 2)
+            self.step = 0
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.step += 1
+            return self.a(x) + self.b(x if self.step == 1 else x * 2)
+
+    model = Switch()
+    batches = [torch.randn(5, 4), torch.randn(6, 4)]
+    col = collect(model, batches, sides=("input",))
+    assert col.shared_inputs() == {}
+    b_rows = torch.cat([batches[0], batches[1] * 2]).double().numpy()
+    assert_matches(col.results()["b", "input"].total, dense(b_rows))
+
+
+def test_layer_called_twice_per_forward_sees_both_calls():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.lin(torch.tanh(self.lin(x)))
+
+    model = Twice()
+    batches = [torch.randn(3, 4), torch.randn(5, 4)]
+    col = collect(model, batches)
+    raw = recorded(model, batches)
+    res = col.results()
+    assert res["lin", "input"].calls == 4
+    assert_matches(res["lin", "input"].total, dense(torch.cat(raw["lin:input"]).double().numpy()))
+    assert_matches(res["lin", "output"].total,
+                   dense(torch.cat(raw["lin:output"]).double().numpy()))
+
+
+def test_wide_layer_panels_give_exactly_symmetric_comoment():
+    lin = nn.Linear(300, 2)  # k = 300 ≥ 128: the panelled GEMM path
+    batches = [torch.randn(40, 300) + 3, torch.randn(7, 300)]
+    for precision in ("float64", "mixed"):
+        m = collect(nn.Sequential(lin), batches, sides=("input",),
+                    precision=precision).results()["0", "input"].total
+        assert torch.equal(m.m2, m.m2.T)
+        if precision == "float64":
+            assert_matches(m, dense(torch.cat(batches).double().numpy()))
+
+
+def test_reused_reduction_survives_producer_called_again():
+    # a(x), a(z), b(x): b reuses a's first reduction after a accumulated a second call, so a
+    # must not have written into the co-moment it shares (copy-on-write).
+    class Order(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(130, 2), nn.Linear(130, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.a(x) + self.a(x * 3 + 1) + self.b(x)
+
+    model = Order()
+    batches = [torch.randn(20, 130), torch.randn(9, 130)]
+    col = collect(model, batches, sides=("input",))
+    res = col.results()
+    b_rows = torch.cat(batches).double().numpy()
+    a_rows = torch.cat([torch.cat([x, x * 3 + 1]) for x in batches]).double().numpy()
+    assert_matches(res["b", "input"].total, dense(b_rows))
+    assert_matches(res["a", "input"].total, dense(a_rows))
+
+
+def test_non_contiguous_activation():
+    lin = nn.Linear(4, 2)
+    x = torch.randn(4, 6, 3).transpose(0, 2)[..., :4]  # (3, 6, 4), non-contiguous view
+    assert not x.is_contiguous()
+    col = collect(nn.Sequential(lin), [x], sides=("input",))
+    assert_matches(col.results()["0", "input"].total, dense(x.reshape(-1, 4).double().numpy()))
+
+
+def test_huge_bf16_activations_stay_finite_in_float64():
+    # bf16 reaches 3e38; its fourth powers summed over k need ~1e160, far inside float64
+    lin = nn.Linear(6, 3).to(torch.bfloat16)
+    x = (torch.randn(10, 6) * 1e37).to(torch.bfloat16)
+    col = collect(nn.Sequential(lin), [x], sides=("input",))
+    m = col.results()["0", "input"].total
+    assert bool(torch.isfinite(m.q)) and float(m.q) > 1e150
+    assert_matches(m, dense(x.double().numpy()))
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_activation_names_layer_and_batch(bad):
+    model = QKV()
+    x = torch.randn(4, 8)
+    x[2, 3] = bad
+    with pytest.raises(ValueError, match=r"layer 'q' input activation at batch 1 .*NaN/Inf"):
+        collect(model, [torch.randn(3, 8), x])
+
+
+def test_hooks_removed_after_exception():
+    model = QKV()
+    with pytest.raises(ValueError), torch.no_grad(), Collector({"q": model.q}) as col:
+        col.run_batch(model, torch.full((2, 8), float("nan")), 0)
+    assert not model.q._forward_hooks
+
+
+def test_invalid_options():
+    lin = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="sides"):
+        Collector({"l": lin}, ("inputs",))
+    with pytest.raises(ValueError, match="precision"):
+        Collector({"l": lin}, precision="float16")
+    with pytest.raises(ValueError, match="folds"):
+        Collector({"l": lin}, folds=0)
+    with pytest.raises(TypeError, match=r"nn\.Linear or transformers Conv1D"):
+        Collector({"c": nn.Conv2d(1, 1, 1)})
