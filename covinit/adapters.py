@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
@@ -91,8 +92,19 @@ class LoRAAdapter(Protocol):
         """Write ``A (r, k)``, ``B (d, r)`` in place (dtype/device of the parameters kept)."""
         ...
 
+    def resize(self, rank: int) -> None:
+        """Change the rank, keeping :attr:`scaling` (α adjusted); A, B become new parameters
+        (A Kaiming-uniform, B = 0), so the layer computes ``W0·x`` until they are set."""
+        ...
+
 
 # ---------------------------------------------------------------------- shared helpers
+def _check_new_rank(name: str, rank: object, d: int, k: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= min(d, k):
+        raise ValueError(f"cannot resize layer {name!r} (d={d}, k={k}) to rank {rank!r}; "
+                         f"allowed: 1 <= rank <= {min(d, k)}")
+
+
 def _check_shape(name: str, label: str, value: Tensor, expected: tuple[int, ...]) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{label} for layer {name!r} must be a torch.Tensor, "
@@ -202,6 +214,10 @@ class _CovinitAdapter(_ParamAdapter):
         _check_shape(self.name, "LoRA B", b, (self.out_features, self.rank))
         self._layer.set_lora(a, b)
 
+    def resize(self, rank: int) -> None:
+        self._layer.resize(rank)
+        self._a, self._b, self.rank = self._layer.lora_A, self._layer.lora_B, self._layer.rank
+
 
 class _PeftAdapter(_ParamAdapter):
     """PEFT ``lora.Linear``, for its (single) active adapter."""
@@ -218,6 +234,29 @@ class _PeftAdapter(_ParamAdapter):
                          bool(getattr(layer, "fan_in_fan_out", False)))
         self.adapter_name = adapter
 
+    def resize(self, rank: int) -> None:
+        self._check_unmerged("resize")
+        layer, name = self.module, self.adapter_name
+        _check_new_rank(self.name, rank, self.out_features, self.in_features)
+        old_a, old_b = layer.lora_A[name], layer.lora_B[name]
+        new_a = nn.Linear(self.in_features, rank, bias=False)
+        new_b = nn.Linear(rank, self.out_features, bias=old_b.bias is not None)
+        new_a.to(dtype=old_a.weight.dtype, device=old_a.weight.device)
+        new_b.to(dtype=old_b.weight.dtype, device=old_b.weight.device)
+        with torch.no_grad():
+            new_b.weight.zero_()
+            if old_b.bias is not None:
+                new_b.bias.copy_(old_b.bias)
+        for new, old in ((new_a, old_a), (new_b, old_b)):
+            new.requires_grad_(old.weight.requires_grad)
+        layer.lora_A[name], layer.lora_B[name] = new_a, new_b
+        # Keep PEFT's scaling: α' = c·r' (or c·√r' with rsLoRA); r, lora_alpha are what
+        # PEFT's save/merge code reads.
+        rslora = bool(layer.use_rslora.get(name, False))
+        layer.r[name] = rank
+        layer.lora_alpha[name] = self.scaling * (math.sqrt(rank) if rslora else rank)
+        self._a, self._b, self.rank = new_a.weight, new_b.weight, rank
+
 
 class _LoralibAdapter(_ParamAdapter):
     """loralib-style ``Linear``: an ``nn.Linear`` subclass with ``lora_A``/``lora_B`` parameters.
@@ -228,6 +267,24 @@ class _LoralibAdapter(_ParamAdapter):
     def __init__(self, name: str, layer: nn.Module) -> None:
         super().__init__(name, layer, layer, layer.weight, layer.lora_A, layer.lora_B,
                          layer.scaling, bool(getattr(layer, "fan_in_fan_out", False)))
+
+    def resize(self, rank: int) -> None:
+        self._check_unmerged("resize")
+        layer = self.module
+        _check_new_rank(self.name, rank, self.out_features, self.in_features)
+        old_a, old_b = layer.lora_A, layer.lora_B
+        layer.lora_A = nn.Parameter(old_a.new_empty(rank, self.in_features),
+                                    requires_grad=old_a.requires_grad)
+        layer.lora_B = nn.Parameter(old_b.new_zeros(self.out_features, rank),
+                                    requires_grad=old_b.requires_grad)
+        nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))
+        # loralib scales by lora_alpha / r; keep the scaling.
+        rslora = bool(getattr(layer, "use_rslora", False))
+        if hasattr(layer, "r"):
+            layer.r = rank
+        if hasattr(layer, "lora_alpha"):
+            layer.lora_alpha = self.scaling * (math.sqrt(rank) if rslora else rank)
+        self._a, self._b, self.rank = layer.lora_A, layer.lora_B, rank
 
 
 # ---------------------------------------------------------------------- discovery
@@ -246,6 +303,22 @@ def _peft_lora_layer_class() -> type | None:
     from peft.tuners.lora.layer import LoraLayer
 
     return LoraLayer
+
+
+def _unwrap_saved_module(module: nn.Module) -> nn.Module:
+    """For PEFT's ``ModulesToSaveWrapper`` (``modules_to_save=``, e.g. a classifier head),
+    the module its forward runs — the active adapter's trainable copy, else the original —
+    so the layer keeps its plain-model name; any other module as is."""
+    if "peft" not in sys.modules:
+        return module
+    from peft.utils.other import ModulesToSaveWrapper
+
+    if not isinstance(module, ModulesToSaveWrapper):
+        return module
+    active = [a for a in module.active_adapters if a in module.modules_to_save]
+    if active and not getattr(module, "disable_adapters", False):
+        return module.modules_to_save[active[0]]
+    return module.original_module
 
 
 def _is_loralib_style(module: nn.Module) -> bool:
@@ -285,6 +358,7 @@ def _walk(module: nn.Module, prefix: str = "", seen: set[int] | None = None,
             continue
         seen.add(id(child))
         name = f"{prefix}.{child_name}" if prefix else child_name
+        child = _unwrap_saved_module(child)
         if isinstance(child, LoRALinear):
             yield name, child, "covinit"
         elif peft_linear is not None and isinstance(child, peft_linear):

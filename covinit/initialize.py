@@ -24,6 +24,7 @@ True
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -77,26 +78,69 @@ def _tied_names(model: nn.Module) -> dict[int, list[str]]:
     return {ptr: ns for ptr, ns in names.items() if len(ns) > 1}
 
 
-def _lazy_estimate(calibration: Any, name: str, side: str, estimator: str,
-                   estimator_options: Mapping[str, Any],
-                   cache: dict[int, tuple[Any, Any]]) -> Callable[[], Any]:
-    """A zero-argument callable returning the (cached) estimate for one layer and side.
+def _uncentred(moments: Any) -> Any:
+    """The same rows summarised about 0: ``m2 = Σxxᵀ``, ``q = Σ‖x‖⁴`` (the second moment,
+    to which every estimator applies unchanged, as ``assume_centered=True`` in sklearn)."""
+    return moments.recentered(torch.zeros_like(moments.mean))
 
-    The cache is keyed by the identity of the calibration's :class:`~covinit.stats.Moments`,
-    so layers that share one input summary (q/k/v) share one estimate.
+
+def _lazy_estimate(calibration: Any, name: str, side: str, estimator: str,
+                   estimator_options: Mapping[str, Any], cache: dict[tuple, tuple[Any, Any]],
+                   rank: int) -> Callable[..., Any]:
+    """A callable ``get(center=True)`` returning the (cached) estimate for one layer and side.
+
+    ``center=True`` estimates the covariance, ``center=False`` the uncentred second moment
+    ``E[xxᵀ]``.  The cache is keyed by the identity of the calibration's
+    :class:`~covinit.stats.Moments` and ``center`` (and, for ``spatpca``, the number of
+    components), so layers that share one input summary (q/k/v) share one estimate.
+    ``spatpca`` is asked for ``min(rank, k − 1)`` components unless ``estimator_options``
+    fixes ``rank``.
     """
 
-    def get() -> Any:
+    def get(center: bool = True) -> Any:
         from covinit.estimators import estimate  # lazy: estimators are optional for baselines
 
         moments = calibration.moments(name, side)
-        key = id(moments)
+        options = dict(estimator_options)
+        if estimator == "spatpca" and "rank" not in options:
+            options["rank"] = max(1, min(rank, moments.k - 1))
+        key = (id(moments), bool(center), options.get("rank") if estimator == "spatpca" else None)
         if key not in cache:
             folds = calibration.folds(name, side)
-            cache[key] = (moments, estimate(moments, estimator, folds=folds, **estimator_options))
+            used = moments
+            if not center:
+                used = _uncentred(moments)
+                folds = None if folds is None else [_uncentred(f) for f in folds]
+            try:
+                result = estimate(used, estimator, folds=folds, **options)
+            except ValueError as err:  # the estimator cannot know which layer it was given
+                raise ValueError(f"layer {name!r} {side}: estimator {estimator!r} failed: "
+                                 f"{err}") from err
+            # The original object is kept in the entry so that its id stays unique.
+            cache[key] = (moments, result)
         return cache[key][1]
 
     return get
+
+
+def _unusable(calibration: Any, name: str, sides: Iterable[str], rank: int) -> str | None:
+    """Why a layer's statistics cannot support a rank-``rank`` covariance init, or None.
+
+    Too few positions (fewer than the rank: at most ``n`` directions carry data), or
+    constant activations (zero spread: every direction is arbitrary and whitening divides
+    by zero).
+    """
+    for side in sides:
+        m = calibration.moments(name, side)
+        if m.n < rank:
+            return (f"only {m.n} usable calibration position(s) on the {side} side, fewer than "
+                    f"the rank {rank}")
+        spread = float(torch.trace(m.m2)) / m.n
+        level = float(m.mean @ m.mean)
+        if not spread > max(1e-12 * level, torch.finfo(torch.float64).tiny):
+            return (f"its {side} activations are constant over all {m.n} calibration "
+                    "position(s)")
+    return None
 
 
 def _has_side(calibration: Any, name: str, side: str) -> bool:
@@ -134,6 +178,8 @@ def initialize(
     seed: int = 0,
     layers: Iterable[str] | Callable[[str], bool] | None = None,
     estimator_options: Mapping[str, Any] | None = None,
+    rank_budget: int | None = None,
+    max_rank: int | None = None,
     **options: Any,
 ) -> dict[str, dict[str, Any]]:
     """Initialize the LoRA factors (and, for residual strategies, the base) of every adapter.
@@ -152,7 +198,7 @@ def initialize(
         calibration statistics.
     rank : int, optional
         Expected rank of every selected adapter; ``None`` keeps each adapter's own rank.
-        Changing ranks is not supported here yet: a different value raises ``ValueError``.
+        A different value raises ``ValueError`` (to change ranks, see ``rank_budget``).
     seed : int, default=0
         Seed for random parts; each layer's generator is seeded with
         :func:`layer_seed` ``(seed, name)``, so results do not depend on layer order.
@@ -161,6 +207,18 @@ def initialize(
         all of them.
     estimator_options : mapping, optional
         Keyword arguments for the estimator (e.g. a fixed shrinkage).
+    rank_budget : int, optional
+        Total rank to distribute over the selected layers by the explained-variance ratio
+        of their input covariance estimates (as EVA; :func:`covinit.allocation.allocate_ranks`,
+        at least 1 per layer).  Needs input-side calibration statistics.  Adapters are
+        resized to their new ranks with their **scaling kept** (α adjusted); PEFT models get
+        ``rank_pattern`` / ``alpha_pattern`` entries so that ``save_pretrained`` reloads
+        them; covinit's layers record rank and α in :func:`covinit.save_lora`'s metadata.
+        Resizing replaces the ``lora_A`` / ``lora_B`` parameters: create the optimizer
+        afterwards.
+    max_rank : int, optional
+        Per-layer cap for ``rank_budget``; default twice the layer's current rank (EVA's
+        ``rho=2``), at most ``min(d, k)``.
     **options
         Strategy options, passed as ``InitContext.options``.
 
@@ -168,7 +226,15 @@ def initialize(
     -------
     dict
         Per layer: ``{"strategy", "rank", "scaling", "residual" (bool: base replaced),
-        "delta_norm" (‖scaling·B·A‖_F at step 0), "a_norm", "b_norm"}``.
+        "delta_norm" (‖scaling·B·A‖_F at step 0), "a_norm", "b_norm"}``, and
+        ``"fallback"`` (the reason) where a layer fell back to ``kaiming``.
+
+    Warns
+    -----
+    UserWarning
+        For each layer whose calibration statistics cannot support the strategy — fewer
+        usable positions than the rank, or constant activations — which is initialized
+        with ``kaiming`` instead (the warning names the layer and the count).
 
     Raises
     ------
@@ -200,46 +266,70 @@ def initialize(
         raise ValueError("model has no LoRA layers; add them first with covinit.add_lora(...) "
                          "or peft.get_peft_model(...)")
     chosen = _select(adapters, layers)
+    if rank_budget is not None and rank is not None:
+        raise ValueError("pass either rank= (a check of the existing ranks) or rank_budget= "
+                         "(a new allocation), not both")
     if rank is not None:
         for name, adapter in chosen.items():
             if rank != adapter.rank:
                 raise ValueError(
                     f"rank={rank} differs from layer {name!r}'s adapter rank {adapter.rank}; "
-                    "changing ranks is not supported by initialize() yet: create the adapters "
-                    "with the rank you want (or pass rank=None)"
+                    "rank= only checks ranks: create the adapters with the rank you want, "
+                    "or pass rank_budget= to reallocate ranks from the calibration"
                 )
     needs = tuple(entry.tags.get("needs", ()))
     if calibration is not None:
         calibration.check_model(model)
-    for side in needs:
+    required = tuple(dict.fromkeys(needs + (("input",) if rank_budget is not None else ())))
+    for side in required:
         if calibration is None:
-            raise ValueError(f"strategy {strategy!r} needs {side}-side calibration statistics; "
+            what = f"strategy {strategy!r}" if side in needs else "rank_budget="
+            raise ValueError(f"{what} needs {side}-side calibration statistics; "
                              "pass calibration=covinit.calibrate(model, loader, ...)")
         for name in chosen:
             if not _has_side(calibration, name, side):
+                what = f"strategy {strategy!r}" if side in needs else "rank_budget="
                 raise ValueError(f"calibration has no {side}-side statistics for layer "
-                                 f"{name!r}, needed by strategy {strategy!r}; calibrate with "
+                                 f"{name!r}, needed by {what}; calibrate with "
                                  f"sides including {side!r} and this layer as a target")
-    if needs:
-        from covinit.estimators import estimators
+    from covinit.estimators import estimators
 
-        if estimator not in estimators():
-            raise ValueError(f"unknown estimator {estimator!r}; valid names: "
-                             f"{', '.join(estimators())}")
+    # Checked even when the strategy needs no estimate: a typo must not pass silently.
+    if estimator not in estimators():
+        raise ValueError(f"unknown estimator {estimator!r}; valid names: "
+                         f"{', '.join(estimators())}")
 
     est_options = dict(estimator_options or {})
-    cache: dict[int, tuple[Any, Any]] = {}
+    cache: dict[tuple, tuple[Any, Any]] = {}
+    ranks = {name: adapter.rank for name, adapter in chosen.items()}
+    if rank_budget is not None:
+        ranks = _allocate(calibration, chosen, rank_budget, max_rank, estimator, est_options,
+                          cache)
     tied = _tied_names(model)
-    planned: list[tuple[LoRAAdapter, Tensor, Tensor, Tensor | None]] = []
+    planned: list[tuple[LoRAAdapter, int, Tensor, Tensor, Tensor | None]] = []
     info: dict[str, dict[str, Any]] = {}
+    kaiming = get_strategy("kaiming")
     for name, adapter in chosen.items():
-        d, k, r = adapter.out_features, adapter.in_features, adapter.rank
+        d, k, r = adapter.out_features, adapter.in_features, ranks[name]
+        if r > min(d, k) and (needs or entry.tags.get("preserves") == "function"):
+            # PEFT and loralib accept r > min(d, k); a decomposition has only min(d, k)
+            # directions to give, so the strategy could not fill A and B.
+            raise ValueError(f"strategy {strategy!r} needs rank <= min(d, k) = {min(d, k)} "
+                             f"but layer {name!r} (d={d}, k={k}) has rank {r}; recreate the "
+                             "adapter with a smaller rank or use 'kaiming' / 'gaussian'")
         w0 = adapter.base_weight()
         estimates = {
-            side: (_lazy_estimate(calibration, name, side, estimator, est_options, cache)
+            side: (_lazy_estimate(calibration, name, side, estimator, est_options, cache, r)
                    if calibration is not None and _has_side(calibration, name, side) else None)
             for side in SIDES
         }
+        used, reason = entry, None
+        if needs:
+            reason = _unusable(calibration, name, needs, r)
+            if reason is not None:
+                warnings.warn(f"layer {name!r}: {reason}; strategy {strategy!r} falls back to "
+                              "'kaiming' for this layer", UserWarning, stacklevel=2)
+                used = kaiming
         ctx = InitContext(
             name=name,
             weight=w0.to(device="cpu", dtype=torch.float64, copy=True),
@@ -248,9 +338,9 @@ def initialize(
             generator=torch.Generator().manual_seed(layer_seed(seed, name)),
             input_estimate=estimates["input"],
             output_estimate=estimates["output"],
-            options=dict(options),
+            options=dict(options) if used is entry else {},
         )
-        result = _check_result(entry.fn(ctx), strategy, name, d, k, r)
+        result = _check_result(used.fn(ctx), used.name, name, d, k, r)
         if result.base is not None:
             ptr = adapter.base_layer.weight.data_ptr()
             if ptr in tied:
@@ -263,12 +353,12 @@ def initialize(
         b = result.b.to(dtype=b_now.dtype, device=b_now.device)
         base = (None if result.base is None
                 else result.base.to(dtype=w0.dtype, device=w0.device))
-        planned.append((adapter, a, b, base))
+        planned.append((adapter, r, a, b, base))
         a64, b64 = result.a.to(torch.float64), result.b.to(torch.float64)
         # ‖c·B·A‖_F² = c²·tr((BᵀB)(AAᵀ)): r×r products, never the d×k matrix.
         delta_sq = torch.trace((b64.T @ b64) @ (a64 @ a64.T)).clamp_min(0.0)
         info[name] = {
-            "strategy": strategy,
+            "strategy": used.name,
             "rank": r,
             "scaling": float(adapter.scaling),
             "residual": result.base is not None,
@@ -276,8 +366,56 @@ def initialize(
             "a_norm": float(torch.linalg.norm(a64)),
             "b_norm": float(torch.linalg.norm(b64)),
         }
-    for adapter, a, b, base in planned:
+        if reason is not None:
+            info[name]["fallback"] = reason
+    from covinit.export import record_offset
+
+    for adapter, r, a, b, base in planned:
+        if r != adapter.rank:
+            adapter.resize(r)
         if base is not None:
             adapter.set_base_weight(base)
+            # Remember W0 = base + c·B0·A0, so export_lora can target the original base.
+            record_offset(adapter, b, a)
         adapter.set_lora(a, b)
+    if rank_budget is not None:
+        _update_peft_patterns(model, {name: adapter for name, adapter in chosen.items()})
     return info
+
+
+def _allocate(calibration: Any, chosen: Mapping[str, LoRAAdapter], budget: int,
+              max_rank: int | None, estimator: str, est_options: Mapping[str, Any],
+              cache: dict[tuple, tuple[Any, Any]]) -> dict[str, int]:
+    """Per-layer ranks from the input covariance spectra (see ``rank_budget=``)."""
+    from covinit.allocation import allocate_ranks
+
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int)
+                                 or max_rank < 1):
+        raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
+    spectra: dict[str, Tensor] = {}
+    caps: dict[str, int] = {}
+    for name, adapter in chosen.items():
+        cap = 2 * adapter.rank if max_rank is None else max_rank
+        cap = min(cap, adapter.out_features, adapter.in_features)
+        caps[name] = cap
+        # Centred, as EVA's incremental PCA; for spatpca, as many components as the cap.
+        get = _lazy_estimate(calibration, name, "input", estimator, est_options, cache, cap)
+        spectra[name] = get(center=True).eigenvalues
+    return allocate_ranks(spectra, budget, min_rank=1, max_rank=caps)
+
+
+def _update_peft_patterns(model: nn.Module, adapters: Mapping[str, LoRAAdapter]) -> None:
+    """Write each PEFT layer's rank and α into its config's ``rank_pattern`` /
+    ``alpha_pattern`` (keys: full module names), so ``save_pretrained`` reloads them."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return
+    for name, adapter in adapters.items():
+        adapter_name = getattr(adapter, "adapter_name", None)
+        config = configs.get(adapter_name)
+        if config is None:
+            continue
+        module = adapter.module
+        config.rank_pattern = {**(config.rank_pattern or {}), name: adapter.rank}
+        config.alpha_pattern = {**(config.alpha_pattern or {}),
+                                name: module.lora_alpha[adapter_name]}
