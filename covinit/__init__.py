@@ -5,11 +5,34 @@ Data flow, one module per step: ``collect`` (hooks → :mod:`covinit.stats`) →
 ``adapters`` (write into covinit's, PEFT's or loralib-style layers).
 """
 
+from covinit.adapters import LoRAAdapter, find_adapters
+from covinit.calibration import Calibration, calibrate
+from covinit.estimators import Estimate, estimate, estimators
+from covinit.export import export_lora
+from covinit.initialize import initialize
+from covinit.lora import LoRALinear, add_lora, lora_state_dict
+from covinit.lora_io import load_lora, save_lora
+from covinit.report import report
 from covinit.stats import Moments
 from covinit.strategies import strategies
 
-__all__ = sorted([
+__all__ = [
+    "Calibration",
+    "Estimate",
+    "LoRAAdapter",
+    "LoRALinear",
     "Moments",
+    "add_lora",
+    "calibrate",
+    "estimate",
+    "estimators",
+    "export_lora",
+    "find_adapters",
+    "initialize",
+    "load_lora",
+    "lora_state_dict",
+    "report",
+    "save_lora",
     "strategies",
-])
+]
 __version__ = "0.1.0"
