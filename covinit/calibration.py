@@ -51,6 +51,7 @@ __all__ = ["FORMAT", "Calibration", "calibrate"]
 FORMAT = "covinit.calibration"
 _FORMAT_VERSION = 1
 _FIELDS = ("n", "mean", "m2", "t", "q")
+_SKETCH_FIELDS = ("n", "mean", "y", "trace", "seed")
 
 
 class Calibration:
@@ -286,29 +287,25 @@ class Calibration:
         stats: dict[tuple[str, str], Moments] = {}
         folds: dict[tuple[str, str], list[Moments]] = {}
 
-        def read(prefix: str, width: int) -> Moments:
-            names = {f: f"{prefix}/{f}" for f in _FIELDS}
+        def fields(prefix: str, keys: tuple[str, ...]) -> dict[str, Tensor]:
+            names = {f: f"{prefix}/{f}" for f in keys}
             expected.update(names.values())
             missing = [key for key in names.values() if key not in tensors]
             if missing:
                 raise ValueError(f"{path}: missing tensor {missing[0]!r}")
-            m = Moments.from_state({f: tensors[key] for f, key in names.items()})
-            if m.k != width:
-                raise ValueError(f"{path}: {prefix} has width {m.k}, expected {width}")
-            if not all(bool(torch.isfinite(v).all()) for v in (m.mean, m.m2, m.t, m.q)):
-                raise ValueError(f"{path}: {prefix} holds NaN/Inf values")
-            return m
+            return {f: tensors[key] for f, key in names.items()}
 
-        def read_sketch(prefix: str, width: int) -> Sketch:
-            names = {f: f"{prefix}/{f}" for f in ("n", "mean", "y", "trace", "seed")}
-            expected.update(names.values())
-            missing = [key for key in names.values() if key not in tensors]
-            if missing:
-                raise ValueError(f"{path}: missing tensor {missing[0]!r}")
-            sk = Sketch.from_state({f: tensors[key] for f, key in names.items()})
-            if sk.k != width:
-                raise ValueError(f"{path}: {prefix} has width {sk.k}, expected {width}")
-            return sk
+        def read(prefix: str, width: int, sketch: bool = False) -> Moments | Sketch:
+            summary: Moments | Sketch
+            if sketch:
+                summary = Sketch.from_state(fields(prefix, _SKETCH_FIELDS))
+            else:
+                summary = Moments.from_state(fields(prefix, _FIELDS))
+                if not all(bool(torch.isfinite(v).all()) for v in summary.state().values()):
+                    raise ValueError(f"{path}: {prefix} holds NaN/Inf values")
+            if summary.k != width:
+                raise ValueError(f"{path}: {prefix} has width {summary.k}, expected {width}")
+            return summary
 
         for layer, (k, d) in shapes.items():
             for side in sides:
@@ -317,7 +314,7 @@ class Calibration:
                 if source != layer:
                     continue
                 if f"{layer}/{side}" in sketched:
-                    stats[layer, side] = read_sketch(f"{layer}/{side}/sketch", width)
+                    stats[layer, side] = read(f"{layer}/{side}/sketch", width, sketch=True)
                     continue
                 stats[layer, side] = read(f"{layer}/{side}", width)
                 if n_folds:
@@ -378,6 +375,23 @@ def _model_device(model: nn.Module) -> torch.device | None:
     if param is None:
         param = next(model.buffers(), None)
     return None if param is None else param.device
+
+
+def _agree_ranks_ok(ok: bool) -> None:
+    """In a distributed run, exchange whether every rank got through its batches.
+
+    A rank that failed calls this from its exception handler (and then re-raises its own
+    error); the others, which would otherwise wait forever in the summaries' all-gather,
+    raise instead.  A no-op outside ``torch.distributed``.
+    """
+    if not distributed.is_distributed():
+        return
+    statuses = distributed.all_gather_ints([int(ok)])
+    failed = [rank for rank, (flag,) in enumerate(statuses) if not flag]
+    if ok and failed:
+        raise RuntimeError(f"calibration failed on rank(s) {failed}; rank "
+                           f"{torch.distributed.get_rank()} stops too (see the error on "
+                           f"rank {failed[0]})")
 
 
 def _note_device(err: RuntimeError, device: torch.device | None, model: nn.Module) -> None:
@@ -579,6 +593,12 @@ def calibrate(
                 bar.set_postfix(pos_per_s=f"{n_positions / elapsed:,.0f}", refresh=False)
                 if max_tokens is not None and n_positions >= max_tokens:
                     break
+    except BaseException:
+        try:  # let the other ranks stop instead of waiting in the merge
+            _agree_ranks_ok(ok=False)
+        except Exception:  # noqa: S110 - the error to report is the one being handled
+            pass
+        raise
     finally:
         collector.remove()
         for module, mode in modes.items():
@@ -586,6 +606,7 @@ def calibrate(
         for param, flag in flags.items():
             param.requires_grad_(flag)
     seconds = time.perf_counter() - start
+    _agree_ranks_ok(ok=True)
 
     results = collector.results()
     shared = collector.shared_inputs()

@@ -17,15 +17,6 @@ from covinit.stats import Moments, merge_all
 
 NAMES = ("empirical", "ledoit_wolf", "oas", "nonlinear", "spatpca")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matrices: on a loaded 2-core machine, intra-op threads only spin (100× slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 def moments_of(x: np.ndarray, batches: int = 4) -> Moments:
     """Moments streamed over several batches and merged, as calibration does."""

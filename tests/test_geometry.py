@@ -14,15 +14,6 @@ from covinit.geometry import chain, graph_laplacian, grid, knn_laplacian, roughn
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matrices: on a loaded 2-core machine, intra-op threads only spin (100× slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def spatpca_fixture(d: int) -> torch.Tensor:
     """egpivo/SpatPCA tests/testthat/test-RcppExports.R: ``expand.grid`` of
     ``seq(-5, 5, length = 2)`` in d dimensions (row order does not change the norm)."""

@@ -16,15 +16,6 @@ from covinit.stats import Moments, merge_all
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matrices: on a loaded 2-core machine, intra-op threads only spin (100× slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def planted(component: torch.Tensor, n: int, seed: int, signal: float = 3.0,
             batches: int = 5) -> tuple[Moments, list[Moments]]:
     """Rows ``signal·z·v + white noise`` on k features; per-batch moments as folds."""
