@@ -377,6 +377,48 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return None if param is None else param.device
 
 
+def _memory_bytes(device: torch.device | None) -> int | None:
+    """Total memory of ``device`` (physical RAM for the CPU), or None where unknown."""
+    if device is not None and device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device is None or device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # not POSIX
+            return None
+    return None
+
+
+def _check_memory(collector: Collector, device: torch.device | None) -> None:
+    """Refuse, before any forward pass, exact statistics that cannot fit in the device's
+    memory at all (e.g. an LM head's output side: 49152² float64 = 18 GiB per fold): the
+    alternative is an out-of-memory kill after the first batch, with no message.
+
+    Counts ``(folds + 1)`` k×k float64 matrices per exact stream (the accumulators plus the
+    first batch's temporary); sketched streams are left out (k×ℓ).
+    """
+    total = _memory_bytes(device)
+    if total is None:
+        return
+    needs = {(name, side): 8 * width * width * (collector.n_folds + 1)
+             for (name, side), width in ((key, s.k) for key, s in collector._streams.items()
+                                         if s.sketches is None)}
+    need = sum(needs.values())
+    if need <= total:
+        return
+    (name, side), biggest = max(needs.items(), key=lambda item: item[1])
+    width = collector._streams[name, side].k
+    raise ValueError(
+        f"the exact statistics would need {_size(need)} but the {device or 'cpu'} device has "
+        f"{_size(total)}; the largest is layer {name!r} {side} (width {width}: "
+        f"{_size(biggest)}). Use sketch_above= (bounded memory), drop that side with sides=, "
+        "or calibrate fewer targets")
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
 def _agree_ranks_ok(ok: bool) -> None:
     """In a distributed run, exchange whether every rank got through its batches.
 
@@ -566,6 +608,7 @@ def calibrate(
         raise ValueError("folds need exact summaries; use either folds= or sketch_above=")
     collector = Collector(layers, sides, precision=precision, folds=n_folds,
                           sketch_above=sketch_above, sketch_size=sketch_size)
+    _check_memory(collector, device)
     try:
         total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore
     except TypeError:
@@ -596,7 +639,7 @@ def calibrate(
     except BaseException:
         try:  # let the other ranks stop instead of waiting in the merge
             _agree_ranks_ok(ok=False)
-        except Exception:  # noqa: S110 - the error to report is the one being handled
+        except Exception:  # the error to report is the one being handled
             pass
         raise
     finally:

@@ -16,8 +16,9 @@ base it replaces, the offset from the original weight as two *non-persistent buf
 ``covinit_offset_P`` (d, m) ``= c·B0`` and ``covinit_offset_Q`` (m, k) ``= A0``, so that
 ``W0 = base + P·Q``.  Buffers move with ``model.to(...)`` but stay out of ``state_dict()``
 (the model's checkpoints are unchanged).  Storing ``c·B0`` instead of ``B0`` keeps the
-record valid when the rank (and so the scaling convention) of the adapter changes later,
-and repeated residual initializations append to it (``m`` grows by each one's rank).
+record valid when the rank (and so the scaling convention) of the adapter changes later.
+Initializing a recorded layer again starts from the original ``W0 = base + P·Q`` (see
+:func:`covinit.initialize`), so a record always describes one residual initialization.
 The record lives in memory only: a model reloaded with :func:`covinit.load_lora` from a
 file holding a residual base has no record, and :func:`export_lora` refuses that layer.
 
@@ -74,27 +75,27 @@ def residual_offset(module: nn.Module) -> tuple[Tensor, Tensor] | None:
     return p, q
 
 
-def record_offset(adapter: LoRAAdapter, b0: Tensor, a0: Tensor) -> None:
-    """Record that ``adapter``'s base weight just became ``base − scaling·b0·a0``.
+def record_offset(adapter: LoRAAdapter, b0: Tensor | None, a0: Tensor | None) -> None:
+    """Record that ``adapter``'s base weight just became ``W0 − scaling·b0·a0``.
 
-    Called by :func:`covinit.initialize` when a residual strategy writes a new base; appends
-    to an existing record (see the module docstring).
+    Called by :func:`covinit.initialize` when a residual strategy writes a new base, and with
+    ``b0 = a0 = None`` when it restores the original ``W0`` (the record is then removed).
 
     Parameters
     ----------
     adapter : LoRAAdapter
-    b0 : Tensor, shape (d, r)
-    a0 : Tensor, shape (r, k)
+    b0 : Tensor, shape (d, r), or None
+    a0 : Tensor, shape (r, k), or None
     """
     module = adapter.module
+    if b0 is None or a0 is None:
+        for name in OFFSET_BUFFERS:
+            module._buffers.pop(name, None)
+        return
     weight = adapter.base_weight()
     dtype = torch.promote_types(weight.dtype, torch.float32)
     p = (b0.detach().to(torch.float64) * adapter.scaling).to(device=weight.device, dtype=dtype)
     q = a0.detach().to(device=weight.device, dtype=dtype)
-    old = residual_offset(module)
-    if old is not None:
-        p = torch.cat([old[0].to(p), p], dim=1)
-        q = torch.cat([old[1].to(q), q], dim=0)
     for name, value in zip(OFFSET_BUFFERS, (p, q), strict=True):
         if name in module._buffers:
             module._buffers[name] = value

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from covinit.adapters import LoRAAdapter, find_adapters
+from covinit.export import record_offset, residual_offset
 from covinit.strategies import InitContext, LoRAInit, get_strategy
 
 __all__ = ["SIDES", "initialize", "layer_seed"]
@@ -306,7 +307,7 @@ def initialize(
         ranks = _allocate(calibration, chosen, rank_budget, max_rank, estimator, est_options,
                           cache)
     tied = _tied_names(model)
-    planned: list[tuple[LoRAAdapter, int, Tensor, Tensor, Tensor | None]] = []
+    planned: list[tuple[LoRAAdapter, int, Tensor, Tensor, Tensor | None, bool]] = []
     info: dict[str, dict[str, Any]] = {}
     kaiming = get_strategy("kaiming")
     for name, adapter in chosen.items():
@@ -318,6 +319,11 @@ def initialize(
                              f"but layer {name!r} (d={d}, k={k}) has rank {r}; recreate the "
                              "adapter with a smaller rank or use 'kaiming' / 'gaussian'")
         w0 = adapter.base_weight()
+        # A layer an earlier residual init changed starts again from the original weight
+        # W0 = base + P·Q, so re-initializing never drops that init's c·B0·A0 silently.
+        offset = residual_offset(adapter.module)
+        original = (w0.to(torch.float64) + offset[0].to(torch.float64)
+                    @ offset[1].to(torch.float64)) if offset is not None else None
         estimates = {
             side: (_lazy_estimate(calibration, name, side, estimator, est_options, cache, r)
                    if calibration is not None and _has_side(calibration, name, side) else None)
@@ -332,7 +338,8 @@ def initialize(
                 used = kaiming
         ctx = InitContext(
             name=name,
-            weight=w0.to(device="cpu", dtype=torch.float64, copy=True),
+            weight=(w0 if original is None else original).to(
+                device="cpu", dtype=torch.float64, copy=True),
             rank=r,
             scaling=float(adapter.scaling),
             generator=torch.Generator().manual_seed(layer_seed(seed, name)),
@@ -351,9 +358,9 @@ def initialize(
         a_now, b_now = adapter.get_lora()
         a = result.a.to(dtype=a_now.dtype, device=a_now.device)
         b = result.b.to(dtype=b_now.dtype, device=b_now.device)
-        base = (None if result.base is None
-                else result.base.to(dtype=w0.dtype, device=w0.device))
-        planned.append((adapter, r, a, b, base))
+        new_base = result.base if result.base is not None else original
+        base = None if new_base is None else new_base.to(dtype=w0.dtype, device=w0.device)
+        planned.append((adapter, r, a, b, base, result.base is not None))
         a64, b64 = result.a.to(torch.float64), result.b.to(torch.float64)
         # ‖c·B·A‖_F² = c²·tr((BᵀB)(AAᵀ)): r×r products, never the d×k matrix.
         delta_sq = torch.trace((b64.T @ b64) @ (a64 @ a64.T)).clamp_min(0.0)
@@ -368,15 +375,14 @@ def initialize(
         }
         if reason is not None:
             info[name]["fallback"] = reason
-    from covinit.export import record_offset
-
-    for adapter, r, a, b, base in planned:
+    for adapter, r, a, b, base, residual in planned:
         if r != adapter.rank:
             adapter.resize(r)
         if base is not None:
             adapter.set_base_weight(base)
-            # Remember W0 = base + c·B0·A0, so export_lora can target the original base.
-            record_offset(adapter, b, a)
+            # Remember W0 = base + c·B0·A0 (or forget it when W0 itself was restored), so
+            # export_lora can target the original base.
+            record_offset(adapter, b if residual else None, a if residual else None)
         adapter.set_lora(a, b)
     if rank_budget is not None:
         _update_peft_patterns(model, {name: adapter for name, adapter in chosen.items()})

@@ -106,18 +106,25 @@ def test_non_residual_layers_keep_their_rank(calibration, make_tiny, tmp_path):
     assert _rel(fresh(x), model(x)) < 1e-5
 
 
-def test_repeated_residual_inits_accumulate(calibration, make_tiny, tmp_path):
+def test_repeated_residual_inits_start_from_the_original_weight(calibration, make_tiny,
+                                                                 tmp_path):
     model = add_lora(make_tiny(), TARGETS, rank=2)
+    x = torch.randn(8, 12)
+    want = make_tiny()(x).detach()
     initialize(model, calibration, strategy="cov-svd")
-    initialize(model, calibration, strategy="pissa")  # decomposes the residual again
+    initialize(model, calibration, strategy="pissa")  # decomposes W0 again, not the residual
     p, q = residual_offset(model.head)
-    assert p.shape == (5, 4) and q.shape == (4, 12)
+    assert p.shape == (5, 2) and q.shape == (2, 12)  # one record: the last init's
+    assert _rel(model(x), want) < 1e-5
+    initialize(model, strategy="kaiming")  # restores W0 and forgets the record
+    assert residual_offset(model.head) is None
+    assert _rel(model(x), want) < 1e-5
+    initialize(model, calibration, strategy="cov-svd")
     _train(model)
     path = tmp_path / "twice.safetensors"
     export_lora(model, path)
     fresh = load_lora(make_tiny(), path)
-    assert fresh.block.query.rank == 6 and fresh.head.rank == 5
-    x = torch.randn(8, 12)
+    assert fresh.block.query.rank == 4 and fresh.head.rank == 4
     assert _rel(fresh(x), model(x)) < 1e-5
 
 
