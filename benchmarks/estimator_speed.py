@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import machine  # benchmarks/ is on sys.path when run as a script
 
 from covinit.estimators import estimate
 from covinit.stats import Moments, merge_all
@@ -130,8 +130,7 @@ def main() -> None:
     lines = [
         "# Estimator speed", "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{args.threads} thread(s); load average before: "
+        f"Machine: {machine()}; load average before: "
         f"{' '.join(f'{v:.2f}' for v in load_before)}, after: "
         f"{' '.join(f'{v:.2f}' for v in load_after)}  ",
         f"Best of interleaved repeats ({4 * args.repeats} at k = 384, {args.repeats} at "

@@ -1,0 +1,389 @@
+"""Benchmark tasks for ``compare_inits.py``: a model, its data and the settings to train it.
+
+A task is a small registry entry — a builder that turns settings into a :class:`TaskData`
+(the base model and fixed batch lists), plus its full and ``--quick`` settings — so another
+model/data pair is a few lines:
+
+``minilm-rt``
+    all-MiniLM-L6-v2 sequence classification on Rotten Tomatoes (fixed seeded split; test
+    accuracy and loss).  The classifier head is new: it is re-drawn per seed and trains with
+    LoRA, as PEFT's ``modules_to_save=["classifier"]``.
+``smollm2-hamlet``
+    SmolLM2-135M-Instruct causal LM on Hamlet (held-out perplexity).  Its weights are
+    dequantized Q4_1, so they carry 4-bit quantization noise.
+``tiny``
+    A two-layer random torch model on synthetic sequences: no download, runs in seconds;
+    what the tests use.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TASKS", "Task", "TaskData", "TinyClassifier", "TinyOutput", "get_task"]
+
+Batch = dict[str, Tensor]
+ROOT = Path(__file__).resolve().parents[1]
+#: SmolLM2's dequantized safetensors cache (git-ignored), shared with calibration_speed.py.
+SMOLLM2_CACHE = ROOT / ".cache" / "smollm2"
+
+
+@dataclass
+class TaskData:
+    """One task's model and data, built once per benchmark process.
+
+    Attributes
+    ----------
+    base : nn.Module
+        The pretrained model (seed-0 head), eval mode; never trained.  Calibration runs on
+        it: the target layers sit before any fresh head, so their statistics do not depend
+        on the head's seed.
+    head : list of str
+        Names of fresh modules trained alongside LoRA (``modules_to_save`` for PEFT).
+    train_loader : callable
+        ``seed -> iterable of batches``; reshuffles each epoch with that seed, so every
+        strategy sees the same batches in the same order for a seed.
+    calibration : list of dict
+        Calibration batches (the first training examples), shared by every data-driven init.
+    calibration_singles : list of dict
+        The same examples one per batch (PEFT's CorDA hook needs batch size 1).
+    validation, test : list of dict
+        Evaluation batches.
+    metric : str
+        Name of the task metric (``"accuracy"`` or ``"perplexity"``).
+    higher_is_better : bool
+    sizes : str
+        One line describing the data sizes, for the summary.
+    eva_label_mask : bool
+        ``EvaConfig(use_label_mask=...)``: ``False`` for sequence labels, whose (B,) labels
+        PEFT's token-level mask cannot handle.
+    reseed_head : callable
+        ``(model, seed) -> None`` re-draws the fresh head of a copy of ``base`` in place.
+    """
+
+    base: nn.Module
+    head: list[str]
+    train_loader: Callable[[int], Iterable[Batch]]
+    calibration: list[Batch]
+    calibration_singles: list[Batch]
+    validation: list[Batch]
+    test: list[Batch]
+    metric: str
+    higher_is_better: bool
+    sizes: str
+    eva_label_mask: bool = False
+    reseed_head: Callable[[nn.Module, int], None] = lambda model, seed: None
+
+    def fresh_model(self, seed: int) -> nn.Module:
+        """A copy of the base model with the head for ``seed`` (eval mode)."""
+        model = copy.deepcopy(self.base)
+        self.reseed_head(model, seed)
+        return model.eval()
+
+    def batches(self, seed: int) -> Iterator[Batch]:
+        """Training batches forever, epoch after epoch (each epoch reshuffled)."""
+        loader = self.train_loader(seed)
+        while True:
+            yield from loader
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: list[Batch]) -> tuple[float, float]:
+        """``(mean loss, metric)`` over ``batches``, in eval mode (train mode restored).
+
+        Classification: mean cross-entropy per example and accuracy.  Causal LM: mean
+        cross-entropy per predicted token and perplexity ``exp(loss)``.
+        """
+        was_training = model.training
+        model.eval()
+        total, count, correct = 0.0, 0, 0
+        for batch in batches:
+            out = model(**batch)
+            labels = batch["labels"]
+            if self.metric == "perplexity":
+                n = int(batch["attention_mask"][:, 1:].sum())  # shifted targets
+            else:
+                n = int(labels.shape[0])
+                correct += int((out.logits.argmax(-1) == labels).sum())
+            total += float(out.loss) * n
+            count += n
+        model.train(was_training)
+        loss = total / count
+        metric = math.exp(loss) if self.metric == "perplexity" else correct / count
+        return loss, metric
+
+
+@dataclass(frozen=True)
+class Task:
+    """A registry entry: how to build the task and its default settings.
+
+    ``full`` and ``quick`` hold every setting ``compare_inits.py`` reads (targets, rank,
+    alpha, steps, batch size, learning rates, seeds, strategies, data sizes); flags
+    override them.
+    """
+
+    name: str
+    description: str
+    build: Callable[[dict[str, Any]], TaskData]
+    full: dict[str, Any] = field(default_factory=dict)
+    quick: dict[str, Any] = field(default_factory=dict)
+    budget: str = ""
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Add ``task`` to :data:`TASKS` (names are unique)."""
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """Registry entry ``name`` (``ValueError`` naming the valid tasks)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def _singles(batches: list[Batch]) -> list[Batch]:
+    """The examples of ``batches`` one per batch; token batches (``input_ids``, right-padded)
+    are cut to the example's unpadded length, so no padding enters PEFT's CorDA statistics."""
+    out = []
+    for batch in batches:
+        key = "input_ids" if "input_ids" in batch else "inputs_embeds"
+        for i in range(batch[key].shape[0]):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            if key == "input_ids":
+                keep = int(one["attention_mask"].sum())
+                one = {k: v[:, :keep] if v.dim() == 2 else v for k, v in one.items()}
+            out.append(one)
+    return out
+
+
+# --------------------------------------------------------------------------- minilm-rt
+def _build_minilm_rt(s: dict[str, Any]) -> TaskData:
+    from covinit import zoo
+
+    splits = zoo.rotten_tomatoes(seed=0, n_train=s["n_train"], n_val=s["n_val"],
+                                 n_test=s["n_test"])
+    torch.manual_seed(0)
+    base, tok = zoo.load_minilm(num_labels=2)
+    std = float(base.config.initializer_range)
+
+    def reseed_head(model: nn.Module, seed: int) -> None:
+        # transformers' own init of a fresh Linear head: N(0, initializer_range²), bias 0.
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            model.classifier.weight.copy_(
+                torch.randn(model.classifier.weight.shape, generator=gen) * std)
+            model.classifier.bias.zero_()
+
+    reseed_head(base, 0)
+    length, bs = s["max_length"], s["batch_size"]
+    calib_texts = splits["train"][: s["n_calib"]]
+    calibration = list(zoo.text_classification_loader(tok, calib_texts, s["calib_batch_size"],
+                                                      length))
+    return TaskData(
+        base=base, head=["classifier"],
+        train_loader=lambda seed: zoo.text_classification_loader(
+            tok, splits["train"], bs, length, shuffle=True, seed=seed, drop_last=True),
+        calibration=calibration,
+        calibration_singles=_singles(calibration),
+        validation=list(zoo.text_classification_loader(tok, splits["validation"], 64, length)),
+        test=list(zoo.text_classification_loader(tok, splits["test"], 64, length)),
+        metric="accuracy", higher_is_better=True,
+        sizes=(f"Rotten Tomatoes (fixed split, seed 0): {len(splits['train'])} train, "
+               f"{len(splits['validation'])} validation, {len(splits['test'])} test, first "
+               f"{len(calib_texts)} train examples for calibration; max_length {length}"),
+        eva_label_mask=False, reseed_head=reseed_head,
+    )
+
+
+register(Task(
+    name="minilm-rt",
+    description="all-MiniLM-L6-v2 sequence classification on Rotten Tomatoes",
+    build=_build_minilm_rt,
+    full={"targets": ["attention.self.query", "attention.self.key", "attention.self.value",
+                      "attention.output.dense"],
+          "rank": 8, "alpha": 16.0, "steps": 96, "batch_size": 16, "max_length": 48,
+          "lrs": [5e-4, 2e-3, 8e-3], "seeds": [0, 1, 2], "n_train": 1536, "n_val": 192,
+          "n_test": 512, "n_calib": 256, "calib_batch_size": 32, "folds": 4,
+          "eval_points": 6, "eva_max_passes": 20, "strategies": "full"},
+    budget=("Shrunk to fit about an hour of 2 idle cores: 1,536 of the 10,200 training "
+            "snippets, 96 steps of batch 16 (one epoch), max_length 48 (median snippet: 26 "
+            "tokens), 192 validation / 512 test snippets, LoRA on attention projections only."),
+    quick={"steps": 16, "n_train": 256, "n_val": 64, "n_test": 128, "n_calib": 64,
+           "lrs": [1e-3, 3e-3], "seeds": [0], "eval_points": 2, "eva_max_passes": 10,
+           "strategies": "quick"},
+))
+
+
+# --------------------------------------------------------------------------- smollm2-hamlet
+def _build_smollm2_hamlet(s: dict[str, Any]) -> TaskData:
+    from covinit import zoo
+
+    base, tok = zoo.load_smollm2(cache_dir=SMOLLM2_CACHE)
+    train_text, heldout = zoo.hamlet(heldout_fraction=0.1)
+    length, bs = s["max_length"], s["batch_size"]
+
+    def blocks(text: str, n: int | None) -> list[Batch]:
+        loader = zoo.causal_lm_loader(tok, text, length, 1)
+        return list(loader)[:n] if n else list(loader)
+
+    train_blocks = blocks(train_text, s["n_train"])
+    held = blocks(heldout, None)
+    half = len(held) // 2  # first half of the held-out text validates, the second tests
+    val, test = held[: min(half, s["n_val"])], held[half: half + s["n_test"]]
+
+    def stack(items: list[Batch], size: int) -> list[Batch]:
+        return [{k: torch.cat([b[k] for b in items[i:i + size]]) for k in items[0]}
+                for i in range(0, len(items), size)]
+
+    calib_blocks = train_blocks[: s["n_calib"]]
+
+    def train_loader(seed: int) -> Iterable[Batch]:
+        from torch.utils.data import DataLoader
+
+        ids = [b["input_ids"][0] for b in train_blocks]
+        gen = torch.Generator().manual_seed(seed)
+
+        def collate(items: list[Tensor]) -> Batch:
+            x = torch.stack(items)
+            return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+        return DataLoader(ids, batch_size=bs, shuffle=True, generator=gen, collate_fn=collate,
+                          drop_last=True)
+
+    return TaskData(
+        base=base, head=[], train_loader=train_loader,
+        calibration=stack(calib_blocks, s["calib_batch_size"]),
+        calibration_singles=calib_blocks,
+        validation=stack(val, 8), test=stack(test, 8),
+        metric="perplexity", higher_is_better=False,
+        sizes=(f"Hamlet: {len(train_blocks)} train blocks of {length} tokens (from the first "
+               f"90 % of the play), {len(val)} validation and {len(test)} test blocks (the "
+               f"last 10 %, halves), first {len(calib_blocks)} train blocks for calibration; "
+               "SmolLM2 weights are dequantized Q4_1 (4-bit quantization noise)"),
+        eva_label_mask=True,
+    )
+
+
+register(Task(
+    name="smollm2-hamlet",
+    description="SmolLM2-135M-Instruct causal LM on Hamlet (held-out perplexity)",
+    build=_build_smollm2_hamlet,
+    full={"targets": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                      "self_attn.o_proj"],
+          "rank": 8, "alpha": 16.0, "steps": 40, "batch_size": 4, "max_length": 64,
+          "lrs": [1e-4, 3e-4, 1e-3], "seeds": [0, 1, 2], "n_train": 512, "n_val": 16,
+          "n_test": 32, "n_calib": 16, "calib_batch_size": 4, "folds": 4,
+          "eval_points": 4, "eva_max_passes": 10, "strategies": "lean"},
+    budget=("Shrunk to fit the CPU budget: 40 steps of 4 blocks × 64 tokens (10k training "
+            "tokens, under a quarter of the play), 16 validation / 32 test blocks, LoRA on "
+            "attention projections only; perplexities are far from converged.  Methods: the "
+            "'lean' list (covinit's gaussian and pissa run once, as peft:gaussian / "
+            "peft:pissa)."),
+    quick={"steps": 8, "batch_size": 2, "n_val": 8, "n_test": 8, "n_calib": 8,
+           "lrs": [3e-4, 1e-3],
+           "seeds": [0], "eval_points": 2, "eva_max_passes": 5, "strategies": "quick"},
+))
+
+
+# --------------------------------------------------------------------------- tiny
+@dataclass
+class TinyOutput:
+    """What :class:`TinyClassifier` returns (the fields HF outputs have that we use)."""
+
+    loss: Tensor | None
+    logits: Tensor
+
+
+class TinyClassifier(nn.Module):
+    """Two tanh layers over token features, masked mean pooling, a linear head.
+
+    Takes HF-style keyword batches: ``inputs_embeds`` (B, T, k), ``attention_mask`` (B, T),
+    ``labels`` (B,); returns :class:`TinyOutput`.
+    """
+
+    def __init__(self, k: int = 12, hidden: int = 16, n_classes: int = 2) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(k, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor,
+                labels: Tensor | None = None) -> TinyOutput:
+        h = torch.tanh(self.fc2(torch.tanh(self.fc1(inputs_embeds))))  # (B, T, hidden)
+        mask = attention_mask[..., None].to(h.dtype)  # (B, T, 1)
+        pooled = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, hidden)
+        logits = self.head(pooled)  # (B, n_classes)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return TinyOutput(loss, logits)
+
+
+def _tiny_batches(n: int, batch: int, gen: torch.Generator, k: int, t: int,
+                  w: Tensor) -> list[Batch]:
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        x = torch.randn(b, t, k, generator=gen)
+        mask = torch.ones(b, t, dtype=torch.long)
+        mask[:, t - 1] = (torch.rand(b, generator=gen) > 0.5).long()  # some padding
+        pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        out.append({"inputs_embeds": x, "attention_mask": mask,
+                    "labels": (pooled @ w > 0).long()})
+    return out
+
+
+def _build_tiny(s: dict[str, Any]) -> TaskData:
+    k, t = 12, 5
+    gen = torch.Generator().manual_seed(1234)
+    w = torch.randn(k, generator=gen)
+    train = _tiny_batches(s["n_train"], s["batch_size"], gen, k, t, w)
+    calibration = _tiny_batches(s["n_calib"], s["calib_batch_size"], gen, k, t, w)
+    val = _tiny_batches(s["n_val"], 32, gen, k, t, w)
+    test = _tiny_batches(s["n_test"], 32, gen, k, t, w)
+    torch.manual_seed(0)
+    base = TinyClassifier(k=k).eval()
+
+    def reseed_head(model: nn.Module, seed: int) -> None:
+        gen_h = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=gen_h) * 0.1)
+            model.head.bias.zero_()
+
+    def train_loader(seed: int) -> list[Batch]:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        return [train[i] for i in order.tolist()]
+
+    return TaskData(
+        base=base, head=["head"], train_loader=train_loader, calibration=calibration,
+        calibration_singles=_singles(calibration), validation=val, test=test,
+        metric="accuracy", higher_is_better=True,
+        sizes=(f"synthetic sequences (T={t}, k={k}): {s['n_train']} train, {s['n_val']} "
+               f"validation, {s['n_test']} test, {s['n_calib']} calibration"),
+        eva_label_mask=False, reseed_head=reseed_head,
+    )
+
+
+register(Task(
+    name="tiny",
+    description="two-layer random model on synthetic sequences (tests; seconds)",
+    build=_build_tiny,
+    full={"targets": ["fc1", "fc2"], "rank": 4, "alpha": 8.0, "steps": 16, "batch_size": 16,
+          "max_length": 5, "lrs": [3e-3, 1e-2, 3e-2], "seeds": [0, 1], "n_train": 256,
+          "n_val": 64, "n_test": 64, "n_calib": 64, "calib_batch_size": 16, "folds": 4,
+          "eval_points": 4, "eva_max_passes": 20, "strategies": "full"},
+    quick={"steps": 8, "lrs": [1e-2, 3e-2], "seeds": [0], "eval_points": 2,
+           "strategies": "quick"},
+))
