@@ -200,10 +200,24 @@ class Estimate:
             lam = lam.clamp_min(0.0)
         return vec, lam.pow(p)
 
+    def power(self, p: float, rel_floor: float = INV_SQRT_FLOOR) -> Tensor:
+        """Symmetric matrix power ``Σ^p``, (k, k).
+
+        For ``p > 0`` negative rounding noise in the eigenvalues is clamped to 0; for
+        ``p < 0`` eigenvalues below ``rel_floor · λ_max`` are raised to that floor first (see
+        :meth:`inv_sqrt`).
+
+        Raises
+        ------
+        ValueError
+            If ``p < 0`` and Σ has no positive eigenvalue.
+        """
+        vec, f = self._power(p, rel_floor if p < 0 else 0.0)
+        return (vec * f) @ vec.T
+
     def sqrt(self) -> Tensor:
         """Symmetric square root ``Σ^{1/2}`` (negative rounding noise clamped to 0), (k, k)."""
-        vec, f = self._power(0.5, 0.0)
-        return (vec * f) @ vec.T
+        return self.power(0.5)
 
     def inv_sqrt(self, rel_floor: float = INV_SQRT_FLOOR) -> Tensor:
         """Symmetric inverse square root ``Σ^{-1/2}``, (k, k).
@@ -224,8 +238,7 @@ class Estimate:
         ValueError
             If Σ has no positive eigenvalue.
         """
-        vec, f = self._power(-0.5, rel_floor)
-        return (vec * f) @ vec.T
+        return self.power(-0.5, rel_floor)
 
     def matmul_sqrt(self, m: Tensor) -> Tensor:
         """``M @ Σ^{1/2}`` without forming ``Σ^{1/2}``.

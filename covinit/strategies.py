@@ -272,10 +272,9 @@ def _spectrum(est: Any, name: str, side: str) -> tuple[Tensor, Tensor]:
 
 def _matrix_powers(est: Any, p: float, name: str, side: str) -> tuple[Tensor, Tensor]:
     """``(Σ^p, Σ^{-p})``, symmetric (k, k), with the relative eigenvalue floor for ``−p``."""
-    lam, vec = _spectrum(est, name, side)
-    pos = lam.pow(p)
-    neg = lam.clamp_min(EIGEN_FLOOR * float(lam[0])).pow(-p)
-    return (vec * pos) @ vec.T, (vec * neg) @ vec.T
+    _spectrum(est, name, side)  # a zero estimate gets an error naming the layer
+    return (est.power(p).to(torch.float64),
+            est.power(-p, EIGEN_FLOOR).to(torch.float64))
 
 
 def _split_svd(m: Tensor, rank: int, scaling: float, minor: bool,

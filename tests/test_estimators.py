@@ -324,3 +324,15 @@ def test_nonlinear_needs_twelve_rows():
 def test_analytical_shrinkage_zero_matrix():
     assert torch.equal(analytical_shrinkage(torch.zeros(4, dtype=torch.float64), 20),
                        torch.zeros(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, -0.5, -1.0])
+def test_power_matches_dense_eigendecomposition(p):
+    est = estimate(moments_of(make_data("correlated")), "ledoit_wolf")
+    lam, vec = np.linalg.eigh(est.covariance.numpy())
+    want = (vec * lam**p) @ vec.T  # brute force on the (well-conditioned) shrunk matrix
+    np.testing.assert_allclose(est.power(p).numpy(), want, rtol=1e-9, atol=1e-12)
+    if p == 0.5:
+        torch.testing.assert_close(est.power(p), est.sqrt())
+    if p == -0.5:
+        torch.testing.assert_close(est.power(p), est.inv_sqrt())
