@@ -95,6 +95,9 @@ class Estimate:
         self._noise = noise  # σ² of the low-rank-plus-noise form
         self._cov: Tensor | None = None
         self._eig: tuple[Tensor, Tensor] | None = None
+        # Matrix powers by (p, floor): layers sharing one input (q/k/v) share one estimate,
+        # so a strategy needing Σ^{±1/2} for each of them pays for the k×k products once.
+        self._powers: dict[tuple[float, float], Tensor] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -201,7 +204,9 @@ class Estimate:
         return vec, lam.pow(p)
 
     def power(self, p: float, rel_floor: float = INV_SQRT_FLOOR) -> Tensor:
-        """Symmetric matrix power ``Σ^p``, (k, k).
+        """Symmetric matrix power ``Σ^p``, (k, k), computed once per ``(p, rel_floor)``.
+
+        The returned tensor is cached and shared: do not modify it in place.
 
         For ``p > 0`` negative rounding noise in the eigenvalues is clamped to 0; for
         ``p < 0`` eigenvalues below ``rel_floor · λ_max`` are raised to that floor first (see
@@ -212,8 +217,11 @@ class Estimate:
         ValueError
             If ``p < 0`` and Σ has no positive eigenvalue.
         """
-        vec, f = self._power(p, rel_floor if p < 0 else 0.0)
-        return (vec * f) @ vec.T
+        key = (float(p), rel_floor if p < 0 else 0.0)
+        if key not in self._powers:
+            vec, f = self._power(*key)
+            self._powers[key] = (vec * f) @ vec.T
+        return self._powers[key]
 
     def sqrt(self) -> Tensor:
         """Symmetric square root ``Σ^{1/2}`` (negative rounding noise clamped to 0), (k, k)."""

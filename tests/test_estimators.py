@@ -332,6 +332,7 @@ def test_power_matches_dense_eigendecomposition(p):
     lam, vec = np.linalg.eigh(est.covariance.numpy())
     want = (vec * lam**p) @ vec.T  # brute force on the (well-conditioned) shrunk matrix
     np.testing.assert_allclose(est.power(p).numpy(), want, rtol=1e-9, atol=1e-12)
+    assert est.power(p) is est.power(p)  # computed once: q/k/v share one estimate
     if p == 0.5:
         torch.testing.assert_close(est.power(p), est.sqrt())
     if p == -0.5:
