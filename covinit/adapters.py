@@ -80,8 +80,11 @@ class LoRAAdapter(Protocol):
         """Base weight ``(d, k)``: a detached view (transposed if stored (k, d)); don't mutate."""
         ...
 
-    def set_base_weight(self, weight: Tensor) -> None:
-        """Overwrite the base weight in place from a ``(d, k)`` tensor (dtype/device kept)."""
+    def set_base_weight(self, weight: Tensor, replaced: bool = True) -> None:
+        """Overwrite the base weight in place from a ``(d, k)`` tensor (dtype/device kept).
+
+        ``replaced=False`` marks the write as a restore of the original ``W0`` (so
+        :func:`covinit.save_lora` need not store it)."""
         ...
 
     def get_lora(self) -> tuple[Tensor, Tensor]:
@@ -170,12 +173,12 @@ class _ParamAdapter:
         w = self._weight.detach()
         return w.T if self._transposed else w
 
-    def set_base_weight(self, weight: Tensor) -> None:
+    def set_base_weight(self, weight: Tensor, replaced: bool = True) -> None:
         self._check_unmerged("set the base weight of")
         _check_shape(self.name, "base weight", weight, (self.out_features, self.in_features))
         with torch.no_grad():
             self.base_weight().copy_(weight)
-        setattr(self.module, _REPLACED_FLAG, True)
+        setattr(self.module, _REPLACED_FLAG, replaced)
 
     def get_lora(self) -> tuple[Tensor, Tensor]:
         return self._a.detach().clone(), self._b.detach().clone()
@@ -205,9 +208,9 @@ class _CovinitAdapter(_ParamAdapter):
         self._check_unmerged("read the base weight of")
         return self._layer.base_weight()
 
-    def set_base_weight(self, weight: Tensor) -> None:
+    def set_base_weight(self, weight: Tensor, replaced: bool = True) -> None:
         _check_shape(self.name, "base weight", weight, (self.out_features, self.in_features))
-        self._layer.set_base_weight(weight)
+        self._layer.set_base_weight(weight, replaced)
 
     def set_lora(self, a: Tensor, b: Tensor) -> None:
         _check_shape(self.name, "LoRA A", a, (self.rank, self.in_features))

@@ -619,7 +619,10 @@ def calibrate(
     n_batches = n_positions = 0
     start = time.perf_counter()
     try:
-        model.eval()
+        # Eval mode by flag, not model.eval(): some LoRA layers (loralib's merge_weights)
+        # merge B·A into the weight inside train()/eval(), which calibration must not do.
+        for module in modes:
+            module.training = False
         with torch.no_grad(), collector, _progress(total, show_progress and rank0) as bar:
             for index, batch in enumerate(dataloader):
                 if max_batches is not None and index >= max_batches:

@@ -596,7 +596,10 @@ class Collector:
         acc = stream.accs[self._batch % self.n_folds]
         key = (x.data_ptr(), x.device, x.dtype, tuple(x.shape), x.stride(),
                x.storage_offset())
-        entry = self._cache.get(key)
+        # Inference-mode tensors have no version counter, so their reductions are not shared
+        # (each layer reduces its own input: correct, only slower for q/k/v).
+        cacheable = not x.is_inference()
+        entry = self._cache.get(key) if cacheable else None
         if entry is not None and (entry.ref() is None or entry.version != x._version):
             entry = None
         red = None
@@ -618,14 +621,15 @@ class Collector:
                 acc.take(red, adopt=True)  # the producer keeps the reduction's own s2
                 if acc.borrowed:
                     self._borrowed.append(acc)
-                if entry is None:
+                if entry is None and cacheable:
                     entry = _CacheEntry(weakref.ref(x), x._version, [])
                     self._cache[key] = entry
                     # Layers sharing an input are called back to back (q, k, v; gate, up),
                     # so a few recent entries find them while bounding the temporaries held.
                     while len(self._cache) > _CACHE_ENTRIES:
                         self._cache.pop(next(iter(self._cache)))
-                entry.reductions.append(red)
+                if entry is not None:
+                    entry.reductions.append(red)
         else:
             acc.take(red)
             self._producers[red.serial].shares = True

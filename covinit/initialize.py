@@ -108,9 +108,12 @@ def _lazy_estimate(calibration: Any, name: str, side: str, estimator: str,
         key = (id(moments), bool(center), options.get("rank") if estimator == "spatpca" else None)
         if key not in cache:
             folds = calibration.folds(name, side)
-            used = moments
+            # Strategies work on CPU in float64 (ctx.weight is a CPU copy): statistics
+            # collected on an accelerator are moved here, once per summary.
+            used = moments.to("cpu")
+            folds = None if folds is None else [f.to("cpu") for f in folds]
             if not center:
-                used = _uncentred(moments)
+                used = _uncentred(used)
                 folds = None if folds is None else [_uncentred(f) for f in folds]
             try:
                 result = estimate(used, estimator, folds=folds, **options)
@@ -145,7 +148,16 @@ def _unusable(calibration: Any, name: str, sides: Iterable[str], rank: int) -> s
 
 
 def _has_side(calibration: Any, name: str, side: str) -> bool:
-    return name in calibration.layer_names and calibration.moments(name, side) is not None
+    """Whether ``calibration`` holds exact moments of ``name``'s ``side`` (a side collected
+    as a bounded-memory sketch has none: see :func:`_sketched`)."""
+    return (name in calibration.layer_names and not _sketched(calibration, name, side)
+            and calibration.moments(name, side) is not None)
+
+
+def _sketched(calibration: Any, name: str, side: str) -> bool:
+    sketch = getattr(calibration, "sketch", None)
+    return (sketch is not None and name in calibration.layer_names
+            and sketch(name, side) is not None)
 
 
 def _check_result(result: object, strategy: str, name: str, d: int, k: int, r: int) -> LoRAInit:
@@ -290,6 +302,11 @@ def initialize(
         for name in chosen:
             if not _has_side(calibration, name, side):
                 what = f"strategy {strategy!r}" if side in needs else "rank_budget="
+                if _sketched(calibration, name, side):
+                    raise ValueError(
+                        f"layer {name!r} {side} was calibrated as a bounded-memory sketch, "
+                        f"but {what} needs its exact moments; calibrate with a larger "
+                        "sketch_above= (or without it), or use a data-free strategy")
                 raise ValueError(f"calibration has no {side}-side statistics for layer "
                                  f"{name!r}, needed by {what}; calibrate with "
                                  f"sides including {side!r} and this layer as a target")
@@ -379,7 +396,7 @@ def initialize(
         if r != adapter.rank:
             adapter.resize(r)
         if base is not None:
-            adapter.set_base_weight(base)
+            adapter.set_base_weight(base, replaced=residual)
             # Remember W0 = base + c·B0·A0 (or forget it when W0 itself was restored), so
             # export_lora can target the original base.
             record_offset(adapter, b if residual else None, a if residual else None)

@@ -210,13 +210,15 @@ class LoRALinear(nn.Module):
         w = self.base_layer.weight.detach()
         return w.T if self.fan_in_fan_out else w
 
-    def set_base_weight(self, weight: Tensor) -> None:
+    def set_base_weight(self, weight: Tensor, replaced: bool = True) -> None:
         """Overwrite the base weight in place (keeps the parameter, its dtype and device).
 
         Parameters
         ----------
         weight : Tensor, shape (d, k)
             New base weight in ``nn.Linear`` orientation, any floating dtype.
+        replaced : bool, default=True
+            Sets :attr:`base_replaced`; ``False`` when the original ``W0`` is restored.
         """
         self._require_unmerged("set the base weight of")
         expected = (self.out_features, self.in_features)
@@ -227,7 +229,7 @@ class LoRALinear(nn.Module):
             )
         with torch.no_grad():
             self.base_weight().copy_(weight)
-        self.base_replaced = True
+        self.base_replaced = replaced
 
     def get_lora(self) -> tuple[Tensor, Tensor]:
         """Copies of ``(A (r, k), B (d, r))``."""

@@ -99,7 +99,8 @@ def save_lora(model: nn.Module, path: str | os.PathLike[str]) -> None:
     Raises
     ------
     ValueError
-        If ``model`` has no LoRA layers.
+        If ``model`` has no LoRA layers, or a layer's rank exceeds ``min(d, k)`` (possible
+        with PEFT or loralib layers; covinit's own layer cannot hold it).
 
     Notes
     -----
@@ -111,6 +112,14 @@ def save_lora(model: nn.Module, path: str | os.PathLike[str]) -> None:
     adapters = find_adapters(model)
     if not adapters:
         raise ValueError("model has no LoRA layers to save")
+    for name, adapter in adapters.items():
+        # PEFT and loralib accept r > min(d, k); covinit's layer (which load_lora builds)
+        # does not, so refuse here rather than write a file that cannot be loaded.
+        d, k = adapter.out_features, adapter.in_features
+        if adapter.rank > min(d, k):
+            raise ValueError(f"layer {name!r} (d={d}, k={k}) has rank {adapter.rank} > "
+                             f"min(d, k) = {min(d, k)}, which covinit.load_lora cannot "
+                             "rebuild; use a rank <= min(d, k), or PEFT's save_pretrained")
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in lora_state_dict(model).items()}
     meta = {
         "format": FORMAT,

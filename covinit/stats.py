@@ -172,7 +172,9 @@ class Moments:
         return self.m2 / self.n
 
     def to(self, device: torch.device | str) -> Moments:
-        """The same summary on another device."""
+        """The same summary on another device (``self`` if it is already there)."""
+        if self.mean.device == torch.device(device):
+            return self
         return Moments(self.n, self.mean.to(device), self.m2.to(device), self.t.to(device),
                        self.q.to(device))
 

@@ -451,3 +451,60 @@ def test_minilm_qkv_share_one_input_summary():
         assert f"{prefix}.output.dense" not in shared
     n = int(enc["attention_mask"].sum())
     assert cal.moments("bert.encoder.layer.0.attention.self.query").n == n
+
+
+def test_sketched_lora_model_initializes_data_free_and_refuses_data_strategies(make_tiny,
+                                                                               adapt):
+    model = adapt("covinit", make_tiny(), ["query"], rank=2)
+    xs = [torch.randn(8, 12) for _ in range(3)]
+    cal = calibrate(model, xs, sketch_above=12, sketch_size=6, show_progress=False)
+    assert cal.sketch("block.query", "input") is not None  # kaiming needs no statistics
+    before = model.block.query.lora_A.detach().clone()
+    with pytest.raises(ValueError, match=r"'block\.query' input was calibrated as a "
+                                         r"bounded-memory sketch.*strategy 'input-pca'"):
+        calibrate(model, xs, sketch_above=12, sketch_size=6, strategy="input-pca",
+                  show_progress=False)
+    assert torch.equal(model.block.query.lora_A, before)
+
+
+def test_forward_under_inference_mode_gives_the_same_statistics():
+    model = Encoder().eval()
+
+    def forward_fn(m, batch):
+        with torch.inference_mode():  # inference tensors carry no version counter
+            return m(**batch)
+
+    ref = calibrate(model, batches(), targets=["query", "key"], show_progress=False)
+    cal = calibrate(model, batches(), targets=["query", "key"], forward_fn=forward_fn,
+                    show_progress=False)
+    for name in ref.layer_names:
+        for side in ("input", "output"):
+            torch.testing.assert_close(cal.moments(name, side).m2, ref.moments(name, side).m2,
+                                       rtol=1e-12, atol=1e-12)
+
+
+def test_loralib_layers_that_merge_on_eval_are_not_merged_by_calibrate(make_tiny):
+    """Real loralib (merge_weights=True) merges B·A into the weight inside ``eval()`` and
+    unmerges in ``train()``; calibrate switches modes by flag, so nothing merges."""
+    from conftest import LoralibStyleLinear
+
+    class MergingLoralib(LoralibStyleLinear):
+        def train(self, mode: bool = True):
+            super().train(mode)
+            if mode == self.merged:  # eval() merges, train() unmerges
+                with torch.no_grad():
+                    sign = -1.0 if self.merged else 1.0
+                    self.weight.add_(sign * self.scaling * (self.lora_B @ self.lora_A))
+                self.merged = not mode
+            return self
+
+        def forward(self, x):
+            y = torch.nn.functional.linear(x, self.weight, self.bias)
+            return y if self.merged else y + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    model = make_tiny()
+    model.block.query = MergingLoralib.from_linear(model.block.query, 2, 4.0)
+    model.train()
+    calibrate(model, [torch.randn(8, 12)], strategy="input-pca", show_progress=False)
+    assert model.training and model.block.query.training
+    assert not model.block.query.merged  # still trainable: the adapter is in the forward

@@ -118,7 +118,9 @@ def test_repeated_residual_inits_start_from_the_original_weight(calibration, mak
     assert _rel(model(x), want) < 1e-5
     initialize(model, strategy="kaiming")  # restores W0 and forgets the record
     assert residual_offset(model.head) is None
+    assert not model.head.base_replaced  # the base is W0 again: nothing to save or refuse
     assert _rel(model(x), want) < 1e-5
+    export_lora(model, tmp_path / "restored.safetensors")
     initialize(model, calibration, strategy="cov-svd")
     _train(model)
     path = tmp_path / "twice.safetensors"

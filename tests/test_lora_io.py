@@ -196,3 +196,11 @@ def test_merged_target_is_refused(saved, make_tiny):
     model = add_lora(make_tiny(), ["head"], rank=2)
     model.head.merge()
     _refused(model, saved, r"'head' is merged")
+
+
+def test_save_refuses_a_rank_that_load_cannot_rebuild(make_tiny, adapt, tmp_path):
+    model = adapt("peft", make_tiny(), ["head"], rank=8)  # head is 12 -> 5: r > min(d, k)
+    path = tmp_path / "too-wide.safetensors"
+    with pytest.raises(ValueError, match=r"rank 8 > min\(d, k\) = 5"):
+        save_lora(model, path)
+    assert not path.exists()

@@ -57,11 +57,16 @@ def _corda(model: nn.Module, target: str, rank: int, batches: list, cov_file: st
 
 def _damped_estimate(cov: Tensor) -> types.SimpleNamespace:
     """CorDA's matrix: C + 0.01·mean(diag C)·I (its first damping step, kept when C + that is
-    well inverted), as an object with the two Estimate attributes cov-svd reads."""
+    well inverted), as an object with the Estimate attributes cov-svd reads."""
     c = cov.double()
     fixed = c + torch.eye(c.shape[0], dtype=torch.float64) * c.diagonal().mean() * 0.01
-    lam, vec = torch.linalg.eigh(fixed)
-    return types.SimpleNamespace(eigenvalues=lam.flip(0), eigenvectors=vec.flip(1))
+    lam, vec = torch.linalg.eigh(fixed)  # positive definite: no floor needed
+
+    def power(p: float, rel_floor: float = 0.0) -> Tensor:
+        return (vec * lam.pow(p)) @ vec.T
+
+    return types.SimpleNamespace(eigenvalues=lam.flip(0), eigenvectors=vec.flip(1),
+                                 power=power)
 
 
 def _tiny_problem() -> tuple[nn.Module, list[Tensor]]:
