@@ -22,7 +22,6 @@ SmolLM2's weights are dequantized Q4_1 (4-bit noise), cached as safetensors in `
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import gc
 import os
@@ -39,7 +38,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from _common import load_average, machine  # benchmarks/ is on sys.path as a script
+from _common import load_average, machine, write_rows  # benchmarks/ is on sys.path as a script
 from torch import Tensor, nn
 
 import covinit
@@ -299,11 +298,7 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
 def write(table: list[dict[str, Any]], rows: list[Row], args: argparse.Namespace,
           load: tuple[float, float, float], command: str) -> None:
     suffix = "_quick" if args.quick else ""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / f"calibration_speed{suffix}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+    write_rows(RESULTS / f"calibration_speed{suffix}.csv", table, list(table[0]))
     lines = [
         "# Calibration speed",
         "",

@@ -22,7 +22,6 @@ Writes ``benchmarks/results/estimator_speed[_quick].{csv,md}``.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import machine  # benchmarks/ is on sys.path when run as a script
+from _common import machine, write_rows  # benchmarks/ is on sys.path when run as a script
 
 from covinit.estimators import estimate
 from covinit.stats import Moments, merge_all
@@ -121,11 +120,7 @@ def main() -> None:
             print(f"k={k:5d} {name:16s} {t:9.4f} s  {ratio:7.3f} × eigh  {ok}", flush=True)
     load_after = os.getloadavg()
     suffix = "_quick" if args.quick else ""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / f"estimator_speed{suffix}.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(RESULTS / f"estimator_speed{suffix}.csv", rows, list(rows[0]))
     command = " ".join([".venv/bin/python", "benchmarks/estimator_speed.py", *sys.argv[1:]])
     lines = [
         "# Estimator speed", "",
