@@ -50,8 +50,6 @@ __all__ = ["FORMAT", "Calibration", "calibrate"]
 
 FORMAT = "covinit.calibration"
 _FORMAT_VERSION = 1
-_FIELDS = ("n", "mean", "m2", "t", "q")
-_SKETCH_FIELDS = ("n", "mean", "y", "trace", "seed")
 
 
 class Calibration:
@@ -298,9 +296,9 @@ class Calibration:
         def read(prefix: str, width: int, sketch: bool = False) -> Moments | Sketch:
             summary: Moments | Sketch
             if sketch:
-                summary = Sketch.from_state(fields(prefix, _SKETCH_FIELDS))
+                summary = Sketch.from_state(fields(prefix, Sketch.FIELDS))
             else:
-                summary = Moments.from_state(fields(prefix, _FIELDS))
+                summary = Moments.from_state(fields(prefix, Moments.FIELDS))
                 if not all(bool(torch.isfinite(v).all()) for v in summary.state().values()):
                     raise ValueError(f"{path}: {prefix} holds NaN/Inf values")
             if summary.k != width:

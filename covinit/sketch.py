@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from covinit.stats import require_float64, unpack_state
+
 __all__ = ["Sketch", "sketch_matrix"]
 
 
@@ -56,6 +58,9 @@ class Sketch:
     y: Tensor
     trace: Tensor
     seed: int
+
+    #: Keys of :meth:`state`.
+    FIELDS = ("n", "mean", "y", "trace", "seed")
 
     @property
     def k(self) -> int:
@@ -163,14 +168,9 @@ class Sketch:
     @classmethod
     def from_state(cls, state: dict[str, Tensor]) -> Sketch:
         """Inverse of :meth:`state`; validates shapes and dtypes."""
-        try:
-            n, mean, y, trace, seed = (state[key] for key in ("n", "mean", "y", "trace", "seed"))
-        except KeyError as err:
-            raise ValueError(f"sketch state is missing {err.args[0]!r}") from None
+        n, mean, y, trace, seed = unpack_state(state, cls.FIELDS, "sketch")
         if mean.ndim != 1 or y.ndim != 2 or y.shape[0] != mean.shape[0] or trace.shape != ():
             raise ValueError(f"sketch fields have inconsistent shapes: mean {tuple(mean.shape)}"
                              f", y {tuple(y.shape)}, trace {tuple(trace.shape)}")
-        for key, value in (("mean", mean), ("y", y), ("trace", trace)):
-            if value.dtype != torch.float64:
-                raise ValueError(f"sketch field {key!r} has dtype {value.dtype}, expected float64")
+        require_float64("sketch", {"mean": mean, "y": y, "trace": trace})
         return cls(int(n), mean, y, trace, int(seed))

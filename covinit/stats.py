@@ -25,7 +25,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Moments", "merge_all"]
+__all__ = ["Moments", "merge_all", "require_float64", "unpack_state"]
+
+
+def unpack_state(state: dict[str, Tensor], keys: tuple[str, ...], kind: str
+                 ) -> tuple[Tensor, ...]:
+    """``state[key]`` for each key, or a ``ValueError`` naming the first missing one."""
+    try:
+        return tuple(state[key] for key in keys)
+    except KeyError as err:
+        raise ValueError(f"{kind} state is missing {err.args[0]!r}") from None
+
+
+def require_float64(kind: str, fields: dict[str, Tensor]) -> None:
+    """Raise a ``ValueError`` naming the first of ``fields`` that is not float64."""
+    for key, value in fields.items():
+        if value.dtype != torch.float64:
+            raise ValueError(f"{kind} field {key!r} has dtype {value.dtype}, expected float64")
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,9 @@ class Moments:
     m2: Tensor
     t: Tensor
     q: Tensor
+
+    #: Keys of :meth:`state`.
+    FIELDS = ("n", "mean", "m2", "t", "q")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -186,19 +205,14 @@ class Moments:
     @classmethod
     def from_state(cls, state: dict[str, Tensor]) -> Moments:
         """Inverse of :meth:`state`; validates shapes and dtypes."""
-        try:
-            n, mean, m2, t, q = (state[key] for key in ("n", "mean", "m2", "t", "q"))
-        except KeyError as err:
-            raise ValueError(f"moments state is missing {err.args[0]!r}") from None
+        n, mean, m2, t, q = unpack_state(state, cls.FIELDS, "moments")
         k = mean.shape[0] if mean.ndim == 1 else -1
         shapes = {"n": (n.shape, ()), "mean": (mean.shape, (k,)), "m2": (m2.shape, (k, k)),
                   "t": (t.shape, (k,)), "q": (q.shape, ())}
         for key, (got, want) in shapes.items():
             if k < 0 or tuple(got) != want:
                 raise ValueError(f"moments field {key!r} has shape {tuple(got)}, expected {want}")
-        for key, value in (("mean", mean), ("m2", m2), ("t", t), ("q", q)):
-            if value.dtype != torch.float64:
-                raise ValueError(f"moments field {key!r} has dtype {value.dtype}, expected float64")
+        require_float64("moments", {"mean": mean, "m2": m2, "t": t, "q": q})
         if n.dtype != torch.int64 or int(n) < 0:
             raise ValueError(f"moments count must be a non-negative int64, got {n}")
         return cls(int(n), mean, m2, t, q)
