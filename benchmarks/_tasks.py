@@ -218,10 +218,12 @@ register(Task(
           "rank": 8, "alpha": 16.0, "steps": 96, "batch_size": 16, "max_length": 48,
           "lrs": [5e-4, 2e-3, 8e-3], "seeds": [0, 1, 2], "n_train": 1536, "n_val": 192,
           "n_test": 512, "n_calib": 256, "calib_batch_size": 32, "folds": 4,
-          "eval_points": 6, "eva_max_passes": 20, "strategies": "full"},
+          "eval_points": 6, "eva_max_passes": 20, "strategies": "lean"},
     budget=("Shrunk to fit about an hour of 2 idle cores: 1,536 of the 10,200 training "
             "snippets, 96 steps of batch 16 (one epoch), max_length 48 (median snippet: 26 "
-            "tokens), 192 validation / 512 test snippets, LoRA on attention projections only."),
+            "tokens), 192 validation / 512 test snippets, LoRA on attention projections only. "
+            "Methods: the 'lean' list (covinit's gaussian and pissa run once, as "
+            "peft:gaussian / peft:pissa)."),
     quick={"steps": 16, "n_train": 256, "n_val": 64, "n_test": 128, "n_calib": 64,
            "lrs": [1e-3, 3e-3], "seeds": [0], "eval_points": 2, "eva_max_passes": 10,
            "strategies": "quick"},
@@ -287,12 +289,13 @@ register(Task(
           "rank": 8, "alpha": 16.0, "steps": 40, "batch_size": 4, "max_length": 64,
           "lrs": [1e-4, 3e-4, 1e-3], "seeds": [0, 1, 2], "n_train": 512, "n_val": 16,
           "n_test": 32, "n_calib": 16, "calib_batch_size": 4, "folds": 4,
-          "eval_points": 4, "eva_max_passes": 10, "strategies": "lean"},
+          "eval_points": 4, "eva_max_passes": 10, "strategies": "core"},
     budget=("Shrunk to fit the CPU budget: 40 steps of 4 blocks × 64 tokens (10k training "
             "tokens, under a quarter of the play), 16 validation / 32 test blocks, LoRA on "
             "attention projections only; perplexities are far from converged.  Methods: the "
-            "'lean' list (covinit's gaussian and pissa run once, as peft:gaussian / "
-            "peft:pissa)."),
+            "'core' list (one estimator per covinit strategy, every PEFT init but "
+            "gaussian; Kaiming vs Gaussian and the estimator choice are compared on "
+            "MiniLM)."),
     quick={"steps": 8, "batch_size": 2, "n_val": 8, "n_test": 8, "n_calib": 8,
            "lrs": [3e-4, 1e-3],
            "seeds": [0], "eval_points": 2, "eva_max_passes": 5, "strategies": "quick"},

@@ -34,7 +34,8 @@ Usage::
 Methods are ``STRATEGY`` or ``STRATEGY@ESTIMATOR`` (covinit) and ``peft:INIT`` with INIT in
 ``true, gaussian, pissa, olora, eva, corda-ipm, corda-kpm, lora_ga``; ``--strategies full``
 (every covinit strategy × its estimators, then PEFT's, in :data:`PRIORITY` order), ``lean``
-(without covinit's duplicates of PEFT's gaussian/pissa) or ``quick``.
+(without covinit's duplicates of PEFT's gaussian/pissa), ``core`` (one estimator per covinit
+strategy, every PEFT init but gaussian: for tasks too costly for ``lean``) or ``quick``.
 """
 
 from __future__ import annotations
@@ -205,11 +206,23 @@ def lean_methods() -> list[str]:
     return [m for m in full_methods() if m not in ("gaussian", "pissa")]
 
 
+def core_methods() -> list[str]:
+    """:func:`lean_methods` with one estimator per covinit strategy — ``empirical`` for the
+    PCA-type ones, ``ledoit_wolf`` where shrinkage acts — and without ``peft:gaussian``:
+    every algorithm once, for a task where each run costs minutes."""
+    def keep(label: str) -> bool:
+        name, _, est = label.partition("@")
+        return not est or est == ("empirical" if name in PCA_TYPE else "ledoit_wolf")
+    return [m for m in lean_methods() if m != "peft:gaussian" and keep(m)]
+
+
 def choose_methods(spec: str | Sequence[str]) -> list[Method]:
-    """``"full"``, ``"lean"``, ``"quick"``, a comma-separated list, or a list of labels."""
+    """``"full"``, ``"lean"``, ``"core"``, ``"quick"``, a comma-separated list, or a list of
+    labels."""
     if isinstance(spec, str):
-        labels = {"full": full_methods(), "lean": lean_methods(), "quick": QUICK_METHODS}.get(
-            spec, [s for s in spec.split(",") if s.strip()])
+        named = {"full": full_methods, "lean": lean_methods, "core": core_methods,
+                 "quick": lambda: QUICK_METHODS}
+        labels = named[spec]() if spec in named else [s for s in spec.split(",") if s.strip()]
     else:
         labels = list(spec)
     methods = [parse_method(s) for s in labels]
@@ -807,7 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="the task's quick settings: few steps, 1 seed, a few methods")
     p.add_argument("--strategies", default=None,
-                   help="'full', 'lean', 'quick' or comma-separated methods "
+                   help="'full', 'lean', 'core', 'quick' or comma-separated methods "
                         "(STRATEGY[@ESTIMATOR] or peft:INIT); default: the task's list")
     p.add_argument("--estimators", default=None,
                    help="comma-separated estimators: keep only data-driven covinit methods "

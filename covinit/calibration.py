@@ -485,6 +485,37 @@ def _merge_ranks(results: dict[tuple[str, str], StreamResult], shared: dict[str,
     return merged, agreed, totals
 
 
+def _output_offsets(adapters: Mapping[str, Any], layers: Mapping[str, nn.Module]
+                    ) -> dict[str, tuple[Tensor, Tensor]]:
+    """``name -> (P (d, m), Q (m, k))`` such that ``hooked output + x·Qᵀ·Pᵀ = W0·x (+ bias)``.
+
+    Output statistics describe the original ``W0``: a residual init done before left the
+    base at ``W0 − P0·Q0`` (recorded by :func:`covinit.export.record_offset`), and a
+    loralib-style layer is hooked as a whole, so its output also holds ``c·B·A·x``.
+    """
+    from covinit.export import residual_offset
+
+    offsets = {}
+    for name, adapter in adapters.items():
+        if name not in layers:
+            continue
+        ps, qs = [], []
+        if (recorded := residual_offset(adapter.module)) is not None:
+            ps.append(recorded[0])
+            qs.append(recorded[1])
+        if layers[name] is adapter.module:  # base and adapter in one forward
+            a, b = adapter.get_lora()
+        if layers[name] is adapter.module and bool(b.any()):
+            ps.append(b.detach().to(torch.float64).mul(-adapter.scaling))
+            qs.append(a.detach())
+        if ps:
+            dtype = torch.promote_types(torch.float32, torch.promote_types(ps[0].dtype,
+                                                                            qs[0].dtype))
+            offsets[name] = (torch.cat([p.to(dtype) for p in ps], dim=1),
+                             torch.cat([q.to(dtype) for q in qs], dim=0))
+    return offsets
+
+
 def calibrate(
     model: nn.Module,
     dataloader: Iterable[Any],
@@ -604,8 +635,9 @@ def calibrate(
     flags = {param: param.requires_grad for param in model.parameters()}
     if sketch_above is not None and n_folds > 1:
         raise ValueError("folds need exact summaries; use either folds= or sketch_above=")
+    offsets = _output_offsets(adapters, layers)
     collector = Collector(layers, sides, precision=precision, folds=n_folds,
-                          sketch_above=sketch_above, sketch_size=sketch_size)
+                          sketch_above=sketch_above, sketch_size=sketch_size, offsets=offsets)
     _check_memory(collector, device)
     try:
         total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore

@@ -482,6 +482,11 @@ class Collector:
         instead of the k×k co-moment (bounded memory, approximate top eigenpairs).
     sketch_size, sketch_seed : int
         Sketch width ℓ and the seed of its Gaussian test matrix.
+    offsets : mapping, optional
+        ``name -> (P (d, m), Q (m, k))``: the layer's output side records ``y + x·Qᵀ·Pᵀ``
+        instead of its output ``y``.  :func:`covinit.calibrate` uses it so that statistics
+        describe the original ``W0`` after a residual init (base ``W0 − P0·Q0``) and on
+        loralib-style layers whose hooked output includes ``c·B·A·x``.
 
     Examples
     --------
@@ -497,7 +502,8 @@ class Collector:
 
     def __init__(self, layers: Mapping[str, nn.Module], sides: Sequence[str] = SIDES, *,
                  precision: str = "float64", folds: int = 1, sketch_above: int | None = None,
-                 sketch_size: int = 256, sketch_seed: int = 0) -> None:
+                 sketch_size: int = 256, sketch_seed: int = 0,
+                 offsets: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> None:
         if isinstance(sides, str):
             sides = (sides,)
         sides = tuple(sides)
@@ -518,6 +524,7 @@ class Collector:
         self._omegas: dict[tuple[int, torch.device], Tensor] = {}
         self.layers = dict(layers)
         self.sides = sides
+        self.offsets = {name: pq for name, pq in (offsets or {}).items() if name in self.layers}
         self.gemm_dtype = torch.float64 if precision == "float64" else torch.float32
         self.n_folds = folds
         self.shapes = {name: _features(name, m) for name, m in self.layers.items()}
@@ -572,6 +579,9 @@ class Collector:
                 x = args[0] if args else next(iter(kwargs.values()), None)
                 self._observe(name, "input", x)
             if "output" in self.sides:
+                if name in self.offsets and isinstance(output, Tensor):
+                    output = _with_offset(output, args[0] if args else
+                                          next(iter(kwargs.values())), *self.offsets[name])
                 self._observe(name, "output", output)
         return hook
 
@@ -742,6 +752,13 @@ class Collector:
             if owner != name:
                 shared[name] = owner
         return shared
+
+
+def _with_offset(y: Tensor, x: Tensor, p: Tensor, q: Tensor) -> Tensor:
+    """``y + x·Qᵀ·Pᵀ`` (…, d) in at least float32: the output the original ``W0 = base + P·Q``
+    gives, from the residual base's output ``y`` (…, d) and its input ``x`` (…, k)."""
+    dtype = torch.promote_types(y.dtype, p.dtype)
+    return y.to(dtype) + (x.to(dtype) @ q.to(dtype).T) @ p.to(dtype).T
 
 
 def _merge_in_order(parts: Iterable[Moments]) -> Moments:

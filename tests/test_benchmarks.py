@@ -109,6 +109,19 @@ def test_parse_method_rejects_unknown_names() -> None:
     assert compare_inits.parse_method("cov-svd").estimator == "ledoit_wolf"
 
 
+def test_named_method_lists_nest() -> None:
+    """core ⊂ lean ⊂ full; core runs every covinit strategy and PEFT init (but gaussian) once."""
+    full, lean, core = (compare_inits.choose_methods(n) for n in ("full", "lean", "core"))
+    labels = [[m.label for m in ms] for ms in (full, lean, core)]
+    assert set(labels[2]) < set(labels[1]) < set(labels[0])
+    strategies = [m.label.partition("@")[0] for m in core if not m.label.startswith("peft:")]
+    assert len(strategies) == len(set(strategies))  # one estimator each
+    assert set(strategies) == set(labels[1][i].partition("@")[0] for i in range(len(lean))
+                                  if not labels[1][i].startswith("peft:"))
+    assert {m.label for m in core if m.label.startswith("peft:")} == (
+        {m.label for m in lean if m.label.startswith("peft:")} - {"peft:gaussian"})
+
+
 def test_synthetic_smallest_setting(tmp_path: Path) -> None:
     out = tmp_path / "synthetic"
     methods = ["kaiming", "input-pca@spatpca", "input-whiten@empirical", "cov-svd@ledoit_wolf"]

@@ -180,3 +180,39 @@ def test_peft_round_trip_after_training(use_rslora, calibration, make_tiny, adap
     plain = load_lora(make_tiny(), tmp_path / "c.safetensors", strict=False)
     inner = model.base_model.model.block
     assert _rel(plain.block(x), inner(x)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["covinit", "peft", "loralib"])
+def test_calibrating_after_a_residual_init_records_the_original_outputs(kind, adapt,
+                                                                        make_tiny):
+    """A residual base W0 − P·Q outputs something else than W0: the output hook adds x·Qᵀ·Pᵀ
+    back, so a second calibration sees the statistics of the first (and re-inits agree)."""
+    plain = calibrate(make_tiny(), _data(), targets=TARGETS, show_progress=False)
+    model = adapt(kind, make_tiny(), TARGETS, rank=2)
+    calibrate(model, _data(), strategy="cov-svd", show_progress=False)
+    assert residual_offset(find_adapters(model)["head"].module) is not None
+    again = calibrate(model, _data(), strategy="two-sided", show_progress=False)
+    for name in ("block.query", "head"):
+        for side in ("input", "output"):
+            want, got = plain.moments(name, side), again.moments(name, side)
+            assert torch.allclose(got.mean, want.mean, rtol=1e-5, atol=1e-6), (name, side)
+            assert torch.allclose(got.m2, want.m2, rtol=1e-5, atol=1e-5), (name, side)
+
+
+@pytest.mark.parametrize("kind", ["covinit", "peft", "loralib"])
+def test_output_statistics_describe_w0_after_training(kind, adapt, make_tiny):
+    """Non-zero B (a trained adapter): loralib-style layers are hooked whole, so their output
+    holds c·B·A·x, which calibration takes out again.  Oracle: the output side of a linear
+    layer is W0 applied to its input side (mean W0·μ + b, co-moment W0·M2·W0ᵀ)."""
+    original = make_tiny()
+    model = adapt(kind, make_tiny(), TARGETS, rank=2)
+    for adapter in find_adapters(model).values():
+        a, b = adapter.get_lora()
+        adapter.set_lora(a, torch.randn_like(b))
+    cal = calibrate(model, _data(), strategy="two-sided", show_progress=False)
+    for name in ("block.query", "block.dense", "head"):
+        w0 = original.get_submodule(name).weight.double()
+        b0 = original.get_submodule(name).bias.double()
+        x, y = cal.moments(name, "input"), cal.moments(name, "output")
+        assert torch.allclose(y.mean, w0 @ x.mean + b0, rtol=1e-5, atol=1e-5), name
+        assert torch.allclose(y.m2, w0 @ x.m2 @ w0.T, rtol=1e-5, atol=1e-4), name
