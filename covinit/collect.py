@@ -6,7 +6,9 @@ The pieces, in the order :func:`covinit.calibrate` uses them:
   :func:`covinit.add_lora` (name suffixes, a regular expression, or a callable).
 * :func:`batch_masks` / :func:`call_model` / :func:`move_to_device` — turn one batch of a
   dataloader into a model call plus the masks of positions to keep (``attention_mask != 0``
-  and, for token-level labels, ``labels != -100``).
+  and, for token-level labels, ``labels != -100``).  Encoder-decoder models get the encoder's
+  mask on encoder layers and on cross-attention inputs (the encoder's output), the
+  decoder's (``labels``, ``decoder_attention_mask``) elsewhere — :func:`seq2seq_masks`.
 * :class:`Collector` — registers one forward hook per layer; each call reduces the layer's
   input and/or output rows (any leading shape: (B, T, k), (B, k), (B, H, W, k)) to power
   sums about a per-stream centre with one GEMM and accumulates them in place.
@@ -53,6 +55,7 @@ __all__ = [
     "match_layers",
     "move_to_device",
     "rows_of",
+    "seq2seq_masks",
     "target_matcher",
 ]
 
@@ -177,6 +180,36 @@ def batch_masks(batch: Any) -> list[Tensor]:
         else:
             masks.append(keep)
     return masks
+
+
+def seq2seq_masks(batch: Any) -> tuple[list[Tensor], list[Tensor]]:
+    """Masks of an encoder-decoder batch: ``(encoder, decoder)``.
+
+    The encoder keeps ``attention_mask != 0``; the decoder keeps ``labels != -100`` and
+    ``decoder_attention_mask != 0`` (combined when their shapes agree).  Kept apart, so that
+    an encoder input and labels of the same length cannot be confused.
+
+    Returns
+    -------
+    tuple of (list of Tensor, list of Tensor)
+        Boolean masks, each list empty when every position of that side counts.
+    """
+    if not isinstance(batch, Mapping):
+        return [], []
+    encoder = [m != 0 for m in [batch.get("attention_mask")] if isinstance(m, Tensor)]
+    decoder = batch_masks({"attention_mask": batch.get("decoder_attention_mask"),
+                           "labels": batch.get("labels")})
+    return encoder, decoder
+
+
+def _encoder_of(model: nn.Module) -> nn.Module | None:
+    """The encoder of a Hugging Face encoder-decoder model (PEFT-wrapped or not), else None."""
+    config = getattr(model, "config", None)
+    get_encoder = getattr(model, "get_encoder", None)
+    if not getattr(config, "is_encoder_decoder", False) or not callable(get_encoder):
+        return None
+    encoder = get_encoder()
+    return encoder if isinstance(encoder, nn.Module) else None
 
 
 def call_model(model: nn.Module, batch: Any,
@@ -543,6 +576,11 @@ class Collector:
         self._handles: list[Any] = []
         self._cache: dict[tuple[Any, ...], _CacheEntry] = {}
         self._masks: list[Tensor] = []
+        # Encoder-decoder models: the encoder's masks, the layers inside the encoder and the
+        # (pointer, shape) of the encoder's output in this batch (the cross-attention input).
+        self._encoder_masks: list[Tensor] | None = None
+        self._encoder_layers: set[str] = set()
+        self._encoder_out: tuple[int, tuple[int, ...]] | None = None
         self._batch = 0
         self._serial = 0
         self._batches_done = 0
@@ -575,17 +613,30 @@ class Collector:
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                  output: Any) -> None:
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            masks = self._masks_for(name, x)
             if "input" in self.sides:
-                x = args[0] if args else next(iter(kwargs.values()), None)
-                self._observe(name, "input", x)
+                self._observe(name, "input", x, masks)
             if "output" in self.sides:
                 if name in self.offsets and isinstance(output, Tensor):
-                    output = _with_offset(output, args[0] if args else
-                                          next(iter(kwargs.values())), *self.offsets[name])
-                self._observe(name, "output", output)
+                    output = _with_offset(output, x, *self.offsets[name])
+                self._observe(name, "output", output, masks)
         return hook
 
-    def _observe(self, name: str, side: str, x: Any) -> None:
+    def _masks_for(self, name: str, x: Any) -> list[Tensor]:
+        """The masks for one call of layer ``name`` on input ``x``."""
+        if self._encoder_masks is None:
+            return self._masks
+        if name in self._encoder_layers:
+            return self._encoder_masks
+        if (isinstance(x, Tensor) and self._encoder_out is not None
+                and (x.data_ptr(), tuple(x.shape)) == self._encoder_out):
+            return self._encoder_masks + self._masks  # cross-attention keys/values
+        # Decoder positions first; a cross-attention input the encoder hook did not see
+        # (encoder_outputs= given) still finds the encoder's mask by its shape.
+        return self._masks + self._encoder_masks
+
+    def _observe(self, name: str, side: str, x: Any, masks: Sequence[Tensor]) -> None:
         stream = self._streams[name, side]
         stream.calls += 1
         if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[-1] != stream.k:
@@ -601,7 +652,7 @@ class Collector:
                 "init_empty_weights); load or materialise them before calibrating"
             )
         if stream.sketches is not None:
-            self._observe_sketch(stream, x)
+            self._observe_sketch(stream, x, masks)
             return
         acc = stream.accs[self._batch % self.n_folds]
         key = (x.data_ptr(), x.device, x.dtype, tuple(x.shape), x.stride(),
@@ -616,7 +667,7 @@ class Collector:
         if entry is not None:
             red = next((r for r in entry.reductions if acc.can_take(r)), None)
         if red is None:
-            rows = rows_of(x.detach(), self._masks)
+            rows = rows_of(x.detach(), masks)
             if rows.shape[0] == 0:
                 return
             self._serial += 1
@@ -647,9 +698,9 @@ class Collector:
         if (name, side) == self._first:
             self._rows_this_batch += red.n
 
-    def _observe_sketch(self, stream: _Stream, x: Tensor) -> None:
+    def _observe_sketch(self, stream: _Stream, x: Tensor, masks: Sequence[Tensor]) -> None:
         """Bounded-memory path: merge this call's rows into the stream's :class:`Sketch`."""
-        rows = rows_of(x.detach(), self._masks)
+        rows = rows_of(x.detach(), masks)
         if rows.shape[0] == 0:
             return
         key = (stream.k, rows.device)
@@ -701,12 +752,23 @@ class Collector:
             Rows the first stream kept in this batch (the batch's usable positions).
         """
         self._batch = index
-        self._masks = batch_masks(batch)
         self._rows_this_batch = 0
         self._cache.clear()
+        encoder = _encoder_of(model)
+        handle = None
+        if encoder is None:
+            self._masks = batch_masks(batch)
+        else:
+            self._encoder_masks, self._masks = seq2seq_masks(batch)
+            inside = {id(m) for m in encoder.modules()}
+            self._encoder_layers = {n for n, m in self.layers.items() if id(m) in inside}
+            handle = encoder.register_forward_hook(self._see_encoder_output)
         try:
             call_model(model, batch, forward_fn)
         finally:
+            if handle is not None:
+                handle.remove()
+            self._encoder_masks, self._encoder_out = None, None
             self._cache.clear()
             self._producers.clear()
             for acc in self._borrowed:  # nothing else holds those reductions any more
@@ -717,6 +779,10 @@ class Collector:
         return self._rows_this_batch
 
     # -------------------------------------------------------------- results
+    def _see_encoder_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        hidden = output if isinstance(output, Tensor) else output[0]
+        self._encoder_out = (hidden.data_ptr(), tuple(hidden.shape))
+
     def calls(self, name: str) -> int:
         """How many times layer ``name`` was called so far."""
         return max(self._streams[name, side].calls for side in self.sides)

@@ -114,6 +114,54 @@ def test_batch_masks_combine_attention_and_token_labels():
     assert batch_masks((torch.ones(2),)) == [] and batch_masks(torch.ones(2)) == []
 
 
+def _tiny_seq2seq(arch: str) -> tuple[nn.Module, dict[str, str]]:
+    """A random tiny T5 or BART and its layer names by role."""
+    transformers = pytest.importorskip("transformers")
+    if arch == "t5":
+        config = transformers.T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                       num_decoder_layers=1, num_heads=4, decoder_start_token_id=0)
+        model = transformers.T5ForConditionalGeneration(config)
+        names = {"encoder": "encoder.block.0.layer.0.SelfAttention.q",
+                 "decoder": "decoder.block.0.layer.0.SelfAttention.q",
+                 "cross_q": "decoder.block.0.layer.1.EncDecAttention.q",
+                 "cross_k": "decoder.block.0.layer.1.EncDecAttention.k", "head": "lm_head"}
+    else:
+        config = transformers.BartConfig(vocab_size=40, d_model=16, encoder_layers=1,
+                                         decoder_layers=1, encoder_attention_heads=4,
+                                         decoder_attention_heads=4, encoder_ffn_dim=32,
+                                         decoder_ffn_dim=32, max_position_embeddings=32)
+        model = transformers.BartForConditionalGeneration(config)
+        names = {"encoder": "model.encoder.layers.0.self_attn.q_proj",
+                 "decoder": "model.decoder.layers.0.self_attn.q_proj",
+                 "cross_q": "model.decoder.layers.0.encoder_attn.q_proj",
+                 "cross_k": "model.decoder.layers.0.encoder_attn.k_proj", "head": "lm_head"}
+    return model.eval(), names
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+@pytest.mark.parametrize("decoder_mask", [False, True])
+def test_encoder_decoder_masks_follow_the_side(arch, decoder_mask):
+    """Encoder input and labels of the same length: the encoder's padding mask on encoder
+    layers and cross-attention keys, ``labels != -100`` (and ``decoder_attention_mask``)
+    on decoder positions — never the two combined."""
+    model, names = _tiny_seq2seq(arch)
+    am = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, -100, 5, 6, 7], [3, 4, 5, 6, 7, 8]])
+    batch = {"input_ids": torch.randint(3, 40, (2, 6)), "attention_mask": am, "labels": labels}
+    keep_decoder = labels != -100
+    if decoder_mask:
+        batch["decoder_attention_mask"] = torch.tensor([[1] * 6, [1, 1, 1, 1, 1, 0]])
+        keep_decoder = keep_decoder & batch["decoder_attention_mask"].bool()
+    layers = {role: model.get_submodule(name) for role, name in names.items()}
+    with Collector(layers, ("input",)) as col, torch.no_grad():
+        col.run_batch(model, batch, index=0)
+    counts = {role: col.results()[role, "input"].total.n for role in names}
+    n_enc, n_dec = int(am.sum()), int(keep_decoder.sum())
+    assert (n_enc, n_dec) == (10, 9 - decoder_mask)
+    assert counts == {"encoder": n_enc, "cross_k": n_enc, "decoder": n_dec, "cross_q": n_dec,
+                      "head": n_dec}
+
+
 def test_call_model_by_batch_type():
     model = nn.Linear(3, 2)
     x = torch.randn(4, 3)
