@@ -657,45 +657,80 @@ def targets_report(stats: dict[str, dict[str, Any]], s: dict[str, Any],
     return lines
 
 
-def plot(stats: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    """Validation loss and smoothed training loss, mean ± std band per method."""
+def paired_delta(st: dict[str, Any], ref: dict[str, Any], key: str) -> list[float]:
+    """``st[key] − ref[key]`` per seed both ran (a seed fixes data order and random draws
+    for every method, so paired differences cancel the shared part of the noise)."""
+    theirs = dict(zip(ref.get("seeds", []), ref.get(key, []), strict=True))
+    return [v - theirs[seed] for seed, v in zip(st.get("seeds", []), st.get(key, []),
+                                                  strict=True) if seed in theirs]
+
+
+def _highlights(stats: dict[str, dict[str, Any]], n_covinit: int = 3) -> list[str]:
+    """Methods drawn in colour: the Kaiming baselines, the best covinit methods and the best
+    PEFT data-driven one by mean final validation loss."""
+    ok = {k: v for k, v in stats.items() if "rows" in v}
+    by_val = sorted(ok, key=lambda k: _mean(ok[k]["final_val"]))
+    cov = [k for k in by_val if ok[k]["method"].needs_calibration][:n_covinit]
+    peft = [k for k in by_val if k in PEFT_DATA_DRIVEN][:1]
+    return [k for k in ("kaiming", "peft:true") if k in ok] + cov + peft
+
+
+def plot(stats: dict[str, dict[str, Any]], path: Path, title: str, metric: str) -> None:
+    """Validation curves (highlighted methods in colour, the rest grey) and, per method, the
+    final validation loss and test metric as mean ± std bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    ok = [st for st in stats.values() if "rows" in st]
-    fig, (ax_v, ax_t) = plt.subplots(1, 2, figsize=(14, 5.5))
-    cmap = plt.get_cmap("tab20")
-    for i, st in enumerate(ok):
-        m: Method = st["method"]
-        style = {"color": cmap(i % 20), "linestyle": "-" if m.family == "covinit" else "--"}
+    ok = {k: st for k, st in stats.items() if "rows" in st}
+    shown = _highlights(stats)
+    fig, (ax_v, ax_l, ax_m) = plt.subplots(
+        1, 3, figsize=(17, 0.9 + 0.28 * max(len(ok), 12)),
+        gridspec_kw={"width_ratios": [1.4, 1, 1]})
+    cmap = plt.get_cmap("tab10")
+    colour = {label: cmap(i % 10) for i, label in enumerate(shown)}
+    for label, st in ok.items():
         runs = [r for r in st["rows"] if r["status"] == "ok"]
         if not runs:
             continue
         steps = np.array(_curve(runs[0])[0])
         vals = np.array([_curve(r)[1] for r in runs])  # (seeds, points)
-        mu, sd = vals.mean(0), vals.std(0, ddof=1) if len(runs) > 1 else np.zeros(vals.shape[1])
-        ax_v.plot(steps, mu, label=f"{m.label} (lr {st['lr']:g})", **style)
-        ax_v.fill_between(steps, mu - sd, mu + sd, color=style["color"], alpha=0.15)
-        train = np.array([json.loads(r["train_loss"]) for r in runs])
-        width = min(train.shape[1], max(3, train.shape[1] // 8))
-        kernel = np.ones(width) / width
-        smooth = np.array([np.convolve(t, kernel, mode="valid") for t in train])
-        x = np.arange(width, train.shape[1] + 1)
-        mu_t = smooth.mean(0)
-        sd_t = smooth.std(0, ddof=1) if len(runs) > 1 else np.zeros_like(mu_t)
-        ax_t.plot(x, mu_t, **style)
-        ax_t.fill_between(x, mu_t - sd_t, mu_t + sd_t, color=style["color"], alpha=0.15)
+        mu = vals.mean(0)
+        if label not in colour:
+            ax_v.plot(steps, mu, color="0.75", linewidth=0.8, zorder=1)
+            continue
+        sd = vals.std(0, ddof=1) if len(runs) > 1 else np.zeros_like(mu)
+        dashed = st["method"].family != "covinit"
+        ax_v.plot(steps, mu, color=colour[label], linestyle="--" if dashed else "-",
+                  linewidth=1.8, zorder=3, label=f"{label} (lr {st['lr']:g}, {len(runs)} seeds)")
+        ax_v.fill_between(steps, mu - sd, mu + sd, color=colour[label], alpha=0.15, zorder=2)
     ref = next(iter(stats.values()), {}).get("ref_loss")
     if ref is not None:
         ax_v.axhline(ref, color="k", linewidth=0.8, linestyle=":",
                      label="Kaiming final val loss")
-    ax_v.set(xlabel="step", ylabel="validation loss", title="validation loss (mean ± std)")
-    ax_t.set(xlabel="step", ylabel="training loss",
-             title="training loss, moving average (mean ± std)")
-    ax_v.legend(fontsize=7, ncol=2)
+    ax_v.plot([], [], color="0.75", label="other methods")
+    ax_v.set(xlabel="step", ylabel="validation loss",
+             title="validation loss, mean ± std over seeds")
+    ax_v.legend(fontsize=8)
+
+    order = sorted(ok, key=lambda k: _mean(ok[k]["final_val"]))
+    y = np.arange(len(order))
+    for ax, key, name in ((ax_l, "final_val", "final validation loss"),
+                          (ax_m, "test_metric", f"test {metric}")):
+        pairs = [mean_std(ok[k][key]) for k in order]
+        ax.barh(y, [m for m, _ in pairs], xerr=[sd for _, sd in pairs], capsize=2,
+                color=[colour.get(k, "0.7") for k in order], alpha=0.85)
+        lo = min(m - sd for m, sd in pairs)
+        hi = max(m + sd for m, sd in pairs)
+        ax.set_xlim(lo - 0.15 * (hi - lo), hi + 0.15 * (hi - lo))
+        if "kaiming" in ok:
+            ax.axvline(mean_std(ok["kaiming"][key])[0], color="k", linewidth=0.8,
+                       linestyle=":")
+        ax.set_yticks(y, order if ax is ax_l else [""] * len(order), fontsize=8)
+        ax.invert_yaxis()
+        ax.set(xlabel=name, title=f"{name} at lr*, mean ± std")
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -712,16 +747,19 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
     seeds = list(s["seeds"])
     sweep_seeds = seeds if sweep_all else seeds[:1]
     stats = summarize(rows, methods, s, sweep_seeds)
+    ref_label = "kaiming" if "rows" in stats.get("kaiming", {}) else "peft:true"
+    ref = stats.get(ref_label) if "rows" in stats.get(ref_label, {}) else None
     data_line = started.get("sizes", "")
     higher = started.get("higher_is_better", "1") == "1"
     metric = started.get("metric", "metric")
     steps = int(s["steps"])
     plot(stats, out / "learning_curves.png",
-         f"{task.description}: LoRA r={s['rank']}, {steps} steps (lr chosen on validation)")
+         f"{task.description}: LoRA r={s['rank']}, {steps} steps (lr chosen on validation)",
+         metric)
 
     head = (f"| method | preserves | lr* | seeds | calib s | init s | step-0 val loss "
-            f"(base) | val loss @25% | @50% | @100% | steps to Kaiming final | test loss | "
-            f"test {metric} |")
+            f"(base) | val loss @25% | @50% | @100% | Δ final val vs Kaiming (paired) | "
+            f"steps to Kaiming final | test loss | test {metric} |")
     lines = [f"# compare_inits: {task_name}{' (quick)' if quick else ''}", "",
              f"{task.description}.  {data_line}.", "",
              f"- Command: `{started['command']}`",
@@ -744,7 +782,7 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
         m = st["method"]
         if "failed" in st:
             lines.append(f"| `{label}` | {m.preserves} | – | – | – | – | – | – | – | – | – | – | "
-                         f"failed: {st['failed'][:150]} |")
+                         f"– | failed: {st['failed'][:150]} |")
             continue
         reach = st.get("reach", [])
         got = [r for r in reach if r is not None]
@@ -753,12 +791,15 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
                    + ("" if len(got) == len(reach) else f", {len(got)}/{len(reach)} seeds")
                    if got else f"not reached (0/{len(reach)})")
         div = f" ({st['diverged']} diverged)" if st["diverged"] else ""
+        delta = paired_delta(st, ref, "final_val") if ref and label != ref_label else []
+        delta_s = f"{fmt_mean_std(delta)} ({len(delta)})" if delta else "–"
         lines.append(
             f"| `{label}` | {m.preserves} | {st['lr']:g} | {len(st['seeds'])}{div} | "
             f"{_mean(st['calib_s']):.1f} | {_mean(st['init_s']):.2f} | "
             f"{_mean(st['step0']):.4f} ({_mean(st['base']):.4f}) | "
             f"{fmt_mean_std(st['val_at'][0.25])} | {fmt_mean_std(st['val_at'][0.5])} | "
-            f"{fmt_mean_std(st['val_at'][1.0])} | {reach_s} | {fmt_mean_std(st['test_loss'])} | "
+            f"{fmt_mean_std(st['val_at'][1.0])} | {delta_s} | {reach_s} | "
+            f"{fmt_mean_std(st['test_loss'])} | "
             f"{fmt_mean_std(st['test_metric'])} |")
     missing = [m.label for m in methods if m.label not in stats]
     train_s = [_float(r, "train_s") for r in rows if r["status"] == "ok"]

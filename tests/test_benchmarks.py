@@ -122,6 +122,13 @@ def test_named_method_lists_nest() -> None:
         {m.label for m in lean if m.label.startswith("peft:")} - {"peft:gaussian"})
 
 
+def test_paired_delta_matches_seeds() -> None:
+    ref = {"seeds": [0, 1, 2], "final_val": [0.5, 0.6, 0.7]}
+    st = {"seeds": [2, 0], "final_val": [0.65, 0.45]}
+    got = compare_inits.paired_delta(st, ref, "final_val")
+    assert got == pytest.approx([-0.05, -0.05])
+
+
 def test_synthetic_smallest_setting(tmp_path: Path) -> None:
     out = tmp_path / "synthetic"
     methods = ["kaiming", "input-pca@spatpca", "input-whiten@empirical", "cov-svd@ledoit_wolf"]
