@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from covinit.adapters import LoRAAdapter, find_adapters, model_fingerprint
 from covinit.lora import LoRALinear
 
-__all__ = ["OFFSET_BUFFERS", "export_lora", "record_offset", "residual_offset"]
+__all__ = ["OFFSET_BUFFERS", "export_lora", "record_offset", "residual_offset", "store_offset"]
 
 #: Names of the buffers holding ``P = c·B0`` (d, m) and ``Q = A0`` (m, k).
 OFFSET_BUFFERS = ("covinit_offset_P", "covinit_offset_Q")
@@ -92,10 +92,24 @@ def record_offset(adapter: LoRAAdapter, b0: Tensor | None, a0: Tensor | None) ->
         for name in OFFSET_BUFFERS:
             module._buffers.pop(name, None)
         return
+    store_offset(adapter, b0.detach().to(torch.float64) * adapter.scaling, a0.detach())
+
+
+def store_offset(adapter: LoRAAdapter, p: Tensor, q: Tensor) -> None:
+    """Keep ``W0 = base + P·Q`` on ``adapter``'s module (what :func:`record_offset` computes,
+    or what :func:`covinit.load_lora` reads back from a file).
+
+    Parameters
+    ----------
+    adapter : LoRAAdapter
+    p : Tensor, shape (d, m)
+    q : Tensor, shape (m, k)
+    """
+    module = adapter.module
     weight = adapter.base_weight()
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    p = (b0.detach().to(torch.float64) * adapter.scaling).to(device=weight.device, dtype=dtype)
-    q = a0.detach().to(device=weight.device, dtype=dtype)
+    p = p.to(device=weight.device, dtype=dtype)
+    q = q.to(device=weight.device, dtype=dtype)
     for name, value in zip(OFFSET_BUFFERS, (p, q), strict=True):
         if name in module._buffers:
             module._buffers[name] = value
@@ -121,9 +135,9 @@ def _folded(adapter: LoRAAdapter) -> tuple[Tensor, Tensor, bool]:
     if offset is None:
         raise ValueError(
             f"layer {adapter.name!r}: its base weight was replaced, but covinit has no record "
-            "of the original weight (it was loaded from a file, or replaced outside "
-            "covinit.initialize); export the adapter with covinit.save_lora instead, which "
-            "saves the residual base too")
+            "of the original weight (replaced outside covinit.initialize, or loaded from a "
+            "file written before covinit saved that record); export the adapter with "
+            "covinit.save_lora instead, which saves the residual base too")
     p, q = offset
     b_extra = -(p.to(torch.float64) / adapter.scaling)
     a_new = torch.cat([a.to(torch.float64), q.to(torch.float64)], dim=0)  # (r+m, k)
@@ -215,6 +229,7 @@ def _write_covinit(model: nn.Module, adapters: dict[str, LoRAAdapter],
         meta = lora_io._layer_meta(adapter)
         meta["rank"] = rank
         meta["base_replaced"] = False
+        meta["offset_rank"] = 0  # the export applies to the original base: no offset
         meta["folded_residual"] = was_folded
         if meta["alpha"] is not None:
             meta["alpha"] = _alpha(adapter.scaling, rank, bool(meta["use_rslora"]))

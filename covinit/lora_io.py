@@ -5,6 +5,9 @@ A file holds, for every adapted layer (canonical name, see :func:`covinit.find_a
 * ``"<layer>.lora_A"`` (r, k) and ``"<layer>.lora_B"`` (d, r), in the adapter's dtype;
 * ``"<layer>.base_weight"`` (d, k) only if covinit replaced that layer's base weight (a
   residual strategy such as ``pissa``), since the adapter is meaningless without it;
+* ``"<layer>.offset_P"`` (d, m) and ``"<layer>.offset_Q"`` (m, k) with it, when covinit knows
+  the original weight ``W0 = base + P·Q`` (so :func:`covinit.export_lora` still works after
+  a reload);
 
 and, in the safetensors header under the key ``"covinit"``, a JSON document with the format
 version, per-layer ``rank``, ``alpha``, ``scaling``, ``use_rslora``, ``dropout``, shapes and
@@ -49,6 +52,7 @@ from covinit.adapters import (
     model_fingerprint,
     plain_root,
 )
+from covinit.export import record_offset, residual_offset, store_offset
 from covinit.lora import (
     LoRALinear,
     linear_shape,
@@ -64,12 +68,19 @@ FORMAT = "covinit.lora"
 VERSION = 1
 _META_KEY = "covinit"
 _SUFFIXES = ("lora_A", "lora_B", "base_weight")
+_OFFSET_SUFFIXES = ("offset_P", "offset_Q")
+
+
+def _saved_offset(adapter: LoRAAdapter) -> tuple[Tensor, Tensor] | None:
+    """The residual offset worth saving: only on a replaced base."""
+    return residual_offset(adapter.module) if adapter.base_replaced else None
 
 
 def _layer_meta(adapter: LoRAAdapter) -> dict[str, Any]:
     module = adapter.module
     own = isinstance(module, LoRALinear)
     a, _ = adapter.get_lora()
+    offset = _saved_offset(adapter)
     return {
         "rank": adapter.rank,
         "in_features": adapter.in_features,
@@ -81,6 +92,7 @@ def _layer_meta(adapter: LoRAAdapter) -> dict[str, Any]:
         "use_rslora": module.use_rslora if own else None,
         "dropout": module.dropout if own else 0.0,
         "base_replaced": bool(adapter.base_replaced),
+        "offset_rank": int(offset[1].shape[0]) if offset is not None else 0,
         "dtype": str(a.dtype).removeprefix("torch."),
         "kind": type(module).__name__,
     }
@@ -121,6 +133,10 @@ def save_lora(model: nn.Module, path: str | os.PathLike[str]) -> None:
                              f"min(d, k) = {min(d, k)}, which covinit.load_lora cannot "
                              "rebuild; use a rank <= min(d, k), or PEFT's save_pretrained")
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in lora_state_dict(model).items()}
+    for name, adapter in adapters.items():
+        if (offset := _saved_offset(adapter)) is not None:
+            for suffix, t in zip(_OFFSET_SUFFIXES, offset, strict=True):
+                tensors[f"{name}.{suffix}"] = t.detach().to("cpu").contiguous()
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -194,6 +210,11 @@ def _check_file(path: str, meta: dict[str, Any], tensors: dict[str, Tensor]) -> 
         shapes = {"lora_A": (r, k), "lora_B": (d, r)}
         if lm.get("base_replaced"):
             shapes["base_weight"] = (d, k)
+        m = lm.get("offset_rank", 0)  # absent in files written before offsets were saved
+        if not _int(m) or m < 0 or (m and not lm.get("base_replaced")):
+            raise ValueError(f"{path}: layer {name!r} has invalid offset_rank {m!r}")
+        if m:
+            shapes.update(zip(_OFFSET_SUFFIXES, ((d, m), (m, k)), strict=True))
         for suffix, shape in shapes.items():
             key = f"{name}.{suffix}"
             expected_keys.add(key)
@@ -293,9 +314,13 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = 
             wrapped = True
     adapters = find_adapters(model)
     for name, lm in meta["layers"].items():
+        adapter = adapters[name]
         if lm["base_replaced"]:
-            adapters[name].set_base_weight(tensors[f"{name}.base_weight"])
-        adapters[name].set_lora(tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"])
+            adapter.set_base_weight(tensors[f"{name}.base_weight"])
+        adapter.set_lora(tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"])
+        record_offset(adapter, None, None)  # a record from before the load is stale
+        if lm.get("offset_rank", 0):
+            store_offset(adapter, *(tensors[f"{name}.{x}"] for x in _OFFSET_SUFFIXES))
     if wrapped:
         mark_only_lora_as_trainable(model)
     return model

@@ -141,14 +141,38 @@ def test_offsets_are_buffers_outside_the_state_dict(calibration, make_tiny):
     assert set(OFFSET_BUFFERS) <= {n.rsplit(".", 1)[-1] for n, _ in model.named_buffers()}
 
 
-def test_base_without_record_is_refused(calibration, make_tiny, tmp_path):
+def test_reloaded_residual_adapter_still_exports(calibration, make_tiny, tmp_path):
+    """save_lora keeps the offset W0 = base + P·Q, so an adapter reloaded from a file exports
+    onto the original base like the one that was trained."""
     model = add_lora(make_tiny(), TARGETS, rank=2)
     initialize(model, calibration, strategy="cov-svd")
-    save_lora(model, tmp_path / "residual.safetensors")  # carries the residual base
+    _train(model)
+    save_lora(model, tmp_path / "residual.safetensors")  # carries the residual base + offset
     reloaded = load_lora(make_tiny(), tmp_path / "residual.safetensors")
+    for name in ("block.query", "block.dense", "head"):
+        want, got = residual_offset(model.get_submodule(name)), residual_offset(
+            reloaded.get_submodule(name))
+        assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True)), name
+    export_lora(reloaded, tmp_path / "folded.safetensors")
+    fresh = load_lora(make_tiny(), tmp_path / "folded.safetensors")
+    x = torch.randn(8, 12)
+    assert _rel(fresh(x), model(x)) < 1e-5
+    # Loading a non-residual file over it drops the stale record.
+    plain = add_lora(make_tiny(), TARGETS, rank=2)
+    save_lora(plain, tmp_path / "plain.safetensors")
+    load_lora(reloaded, tmp_path / "plain.safetensors")
+    assert residual_offset(reloaded.head) is None
+
+
+def test_base_without_record_is_refused(calibration, make_tiny, tmp_path):
+    model = add_lora(make_tiny(), TARGETS, rank=2)
+    initialize(model, calibration, strategy="kaiming")
+    head = find_adapters(model)["block.query"]
+    head.set_base_weight(head.base_weight() * 0.5)  # replaced outside covinit.initialize
     with pytest.raises(ValueError, match=r"layer 'block\.query': its base weight was "
                                          r"replaced, but covinit has no record"):
-        export_lora(reloaded, tmp_path / "x.safetensors")
+        export_lora(model, tmp_path / "x.safetensors")
+    model = add_lora(make_tiny(), TARGETS, rank=2)
     with pytest.raises(ValueError, match="format must be"):
         export_lora(model, tmp_path / "x", format="gguf")
     with pytest.raises(ValueError, match=r"needs a peft\.PeftModel"):

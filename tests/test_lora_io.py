@@ -45,7 +45,9 @@ def test_round_trip_onto_fresh_model_is_exact(tmp_path, make_tiny, strategy):
     assert replaced == (set(meta["layers"]) if strategy == "pissa" else set())
     assert sorted(tensors) == sorted(
         [f"{n}.{s}" for n in meta["layers"] for s in ("lora_A", "lora_B")]
-        + [f"{n}.base_weight" for n in replaced])
+        + [f"{n}.{s}" for n in replaced for s in ("base_weight", "offset_P", "offset_Q")])
+    assert all(lm["offset_rank"] == (3 if n in replaced else 0)
+               for n, lm in meta["layers"].items())
     assert meta["layers"]["head"]["scaling"] == pytest.approx(5 / 3**0.5)
     fresh = load_lora(make_tiny(), path)
     assert isinstance(fresh.block.query, LoRALinear)
@@ -142,8 +144,25 @@ def test_wrong_tensor_shape_is_refused(saved, make_tiny):
     _refused(make_tiny(), saved, r"tensor 'head\.lora_B' has shape \(5, 3\), expected \(5, 2\)")
 
 
+def test_files_without_offsets_still_load(saved, make_tiny):
+    """Files written before save_lora kept the residual offset: no ``offset_rank``, no
+    offset tensors; they load (residual base included), only without the record."""
+    from covinit.export import residual_offset
+
+    meta, tensors = _read(saved)
+    for lm in meta["layers"].values():
+        del lm["offset_rank"]
+    _rewrite(saved, meta, {k: v for k, v in tensors.items() if ".offset_" not in k})
+    model = load_lora(make_tiny(), saved)
+    assert torch.equal(model.head.base_layer.weight, tensors["head.base_weight"])
+    assert residual_offset(model.head) is None
+
+
 def test_missing_and_extra_tensors_are_refused(saved, make_tiny):
     meta, tensors = _read(saved)
+    assert meta["layers"]["head"]["offset_rank"] == 2  # the saved model is residual
+    _rewrite(saved, meta, {k: v for k, v in tensors.items() if k != "head.offset_Q"})
+    _refused(make_tiny(), saved, r"tensor 'head\.offset_Q' is missing")
     _rewrite(saved, meta, {k: v for k, v in tensors.items() if k != "head.base_weight"})
     _refused(make_tiny(), saved, r"tensor 'head\.base_weight' is missing")
     _rewrite(saved, meta, {**tensors, "stowaway": torch.zeros(1)})
@@ -161,6 +180,11 @@ def test_missing_and_extra_tensors_are_refused(saved, make_tiny):
     (lambda m: m.update(format="other"), "format is not 'covinit.lora'"),
     (lambda m: m["layers"]["head"].update(out_features=6),
      r"'head' is \(6, 12\) in the layer metadata but \[5, 12\]"),
+    (lambda m: m["layers"]["head"].update(offset_rank=3),
+     r"tensor 'head\.offset_P' has shape \(5, 2\), expected \(5, 3\)"),
+    (lambda m: m["layers"]["head"].update(offset_rank=-1), "invalid offset_rank -1"),
+    (lambda m: m["layers"]["head"].update(offset_rank=0),
+     r"unexpected tensors \['head\.offset_P', 'head\.offset_Q'\]"),
 ])
 def test_tampered_metadata_is_refused(saved, make_tiny, edit, match):
     meta, tensors = _read(saved)
