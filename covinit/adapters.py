@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -30,7 +30,9 @@ from torch import Tensor, nn
 from covinit.lora import LoRALinear, is_linear, linear_shape
 
 __all__ = [
+    "PEFT_BASE_REWRITING_INITS",
     "LoRAAdapter",
+    "check_original_base",
     "find_adapters",
     "find_linear_layers",
     "fingerprint_digest",
@@ -41,6 +43,11 @@ __all__ = [
 # Attribute set on PEFT / loralib modules whose base weight covinit replaced (covinit's own
 # layer has a real ``base_replaced`` attribute); save_lora uses it to decide what to save.
 _REPLACED_FLAG = "_covinit_base_replaced"
+
+#: PEFT ``init_lora_weights`` values (prefixes) that rewrite the base weight to
+#: ``W0 − c·B0·A0`` when PEFT creates the adapter (checked against PEFT 0.21's
+#: ``LoraLayer.update_layer``).  Neither PEFT nor covinit keeps W0 afterwards.
+PEFT_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
 @runtime_checkable
@@ -223,9 +230,11 @@ class _CovinitAdapter(_ParamAdapter):
 
 
 class _PeftAdapter(_ParamAdapter):
-    """PEFT ``lora.Linear``, for its (single) active adapter."""
+    """PEFT ``lora.Linear``, for its (single) active adapter; ``peft_init`` is its config's
+    ``init_lora_weights`` (None when the config is not reachable)."""
 
-    def __init__(self, name: str, layer: nn.Module, adapter: str) -> None:
+    def __init__(self, name: str, layer: nn.Module, adapter: str, peft_init: object = None
+                 ) -> None:
         if adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False):
             raise ValueError(
                 f"PEFT layer {name!r}: adapter {adapter!r} is a LoRA variant (e.g. DoRA), whose "
@@ -236,6 +245,17 @@ class _PeftAdapter(_ParamAdapter):
                          layer.lora_B[adapter].weight, layer.scaling[adapter],
                          bool(getattr(layer, "fan_in_fan_out", False)))
         self.adapter_name = adapter
+        self.peft_init = peft_init
+
+    @property
+    def base_rewritten_by_peft(self) -> bool:
+        """Whether PEFT's own init replaced the base weight (so W0 is unknown)."""
+        init = self.peft_init
+        return isinstance(init, str) and init.lower().startswith(PEFT_BASE_REWRITING_INITS)
+
+    @property
+    def base_replaced(self) -> bool:
+        return super().base_replaced or self.base_rewritten_by_peft
 
     def resize(self, rank: int) -> None:
         self._check_unmerged("resize")
@@ -406,6 +426,8 @@ def find_adapters(model: nn.Module) -> dict[str, LoRAAdapter]:
     ['0']
     """
     found: dict[str, LoRAAdapter] = {}
+    configs = getattr(model, "peft_config", None)
+    configs = configs if isinstance(configs, dict) else {}
     for name, module, kind in _walk(plain_root(model)):
         if kind == "covinit":
             found[name] = _CovinitAdapter(name, module)  # type: ignore[arg-type]
@@ -416,10 +438,33 @@ def find_adapters(model: nn.Module) -> dict[str, LoRAAdapter]:
                                  f"{active}; activate exactly one (model.set_adapter(name))")
             # With several adapters on different targets, the active one may not be here.
             if active[0] in module.lora_A:
-                found[name] = _PeftAdapter(name, module, active[0])
+                init = getattr(configs.get(active[0]), "init_lora_weights", None)
+                found[name] = _PeftAdapter(name, module, active[0], init)
         elif kind == "loralib":
             found[name] = _LoralibAdapter(name, module)
     return found
+
+
+def check_original_base(adapters: Mapping[str, LoRAAdapter], action: str) -> None:
+    """Refuse PEFT layers whose base weight PEFT's own init rewrote.
+
+    Statistics and inits are defined relative to the original ``W0``; after PEFT's
+    ``init_lora_weights="pissa"`` (or CorDA, OLoRA, LoftQ, LoRA-GA) the base is
+    ``W0 − c·B0·A0`` and nothing records ``B0·A0`` once training has moved ``B`` and ``A``.
+
+    Raises
+    ------
+    ValueError
+        Naming the first such layer and its PEFT init.
+    """
+    for name, adapter in adapters.items():
+        if getattr(adapter, "base_rewritten_by_peft", False):
+            init = getattr(adapter, "peft_init", None)
+            raise ValueError(
+                f"cannot {action} layer {name!r}: PEFT's init_lora_weights={init!r} rewrote its "
+                "base weight to W0 - c*B0*A0, so the original W0 is unknown to covinit; create "
+                "the PEFT model with init_lora_weights=True (or False) and let covinit "
+                "initialize it (covinit's 'pissa' and 'cov-svd' strategies are residual too)")
 
 
 def find_linear_layers(model: nn.Module) -> dict[str, nn.Module]:

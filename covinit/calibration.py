@@ -600,7 +600,12 @@ def calibrate(
     TypeError
         A batch type the default call cannot handle; initialization options on a plain model.
     """
-    from covinit.adapters import find_adapters, find_linear_layers, model_fingerprint
+    from covinit.adapters import (
+        check_original_base,
+        find_adapters,
+        find_linear_layers,
+        model_fingerprint,
+    )
 
     max_batches = _positive_int(max_batches, "max_batches")
     max_tokens = _positive_int(max_tokens, "max_tokens")
@@ -617,6 +622,7 @@ def calibrate(
             if not layers:
                 raise ValueError(f"targets {targets!r} match no LoRA layer; adapted layers: "
                                  f"{', '.join(adapters)}")
+        check_original_base({name: adapters[name] for name in layers}, "calibrate")
     else:
         if targets is None:
             available = ", ".join(find_linear_layers(model)) or "(none)"

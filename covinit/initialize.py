@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from covinit.adapters import LoRAAdapter, find_adapters
+from covinit.adapters import LoRAAdapter, check_original_base, find_adapters
 from covinit.export import record_offset, residual_offset
 from covinit.strategies import InitContext, LoRAInit, get_strategy
 
@@ -279,6 +279,7 @@ def initialize(
         raise ValueError("model has no LoRA layers; add them first with covinit.add_lora(...) "
                          "or peft.get_peft_model(...)")
     chosen = _select(adapters, layers)
+    check_original_base(chosen, "initialize")
     if rank_budget is not None and rank is not None:
         raise ValueError("pass either rank= (a check of the existing ranks) or rank_budget= "
                          "(a new allocation), not both")

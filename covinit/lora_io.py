@@ -116,10 +116,10 @@ def save_lora(model: nn.Module, path: str | os.PathLike[str]) -> None:
 
     Notes
     -----
-    A base weight is saved only where covinit replaced it (``adapter.base_replaced``, set by
-    :func:`covinit.initialize` with a residual strategy or by :func:`load_lora`).  A base
-    changed by other means — e.g. PEFT's own ``init_lora_weights="pissa"`` — is not detected;
-    save such a model with PEFT's own tools.
+    A base weight is saved only where it was replaced (``adapter.base_replaced``): by
+    :func:`covinit.initialize` with a residual strategy, by :func:`load_lora`, or by PEFT's
+    own base-rewriting inits (``init_lora_weights="pissa"``, CorDA, OLoRA, LoftQ, LoRA-GA,
+    read from the PEFT model's config).  A base changed by any other means is not detected.
     """
     adapters = find_adapters(model)
     if not adapters:

@@ -76,6 +76,35 @@ def test_peft_rank_above_min_dk_is_refused_by_decomposing_strategies(make_tiny, 
     assert snapshot(model) == before
 
 
+@pytest.mark.parametrize("peft_init", ["pissa", "olora", "pissa_niter_4"])
+def test_peft_base_rewriting_init_is_refused_and_saved_with_its_base(make_tiny, adapt,
+                                                                    peft_init, tmp_path):
+    """PEFT's PiSSA/OLoRA rewrite the base to W0 − c·B0·A0 and keep no record of W0:
+    covinit refuses to calibrate or initialize such layers (their statistics and inits would
+    be relative to the wrong base), and save_lora saves the rewritten base, so the file
+    reloads onto a fresh model with the same function."""
+    model = adapt("peft", make_tiny(), TARGETS, rank=2, init_lora_weights=peft_init)
+    cal = _cal(make_tiny(), _data())
+    before = snapshot(model)
+    match = (rf"cannot (calibrate|initialize) layer 'block\.query': PEFT's "
+             rf"init_lora_weights='{peft_init}' rewrote its base weight")
+    with pytest.raises(ValueError, match=match):
+        calibrate(model, _data(), show_progress=False)
+    with pytest.raises(ValueError, match=match):
+        initialize(model, cal, strategy="kaiming")
+    with pytest.raises(ValueError, match=r"PEFT's init_lora_weights=.* rewrote its base"):
+        covinit.export_lora(model, tmp_path / "x.safetensors")
+    assert snapshot(model) == before
+    assert all(a.base_replaced for a in find_adapters(model).values())
+    save_lora(model, tmp_path / "a.safetensors")
+    fresh = load_lora(make_tiny(), tmp_path / "a.safetensors")
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), model(x), atol=1e-5)
+    w0 = make_tiny().head.weight
+    assert not torch.allclose(fresh.head.base_layer.weight, w0, atol=1e-4)  # base came along
+
+
 def test_unknown_names_list_the_valid_ones(make_tiny):
     model = add_lora(make_tiny(), ["head"], rank=2)
     cal = _cal(make_tiny(), _data())
