@@ -606,6 +606,14 @@ def summarize(rows: list[dict[str, Any]], methods: list[Method], s: dict[str, An
                 st["reach"] = [steps_to_reach(r, target) for r in st["rows"]]
     for st in stats.values():
         st["ref_loss"] = target
+    if ref and "lr" in ref:
+        # A user who tuned the rate for Kaiming and switches init keeps that rate: how does
+        # each method do there (sweep seeds only; the grid always holds Kaiming's lr*)?
+        for label, st in stats.items():
+            at_ref = [_final_loss(r) for r in rows if r["method"] == label
+                      and math.isclose(float(r["lr"]), ref["lr"])
+                      and int(r["seed"]) in sweep_seeds and r["status"] != "failed"]
+            st["at_ref_lr"] = at_ref
     return stats
 
 
@@ -759,7 +767,8 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
 
     head = (f"| method | preserves | lr* | seeds | calib s | init s | step-0 val loss "
             f"(base) | val loss @25% | @50% | @100% | Δ final val vs Kaiming (paired) | "
-            f"steps to Kaiming final | test loss | test {metric} |")
+            f"final val at Kaiming's lr* | steps to Kaiming final | test loss | "
+            f"test {metric} |")
     lines = [f"# compare_inits: {task_name}{' (quick)' if quick else ''}", "",
              f"{task.description}.  {data_line}.", "",
              f"- Command: `{started['command']}`",
@@ -782,7 +791,7 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
         m = st["method"]
         if "failed" in st:
             lines.append(f"| `{label}` | {m.preserves} | – | – | – | – | – | – | – | – | – | – | "
-                         f"– | failed: {st['failed'][:150]} |")
+                         f"– | – | failed: {st['failed'][:150]} |")
             continue
         reach = st.get("reach", [])
         got = [r for r in reach if r is not None]
@@ -798,7 +807,8 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
             f"{_mean(st['calib_s']):.1f} | {_mean(st['init_s']):.2f} | "
             f"{_mean(st['step0']):.4f} ({_mean(st['base']):.4f}) | "
             f"{fmt_mean_std(st['val_at'][0.25])} | {fmt_mean_std(st['val_at'][0.5])} | "
-            f"{fmt_mean_std(st['val_at'][1.0])} | {delta_s} | {reach_s} | "
+            f"{fmt_mean_std(st['val_at'][1.0])} | {delta_s} | "
+            f"{fmt_mean_std(st.get('at_ref_lr', []))} | {reach_s} | "
             f"{fmt_mean_std(st['test_loss'])} | "
             f"{fmt_mean_std(st['test_metric'])} |")
     missing = [m.label for m in methods if m.label not in stats]
@@ -832,6 +842,9 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
         "- EVA runs with `rho=1` (every layer keeps rank r, as all other methods) and "
         f"`use_label_mask={metric == 'perplexity'}` (token-level labels only for the LM);"
         f" it may cycle the calibration data at most {s['eva_max_passes']} times.",
+        "- `final val at Kaiming's lr*`: the method's final validation loss on the sweep "
+        "seed(s) at the rate chosen for Kaiming — what a user who keeps a Kaiming-tuned "
+        "rate would see.",
         "- Steps-to-reach is measured at the validation points only (resolution "
         f"{steps // int(s['eval_points'])} steps).",
         f"- Runs so far: {len(rows)}, finished between {finished[0]} and {finished[-1]}; "
