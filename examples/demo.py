@@ -1,6 +1,7 @@
 """covinit demo: calibrate a real pretrained model on real task data, compare init strategies.
 
-What ``make demo`` runs.  all-MiniLM-L6-v2 (22.7M parameters) learns Rotten Tomatoes
+Every strategy in one table (``make demo`` runs the benchmark's quick mode instead, with its
+lr sweep and PEFT's baselines).  all-MiniLM-L6-v2 (22.7M parameters) learns Rotten Tomatoes
 sentiment through LoRA on every layer's query / key / value / attention-output projections:
 
 1. load the model (the random classifier head is seeded) and a fixed, seeded data split;
