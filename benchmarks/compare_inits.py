@@ -774,8 +774,11 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
              f"- Command: `{started['command']}`",
              f"- Started {started['time']}, summary written {time.strftime('%Y-%m-%d %H:%M:%S')}",
              f"- Machine: {machine()}",
-             f"- Load average at start / end: {started['load']} / {load_average()} "
-             "(2 cores shared with other jobs: seconds are inflated accordingly)",
+             (f"- Load average when this summary was rewritten: {load_average()} (not "
+              "the runs' load; runs.csv dates every run)"
+              if started.get("summary_only") else
+              f"- Load average at start / end: {started['load']} / {load_average()} "
+              "(2 cores shared with other jobs: seconds are inflated accordingly)"),
              f"- Settings: targets {s['targets']}, rank {s['rank']}, α {s['alpha']:g}, "
              f"{steps} steps × batch {s['batch_size']}, AdamW (no weight decay), lr grid "
              f"{s['lrs']}, seeds {seeds}, calibration {s['n_calib']} examples "
@@ -955,6 +958,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary_only:
         # The runs happened earlier (see runs.csv's `finished` column); say so.
         started["time"] += " (summary rewritten from runs.csv with --summary-only)"
+        started["summary_only"] = "1"
     t0 = time.perf_counter()
     task = get_task(args.task)
     if not args.summary_only:
