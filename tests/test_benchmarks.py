@@ -20,6 +20,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 compare_inits = pytest.importorskip("compare_inits")
+choose_default = pytest.importorskip("choose_default")
 synthetic = pytest.importorskip("synthetic")
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
@@ -127,6 +128,27 @@ def test_paired_delta_matches_seeds() -> None:
     st = {"seeds": [2, 0], "final_val": [0.65, 0.45]}
     got = compare_inits.paired_delta(st, ref, "final_val")
     assert got == pytest.approx([-0.05, -0.05])
+
+
+def _verdict(rel: float, sd: float, data: bool = True, family: str = "covinit") -> dict:
+    return {"rel": rel, "sd": sd, "n": 3, "win": rel + sd < 0, "lose": rel - sd > 0,
+            "at_ref": 0.0, "data": data, "family": family}
+
+
+def test_choose_default_rule() -> None:
+    kaiming = _verdict(0.0, 0.0, data=False) | {"win": False, "lose": False}
+    # a wins t1 and loses nothing; b wins nothing; c wins t1 but loses t2; a PEFT method
+    # never becomes covinit's default, however good.
+    per_task = {
+        "t1": {"kaiming": kaiming, "a": _verdict(-0.02, 0.01), "b": _verdict(-0.01, 0.02),
+               "c": _verdict(-0.05, 0.01), "peft:x": _verdict(-0.09, 0.01, family="peft")},
+        "t2": {"kaiming": kaiming, "a": _verdict(0.001, 0.01), "b": _verdict(-0.002, 0.01),
+               "c": _verdict(0.03, 0.01), "peft:x": _verdict(-0.09, 0.01, family="peft")},
+    }
+    assert choose_default.choose(per_task)[0] == "a"
+    per_task["t1"]["a"] = _verdict(-0.02, 0.03)  # now within noise: nobody wins
+    label, why = choose_default.choose(per_task)
+    assert label == "kaiming" and "closest on average" in why
 
 
 def test_synthetic_smallest_setting(tmp_path: Path) -> None:
