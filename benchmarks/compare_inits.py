@@ -949,6 +949,10 @@ def main(argv: list[str] | None = None) -> int:
         keep = {e.strip() for e in args.estimators.split(",")}
         methods = [m for m in methods if not m.estimator or m.estimator in keep]
     torch.set_num_threads(args.threads)
+    # PEFT's get_peft_model calls a transformers API that warns once per model built; the
+    # warning concerns PEFT's code, not the benchmark, and would repeat in every run's output.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                            category=FutureWarning)
     out = Path(args.out) if args.out else RESULTS / args.task / ("quick" if args.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     script = "benchmarks/compare_inits.py"
