@@ -512,14 +512,12 @@ def _output_offsets(adapters: Mapping[str, Any], layers: Mapping[str, nn.Module]
             qs.append(recorded[1])
         if layers[name] is adapter.module:  # base and adapter in one forward
             a, b = adapter.get_lora()
-        if layers[name] is adapter.module and bool(b.any()):
-            ps.append(b.detach().to(torch.float64).mul(-adapter.scaling))
-            qs.append(a.detach())
-        if ps:
-            dtype = torch.promote_types(torch.float32, torch.promote_types(ps[0].dtype,
-                                                                            qs[0].dtype))
-            offsets[name] = (torch.cat([p.to(dtype) for p in ps], dim=1),
-                             torch.cat([q.to(dtype) for q in qs], dim=0))
+            if bool(b.any()):
+                ps.append(b.to(torch.float64) * -adapter.scaling)
+                qs.append(a.to(torch.float64))
+        if ps:  # one (P, Q) pair: both terms at once, in float64 like the statistics
+            offsets[name] = (torch.cat([p.to(torch.float64) for p in ps], dim=1),
+                             torch.cat([q.to(torch.float64) for q in qs], dim=0))
     return offsets
 
 

@@ -579,8 +579,9 @@ class Collector:
         # Encoder-decoder models: the encoder's masks, the layers inside the encoder and the
         # (pointer, shape) of the encoder's output in this batch (the cross-attention input).
         self._encoder_masks: list[Tensor] | None = None
-        self._encoder_layers: set[str] = set()
         self._encoder_out: tuple[int, tuple[int, ...]] | None = None
+        # (model, its encoder or None, hooked layers inside it): found once per model.
+        self._layout: tuple[nn.Module, nn.Module | None, set[str]] | None = None
         self._batch = 0
         self._serial = 0
         self._batches_done = 0
@@ -609,6 +610,7 @@ class Collector:
             handle.remove()
         self._handles.clear()
         self._cache.clear()
+        self._layout = None  # holds the model
 
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -627,7 +629,8 @@ class Collector:
         """The masks for one call of layer ``name`` on input ``x``."""
         if self._encoder_masks is None:
             return self._masks
-        if name in self._encoder_layers:
+        assert self._layout is not None  # set by run_batch before any hook fires
+        if name in self._layout[2]:
             return self._encoder_masks
         if (isinstance(x, Tensor) and self._encoder_out is not None
                 and (x.data_ptr(), tuple(x.shape)) == self._encoder_out):
@@ -754,14 +757,17 @@ class Collector:
         self._batch = index
         self._rows_this_batch = 0
         self._cache.clear()
-        encoder = _encoder_of(model)
+        if self._layout is None or self._layout[0] is not model:
+            encoder = _encoder_of(model)
+            inside = {id(m) for m in encoder.modules()} if encoder is not None else set()
+            self._layout = (model, encoder, {n for n, m in self.layers.items()
+                                             if id(m) in inside})
+        encoder = self._layout[1]
         handle = None
         if encoder is None:
             self._masks = batch_masks(batch)
         else:
             self._encoder_masks, self._masks = seq2seq_masks(batch)
-            inside = {id(m) for m in encoder.modules()}
-            self._encoder_layers = {n for n, m in self.layers.items() if id(m) in inside}
             handle = encoder.register_forward_hook(self._see_encoder_output)
         try:
             call_model(model, batch, forward_fn)
@@ -821,8 +827,8 @@ class Collector:
 
 
 def _with_offset(y: Tensor, x: Tensor, p: Tensor, q: Tensor) -> Tensor:
-    """``y + x·Qᵀ·Pᵀ`` (…, d) in at least float32: the output the original ``W0 = base + P·Q``
-    gives, from the residual base's output ``y`` (…, d) and its input ``x`` (…, k)."""
+    """``y + x·Qᵀ·Pᵀ`` (…, d), in P's dtype or wider: the output the original
+    ``W0 = base + P·Q`` gives, from the hooked output ``y`` (…, d) and its input ``x`` (…, k)."""
     dtype = torch.promote_types(y.dtype, p.dtype)
     return y.to(dtype) + (x.to(dtype) @ q.to(dtype).T) @ p.to(dtype).T
 

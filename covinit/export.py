@@ -132,13 +132,14 @@ def _folded(adapter: LoRAAdapter) -> tuple[Tensor, Tensor, bool]:
     if not adapter.base_replaced:
         return a, b, False
     offset = residual_offset(adapter.module)
-    if offset is None and getattr(adapter, "base_rewritten_by_peft", False):
-        raise ValueError(
-            f"layer {adapter.name!r}: PEFT's init_lora_weights={adapter.peft_init!r} rewrote "
-            "its base weight and kept no record of the original; export it with PEFT's own "
-            "tools (save_pretrained with path_initial_model_for_weight_conversion), or "
-            "covinit.save_lora, which saves the rewritten base too")
     if offset is None:
+        if getattr(adapter, "base_rewritten_by_peft", False):
+            raise ValueError(
+                f"layer {adapter.name!r}: PEFT's init_lora_weights={adapter.peft_init!r} "
+                "rewrote its base weight and kept no record of the original; export it with "
+                "PEFT's own tools (save_pretrained with "
+                "path_initial_model_for_weight_conversion), or covinit.save_lora, which saves "
+                "the rewritten base too")
         raise ValueError(
             f"layer {adapter.name!r}: its base weight was replaced, but covinit has no record "
             "of the original weight (replaced outside covinit.initialize, or loaded from a "
