@@ -665,6 +665,10 @@ class Collector:
         cacheable = not x.is_inference()
         entry = self._cache.get(key) if cacheable else None
         if entry is not None and (entry.ref() is None or entry.version != x._version):
+            # A dead tensor's memory reused by this one (or the tensor changed in place):
+            # drop the stale entry, so the new one is inserted as the most recent instead of
+            # inheriting the stale entry's place near the front of the eviction order.
+            del self._cache[key]
             entry = None
         red = None
         if entry is not None:

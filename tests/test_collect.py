@@ -337,6 +337,29 @@ def test_shared_input_detected_and_reduced_once(monkeypatch):
     assert torch.equal(res["q", "input"].total.m2, res["v", "input"].total.m2)
 
 
+def test_sharing_survives_a_stale_cache_entry_at_the_same_address():
+    """A tensor changed in place (or a dead one's memory reused) leaves a stale cache entry
+    under the same key; the fresh entry must become the most recent one, not inherit the
+    stale one's place at the front of the eviction order (which made q/k/v sharing on real
+    MiniLM depend on the allocator)."""
+    from covinit.collect import _CACHE_ENTRIES
+
+    class Busy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre = nn.ModuleList(nn.Linear(8, 8) for _ in range(_CACHE_ENTRIES - 1))
+            self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = x.clone()
+            outs = [layer(h) for layer in self.pre]  # h's entry, then outputs fill the cache
+            h.mul_(1.0)  # same address, new version: h's entry is now stale
+            return self.q(h) + self.k(h) + sum(outs)
+
+    col = collect(Busy(), [torch.randn(5, 8)], sides=("input", "output"))
+    assert col.shared_inputs() == {"pre.1": "pre.0", "pre.2": "pre.0", "k": "q"}
+
+
 def test_equal_but_distinct_tensors_are_not_shared():
     class Copies(nn.Module):
         def __init__(self) -> None:
