@@ -571,6 +571,12 @@ def steps_to_reach(row: dict[str, Any], target: float) -> int | None:
     return None
 
 
+def reference_label(stats: dict[str, dict[str, Any]]) -> str | None:
+    """The Kaiming baseline every comparison is made against: covinit's ``kaiming`` if it
+    has runs, else PEFT's default (``peft:true``), else None."""
+    return next((k for k in ("kaiming", "peft:true") if "rows" in stats.get(k, {})), None)
+
+
 def summarize(rows: list[dict[str, Any]], methods: list[Method], s: dict[str, Any],
               sweep_seeds: Sequence[int]) -> dict[str, dict[str, Any]]:
     """Per method, at its chosen learning rate: the statistics the table shows."""
@@ -597,18 +603,20 @@ def summarize(rows: list[dict[str, Any]], methods: list[Method], s: dict[str, An
             "test_metric": [_float(r, "test_metric") for r in at],
             "diverged": sum(r["status"] != "ok" for r in at),
         }
-    ref = stats.get("kaiming") or stats.get("peft:true")
+    ref_label = reference_label(stats)
+    ref = stats[ref_label] if ref_label else None
     target = None
-    if ref and "final_val" in ref:
+    if ref:
         target = mean_std(ref["final_val"])[0]
         for st in stats.values():
             if "rows" in st:
                 st["reach"] = [steps_to_reach(r, target) for r in st["rows"]]
     for st in stats.values():
         st["ref_loss"] = target
-    if ref and "lr" in ref:
+    if ref:
         # A user who tuned the rate for Kaiming and switches init keeps that rate: how does
-        # each method do there (sweep seeds only; the grid always holds Kaiming's lr*)?
+        # each method do there (sweep seeds only; empty where Kaiming's lr* came from its own
+        # grid extension and the method never ran at it)?
         for label, st in stats.items():
             at_ref = [_final_loss(r) for r in rows if r["method"] == label
                       and math.isclose(float(r["lr"]), ref["lr"])
@@ -628,12 +636,12 @@ def targets_report(stats: dict[str, dict[str, Any]], s: dict[str, Any],
     ok = {k: v for k, v in stats.items() if "rows" in v}
     # Only the covariance-informed strategies: kaiming/gaussian/pissa use no data.
     cov = {k: v for k, v in ok.items() if v["method"].needs_calibration}
-    ref = ok.get("kaiming") or ok.get("peft:true")
-    if not cov or not ref:
+    ref_label = reference_label(stats)
+    if not cov or ref_label is None:
         return ["- not evaluated: needs the Kaiming baseline and a covinit strategy"]
+    ref = ok[ref_label]
     best_label = min(cov, key=lambda k: _mean(cov[k]["final_val"]))
     best = cov[best_label]
-    ref_label = "kaiming" if "kaiming" in ok else "peft:true"
     lines = [f"Best covariance-informed covinit method by mean final **validation** loss: "
              f"`{best_label}` (lr {best['lr']:g}); reference `{ref_label}`"
              f" final validation loss {best['ref_loss']:.4f}."]
@@ -755,8 +763,8 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
     seeds = list(s["seeds"])
     sweep_seeds = seeds if sweep_all else seeds[:1]
     stats = summarize(rows, methods, s, sweep_seeds)
-    ref_label = "kaiming" if "rows" in stats.get("kaiming", {}) else "peft:true"
-    ref = stats.get(ref_label) if "rows" in stats.get(ref_label, {}) else None
+    ref_label = reference_label(stats)
+    ref = stats[ref_label] if ref_label else None
     data_line = started.get("sizes", "")
     higher = started.get("higher_is_better", "1") == "1"
     metric = started.get("metric", "metric")
