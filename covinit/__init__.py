@@ -10,11 +10,12 @@ from covinit.calibration import Calibration, calibrate
 from covinit.estimators import Estimate, estimate, estimators
 from covinit.export import export_lora
 from covinit.initialize import initialize
-from covinit.lora import LoRALinear, add_lora, lora_state_dict
+from covinit.lora import LoRALinear
 from covinit.lora_io import load_lora, save_lora
 from covinit.report import report
 from covinit.stats import Moments
 from covinit.strategies import strategies
+from covinit.surgery import add_lora, lora_state_dict
 
 __all__ = [
     "Calibration",

@@ -27,7 +27,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from covinit.lora import LoRALinear, is_linear, linear_shape
+from covinit._linear import is_linear, linear_shape
+from covinit.lora import LoRALinear
 
 __all__ = [
     "PEFT_BASE_REWRITING_INITS",

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from covinit.lora import Targets, target_matcher
+from covinit.selection import Targets, target_matcher
 from covinit.sketch import Sketch, sketch_matrix
 from covinit.stats import Moments
 
@@ -124,7 +124,7 @@ def match_layers(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:
 
 def _features(name: str, module: nn.Module) -> tuple[int, int]:
     """``(k, d)`` = (in_features, out_features) of a linear-like layer."""
-    from covinit.lora import linear_shape
+    from covinit._linear import linear_shape
 
     try:
         d, k = linear_shape(module)

@@ -1,4 +1,5 @@
-"""covinit's own LoRA layer and the functions that put it into a model.
+"""covinit's own LoRA layer (the functions that put it into a model are in
+:mod:`covinit.surgery`).
 
 :class:`LoRALinear` wraps an *existing* ``nn.Linear`` (or Hugging Face ``Conv1D``) without
 copying its weight: the wrapped module stays reachable as ``.base_layer``, so a model's state
@@ -13,79 +14,23 @@ Example
 -------
 >>> import torch
 >>> from torch import nn
->>> from covinit import add_lora
->>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
->>> model = add_lora(model, ["0"], rank=4, alpha=8)
->>> model[0].lora_A.shape, model[0].lora_B.shape, model[0].scaling
+>>> layer = LoRALinear(nn.Linear(16, 32), rank=4, alpha=8)
+>>> layer.lora_A.shape, layer.lora_B.shape, layer.scaling
 (torch.Size([4, 16]), torch.Size([32, 4]), 2.0)
->>> [n for n, p in model.named_parameters() if p.requires_grad]
-['0.lora_A', '0.lora_B']
+>>> torch.equal(layer(torch.ones(2, 16)), layer.base_layer(torch.ones(2, 16)))  # B = 0
+True
 """
 
 from __future__ import annotations
 
 import math
-import re
-import sys
-from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "LoRALinear",
-    "Targets",
-    "add_lora",
-    "is_linear",
-    "linear_shape",
-    "lora_state_dict",
-    "mark_only_lora_as_trainable",
-    "scaling_for",
-    "set_submodule",
-    "target_matcher",
-]
+from covinit._linear import is_conv1d, is_linear, linear_shape
 
-Targets = Sequence[str] | str | Callable[[str, nn.Module], bool]
-
-
-# ---------------------------------------------------------------------- linear-like modules
-def _conv1d_class() -> type | None:
-    """``transformers.pytorch_utils.Conv1D`` if transformers is already imported.
-
-    A model built from ``Conv1D`` layers has necessarily imported transformers, so looking in
-    ``sys.modules`` finds the class without making transformers an import-time dependency.
-    """
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None) if module is not None else None
-
-
-def is_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a plain linear map covinit can wrap (``nn.Linear`` or ``Conv1D``)."""
-    if isinstance(module, nn.Linear):
-        return True
-    conv1d = _conv1d_class()
-    return conv1d is not None and isinstance(module, conv1d)
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    conv1d = _conv1d_class()
-    return conv1d is not None and isinstance(module, conv1d)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(d, k)`` = (out_features, in_features) of an ``nn.Linear`` or ``Conv1D``.
-
-    Raises
-    ------
-    TypeError
-        If ``module`` is neither.
-    """
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    if _is_conv1d(module):
-        k, d = module.weight.shape  # Conv1D stores its weight as (in, out)
-        return d, k
-    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+__all__ = ["LoRALinear", "check_rank", "scaling_for"]
 
 
 def scaling_for(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -93,7 +38,7 @@ def scaling_for(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def _check_rank(rank: object, name: str, d: int, k: int) -> int:
+def check_rank(rank: object, name: str, d: int, k: int) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank for layer {name!r} must be an int, got {type(rank).__name__}")
     if not 0 < rank <= min(d, k):
@@ -161,7 +106,7 @@ class LoRALinear(nn.Module):
                 f"got {type(base_layer).__name__}"
             )
         d, k = linear_shape(base_layer)
-        rank = _check_rank(rank, name, d, k)
+        rank = check_rank(rank, name, d, k)
         if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0):
             raise ValueError(f"alpha for layer {name!r} must be a positive number, got {alpha!r}")
         if not 0.0 <= float(dropout) < 1.0:
@@ -172,7 +117,7 @@ class LoRALinear(nn.Module):
         self.rank = rank
         self.alpha = float(alpha)
         self.use_rslora = bool(use_rslora)
-        self.fan_in_fan_out = _is_conv1d(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
         self.name = name
         self.merged = False
         self.base_replaced = False
@@ -257,7 +202,7 @@ class LoRALinear(nn.Module):
         parameters must be re-created.  Used by rank allocation (``rank_budget=``).
         """
         self._require_unmerged("resize")
-        rank = _check_rank(rank, self.name, self.out_features, self.in_features)
+        rank = check_rank(rank, self.name, self.out_features, self.in_features)
         scaling = self.scaling
         self.alpha = scaling * (math.sqrt(rank) if self.use_rslora else rank)
         self.rank = rank
@@ -320,147 +265,3 @@ class LoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
                 f"use_rslora={self.use_rslora}, dropout={self.dropout:g}, merged={self.merged}")
-
-
-# ---------------------------------------------------------------------- model surgery
-def target_matcher(targets: Targets) -> Callable[[str, nn.Module], bool]:
-    """Turn ``targets`` into a predicate ``(name, module) -> bool``.
-
-    Parameters
-    ----------
-    targets : list of str, str or callable
-        * a list of name suffixes: ``"query"`` matches ``...attention.self.query``; a suffix
-          matches whole dotted components only,
-        * a regular expression string matched against the full name with ``re.fullmatch``
-          (as PEFT does),
-        * a callable ``(name, module) -> bool``.
-
-    Raises
-    ------
-    TypeError
-        For anything else (including an empty list).
-    ValueError
-        For an invalid regular expression.
-    """
-    if callable(targets) and not isinstance(targets, str):
-        return targets
-    if isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as err:
-            raise ValueError(f"targets {targets!r} is not a valid regular expression: {err}") \
-                from None
-        return lambda name, _module: pattern.fullmatch(name) is not None
-    if isinstance(targets, Sequence) and targets and all(isinstance(t, str) for t in targets):
-        suffixes = tuple(targets)
-        return lambda name, _module: any(name == s or name.endswith("." + s) for s in suffixes)
-    raise TypeError(
-        "targets must be a non-empty list of name suffixes, a regular expression string "
-        f"(matched with re.fullmatch), or a callable (name, module) -> bool; got {targets!r}"
-    )
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` of ``model`` by ``module``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-def add_lora(
-    model: nn.Module,
-    targets: Targets,
-    rank: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.0,
-    use_rslora: bool = False,
-) -> nn.Module:
-    """Wrap the matching linear layers of ``model`` in :class:`LoRALinear`, in place.
-
-    Parameters
-    ----------
-    model : nn.Module
-        Any model with ``nn.Linear`` / ``Conv1D`` layers.
-    targets : list of str, str or callable
-        Which layers to adapt, by qualified module name:
-
-        * a list of name suffixes (``["query", "value"]`` matches ``...attention.self.query``;
-          a suffix matches whole dotted components only),
-        * a regular expression string matched against the full name with ``re.fullmatch``
-          (as PEFT does), e.g. ``r".*\\.attention\\..*"``,
-        * a callable ``(name, module) -> bool``.
-
-        Only linear-like layers are candidates.
-    rank, alpha, dropout, use_rslora
-        See :class:`LoRALinear`.
-
-    Returns
-    -------
-    nn.Module
-        ``model`` itself, with every parameter frozen except the LoRA factors.
-
-    Raises
-    ------
-    ValueError
-        If nothing matches (the message lists the available linear layers), if a matching
-        layer already carries a LoRA adapter (covinit's, PEFT's or loralib-style), or if the
-        rank is invalid for a layer.
-    """
-    from covinit.adapters import find_adapters, find_linear_layers, plain_root  # imports lora
-
-    match = target_matcher(targets)
-    adapted = find_adapters(model)
-    for name, adapter in adapted.items():
-        if match(name, adapter.module):
-            raise ValueError(
-                f"layer {name!r} already has a LoRA adapter ({type(adapter.module).__name__}); "
-                "refusing to wrap it twice"
-            )
-    candidates = {name: m for name, m in find_linear_layers(model).items()
-                  if name not in adapted}
-    chosen = [name for name, m in candidates.items() if match(name, m)]
-    if not chosen:
-        listing = ", ".join(candidates) or "(none)"
-        done = f" (already adapted: {', '.join(adapted)})" if adapted else ""
-        raise ValueError(
-            f"targets {targets!r} match no linear layer; available: {listing}{done}"
-        )
-    # Validate every rank before touching the model, so a bad rank leaves it unchanged.
-    for name in chosen:
-        _check_rank(rank, name, *linear_shape(candidates[name]))
-    for name in chosen:
-        wrapper = LoRALinear(candidates[name], rank, alpha, dropout, use_rslora, name=name)
-        set_submodule(plain_root(model), name, wrapper)
-    mark_only_lora_as_trainable(model)
-    return model
-
-
-def mark_only_lora_as_trainable(model: nn.Module) -> None:
-    """Freeze every parameter of ``model`` except the ``lora_A``/``lora_B`` of covinit layers."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            module.lora_A.requires_grad_(True)
-            module.lora_B.requires_grad_(True)
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter tensors of every covinit, PEFT or loralib-style layer, keyed by canonical name.
-
-    Keys are ``"<layer>.lora_A"`` (r, k), ``"<layer>.lora_B"`` (d, r) and, for layers whose
-    base weight was replaced through the adapter protocol (a residual strategy),
-    ``"<layer>.base_weight"`` (d, k, ``nn.Linear`` orientation).  ``<layer>`` is the name
-    of the layer in the plain, un-adapted model (see :func:`covinit.find_adapters`).
-    Tensors are detached copies.
-    """
-    from covinit.adapters import find_adapters
-
-    state: dict[str, Tensor] = {}
-    for name, adapter in find_adapters(model).items():
-        a, b = adapter.get_lora()
-        state[f"{name}.lora_A"] = a
-        state[f"{name}.lora_B"] = b
-        if adapter.base_replaced:
-            state[f"{name}.base_weight"] = adapter.base_weight().contiguous().clone()
-    return state

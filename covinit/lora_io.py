@@ -44,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from covinit._linear import linear_shape
 from covinit.adapters import (
     LoRAAdapter,
     find_adapters,
@@ -53,14 +54,8 @@ from covinit.adapters import (
     plain_root,
 )
 from covinit.export import record_offset, residual_offset, store_offset
-from covinit.lora import (
-    LoRALinear,
-    linear_shape,
-    lora_state_dict,
-    mark_only_lora_as_trainable,
-    scaling_for,
-    set_submodule,
-)
+from covinit.lora import LoRALinear, scaling_for
+from covinit.surgery import lora_state_dict, mark_only_lora_as_trainable, set_submodule
 
 __all__ = ["FORMAT", "VERSION", "load_lora", "save_lora"]
 

@@ -332,7 +332,8 @@ def test_minilm_wraps_and_trains():
     assert all(torch.equal(params[n], v) for n, v in frozen.items())
 
 
-@pytest.mark.parametrize("module", ["covinit.lora", "covinit.adapters", "covinit.initialize",
+@pytest.mark.parametrize("module", ["covinit.lora", "covinit.surgery", "covinit.adapters",
+                                    "covinit.initialize",
                                     "covinit.lora_io"])
 def test_docstring_examples_run(module):
     import doctest
