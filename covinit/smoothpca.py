@@ -425,6 +425,60 @@ def spatpca(moments: Moments, folds: Sequence[Moments] | None = None, *,
     exactly (:func:`pca_state`); the ADMM runs for τ2 > 0, warm-started from that solution
     and along the ascending τ2 grid.
     """
+    rank, grids, needs_cv = _check_spatpca(moments, folds, rank, tau1, tau2, gamma, select)
+    omega = roughness(geometry, moments.k).to(moments.m2.device)
+    geometry_name = "matrix" if isinstance(geometry, Tensor) else (
+        geometry if isinstance(geometry, str) else str(geometry[0]))
+    opts = {"max_iter": max_iter, "tol": tol}
+    s_all = moments.covariance()
+    lam_all, lam_omega = lambda_max(s_all), lambda_max(omega)
+    params: dict[str, Any] = {"rank": rank, "geometry": geometry_name, "select": select}
+    if needs_cv:
+        assert folds is not None
+        chosen = _cross_validate(folds, omega, rank, grids, select, lam_all, lam_omega, opts,
+                                 params)
+    else:
+        chosen = _Chosen(tau1=grids.tau1[0], tau2=grids.tau2[0],
+                         gamma=grids.gamma[0] if grids.gamma is not None else 0.0)
+    # Final fit on all rows: exact at τ1, then the ADMM along the τ2 path up to the choice.
+    tau2_path = [t for t in (grids.tau2 if needs_cv else [chosen.tau2])
+                 if 0.0 < t <= chosen.tau2]
+    state = pca_state(s_all, rank, chosen.tau1, omega)
+    iterations, converged = 0, True
+    if tau2_path:
+        fits = _tau2_path(s_all, omega, rank, chosen.tau1, tau2_path, state, lam_all, lam_omega,
+                          opts)
+        state = fits[-1].state
+        iterations = sum(f.iterations for f in fits)
+        converged = all(f.converged for f in fits)
+    vec, signal, noise = low_rank_plus_noise(state.phi, s_all, chosen.gamma)
+    params.update(tau1=chosen.tau1, tau2=chosen.tau2, gamma=chosen.gamma, noise=noise,
+                  iterations=iterations, converged=converged)
+    return SmoothPCAFit(vec, signal + noise, noise, params)
+
+
+@dataclass(frozen=True)
+class _Grids:
+    """The candidate values of spatpca's tuning parameters (``None``: the default grid)."""
+
+    tau1: list[float] | None
+    tau2: list[float]
+    gamma: list[float] | None
+
+
+@dataclass(frozen=True)
+class _Chosen:
+    """The tuning parameters spatpca fits with on all rows."""
+
+    tau1: float
+    tau2: float
+    gamma: float
+
+
+def _check_spatpca(moments: Moments, folds: Sequence[Moments] | None, rank: int | None,
+                   tau1: Any, tau2: Any, gamma: Any, select: str
+                   ) -> tuple[int, _Grids, bool]:
+    """Validate :func:`spatpca`'s arguments: ``(rank, grids, needs_cv)``."""
     k = moments.k
     if k < 2:
         raise ValueError(f"spatpca needs at least 2 features, got k={k}")
@@ -434,14 +488,9 @@ def spatpca(moments: Moments, folds: Sequence[Moments] | None = None, *,
                          f"left for the noise), got {rank!r}")
     if select not in ("one_se", "min"):
         raise ValueError(f"spatpca: select must be 'one_se' or 'min', got {select!r}")
-    omega = roughness(geometry, k).to(moments.m2.device)
-    geometry_name = "matrix" if isinstance(geometry, Tensor) else (
-        geometry if isinstance(geometry, str) else str(geometry[0]))
-    tau1s, tau2s, gammas = _grid(tau1, "tau1"), _grid(tau2, "tau2"), _grid(gamma, "gamma")
-    if tau2s is None:
-        tau2s = [0.0]
-    needs_cv = tau1s is None or len(tau1s) > 1 or len(tau2s) > 1 \
-        or (gammas is not None and len(gammas) > 1)
+    grids = _Grids(_grid(tau1, "tau1"), _grid(tau2, "tau2") or [0.0], _grid(gamma, "gamma"))
+    needs_cv = grids.tau1 is None or len(grids.tau1) > 1 or len(grids.tau2) > 1 \
+        or (grids.gamma is not None and len(grids.gamma) > 1)
     if needs_cv and (folds is None or len(folds) < 2):
         raise ValueError(
             "spatpca cross-validates tau1 (default grid), tau2 or gamma and needs per-fold "
@@ -451,73 +500,55 @@ def spatpca(moments: Moments, folds: Sequence[Moments] | None = None, *,
     if folds is not None and needs_cv and sum(f.n for f in folds) != moments.n:
         raise ValueError(f"spatpca: the folds hold {sum(f.n for f in folds)} rows, the moments "
                          f"{moments.n}; they must partition the same rows")
-    opts = {"max_iter": max_iter, "tol": tol}
-    lam_omega = lambda_max(omega)
-    s_all = moments.covariance()
-    lam_all = lambda_max(s_all)
-    params: dict[str, Any] = {"rank": rank, "geometry": geometry_name, "select": select}
+    return rank, grids, needs_cv
 
-    if needs_cv:
-        assert folds is not None
-        train, vals = [], []
-        for i in range(len(folds)):
-            tr = merge_all([f for j, f in enumerate(folds) if j != i])
-            train.append(tr)
-            vals.append(folds[i].recentered(tr.mean))  # held-out rows about the train mean
-        s_tr = [t.covariance() for t in train]
-        lam_tr = [lambda_max(s) for s in s_tr]
-        if tau1s is None:
-            base = lam_all / max(lam_omega, 1e-300)
-            tau1s = [0.0] + [base * 10 ** (-2 + 8 * i / 9) for i in range(10)]
-        # τ1 at τ2 = 0: exact solutions on every fold.
-        states1 = [_tau1_fits(s, omega, rank, tau1s) for s in s_tr]
-        cv1 = [[_residual_score(v.m2, st.phi) for st in sts] for v, sts in zip(vals, states1,
-                                                                                strict=True)]
-        i1 = _select(cv1, select)
-        fold_states = [sts[i1] for sts in states1]
-        params.update(tau1_grid=tau1s, cv_tau1=[sum(c[i] for c in cv1)
-                                                for i in range(len(tau1s))])
-        # τ2 path at the chosen τ1.
-        i2 = 0
-        if len(tau2s) > 1:
-            paths = [_tau2_path(s, omega, rank, tau1s[i1], tau2s, st, lam, lam_omega, opts)
-                     for s, st, lam in zip(s_tr, fold_states, lam_tr, strict=True)]
-            cv2 = [[_residual_score(v.m2, r.components) for r in path]
-                   for v, path in zip(vals, paths, strict=True)]
-            i2 = _select(cv2, select)
-            fold_states = [path[i2].state for path in paths]
-            params.update(tau2_grid=tau2s, cv_tau2=[sum(c[i] for c in cv2)
-                                                    for i in range(len(tau2s))])
-        # γ on the fold components: ‖S_val − Σ̂(γ)‖²_F.
-        if gammas is None:
-            gammas = [0.0] + [lam_all * 10 ** (-4 + 4 * i / 9) for i in range(10)]
-        cv3 = [0.0] * len(gammas)
-        for st, s, v in zip(fold_states, s_tr, vals, strict=True):
-            s_val = v.m2 / v.n
-            for gi, g in enumerate(gammas):
-                vec, sig, noise = low_rank_plus_noise(st.phi, s, g)
-                est = (vec * sig) @ vec.T
-                est.diagonal().add_(noise)
-                cv3[gi] += float(((s_val - est) ** 2).sum())
-        ig = min(range(len(gammas)), key=cv3.__getitem__)
-        params.update(gamma_grid=gammas, cv_gamma=cv3)
-        t1_sel, t2_sel, g_sel = tau1s[i1], tau2s[i2], gammas[ig]
-        tau2_path = [t for t in tau2s if 0.0 < t <= t2_sel]
-    else:
-        assert tau1s is not None
-        t1_sel, t2_sel = tau1s[0], tau2s[0]
-        g_sel = gammas[0] if gammas is not None else 0.0
-        tau2_path = [t2_sel] if t2_sel > 0 else []
-    # Final fit on all rows: exact at τ1, then the ADMM along the τ2 path.
-    state = pca_state(s_all, rank, t1_sel, omega)
-    iterations, converged = 0, True
-    if tau2_path:
-        fits = _tau2_path(s_all, omega, rank, t1_sel, tau2_path, state, lam_all, lam_omega,
-                          opts)
-        state = fits[-1].state
-        iterations = sum(f.iterations for f in fits)
-        converged = all(f.converged for f in fits)
-    vec, signal, noise = low_rank_plus_noise(state.phi, s_all, g_sel)
-    params.update(tau1=t1_sel, tau2=t2_sel, gamma=g_sel, noise=noise,
-                  iterations=iterations, converged=converged)
-    return SmoothPCAFit(vec, signal + noise, noise, params)
+
+def _cross_validate(folds: Sequence[Moments], omega: Tensor, rank: int, grids: _Grids,
+                    select: str, lam_all: float, lam_omega: float, opts: dict[str, Any],
+                    params: dict[str, Any]) -> _Chosen:
+    """M-fold CV of τ1 (at τ2 = 0), then τ2 at the chosen τ1, then γ; records the scores in
+    ``params``."""
+    train, vals = [], []
+    for i in range(len(folds)):
+        tr = merge_all([f for j, f in enumerate(folds) if j != i])
+        train.append(tr)
+        vals.append(folds[i].recentered(tr.mean))  # held-out rows about the train mean
+    s_tr = [t.covariance() for t in train]
+    lam_tr = [lambda_max(s) for s in s_tr]
+    tau1s = grids.tau1
+    if tau1s is None:
+        base = lam_all / max(lam_omega, 1e-300)
+        tau1s = [0.0] + [base * 10 ** (-2 + 8 * i / 9) for i in range(10)]
+    # τ1 at τ2 = 0: exact solutions on every fold.
+    states1 = [_tau1_fits(s, omega, rank, tau1s) for s in s_tr]
+    cv1 = [[_residual_score(v.m2, st.phi) for st in sts] for v, sts in zip(vals, states1,
+                                                                            strict=True)]
+    i1 = _select(cv1, select)
+    fold_states = [sts[i1] for sts in states1]
+    params.update(tau1_grid=tau1s, cv_tau1=[sum(c[i] for c in cv1) for i in range(len(tau1s))])
+    # τ2 path at the chosen τ1.
+    tau2s, i2 = grids.tau2, 0
+    if len(tau2s) > 1:
+        paths = [_tau2_path(s, omega, rank, tau1s[i1], tau2s, st, lam, lam_omega, opts)
+                 for s, st, lam in zip(s_tr, fold_states, lam_tr, strict=True)]
+        cv2 = [[_residual_score(v.m2, r.components) for r in path]
+               for v, path in zip(vals, paths, strict=True)]
+        i2 = _select(cv2, select)
+        fold_states = [path[i2].state for path in paths]
+        params.update(tau2_grid=tau2s, cv_tau2=[sum(c[i] for c in cv2)
+                                                for i in range(len(tau2s))])
+    # γ on the fold components: ‖S_val − Σ̂(γ)‖²_F.
+    gammas = grids.gamma
+    if gammas is None:
+        gammas = [0.0] + [lam_all * 10 ** (-4 + 4 * i / 9) for i in range(10)]
+    cv3 = [0.0] * len(gammas)
+    for st, s, v in zip(fold_states, s_tr, vals, strict=True):
+        s_val = v.m2 / v.n
+        for gi, g in enumerate(gammas):
+            vec, sig, noise = low_rank_plus_noise(st.phi, s, g)
+            est = (vec * sig) @ vec.T
+            est.diagonal().add_(noise)
+            cv3[gi] += float(((s_val - est) ** 2).sum())
+    ig = min(range(len(gammas)), key=cv3.__getitem__)
+    params.update(gamma_grid=gammas, cv_gamma=cv3)
+    return _Chosen(tau1=tau1s[i1], tau2=tau2s[i2], gamma=gammas[ig])
