@@ -1,4 +1,4 @@
-"""Covariance estimators over streamed moments, in one registry (DESIGN.md §3).
+"""Covariance estimators over streamed moments, in one registry (README: "Covariance estimators").
 
 Every estimator is a function ``(moments, folds, **options) -> Estimate`` of the sufficient
 statistics of one layer side (:class:`covinit.stats.Moments`); none needs the raw samples.

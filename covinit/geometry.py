@@ -1,4 +1,4 @@
-"""Roughness matrices Ω over a feature geometry, for smooth PCA (DESIGN.md §3).
+"""Roughness matrices Ω over a feature geometry, for smooth PCA (README: "Covariance estimators").
 
 The smooth PCA of :mod:`covinit.smoothpca` penalises ``τ1·tr(ΦᵀΩΦ)``: ``φᵀΩφ`` measures how
 rough a direction ``φ`` (one weight per feature) is over some arrangement of the features.

@@ -1,4 +1,4 @@
-"""Bounded-memory randomized sketch of a co-moment, for very wide layers (DESIGN.md §2).
+"""Bounded-memory randomized sketch of a co-moment, for very wide layers (README: "Calibration").
 
 For a layer of width ``k`` the exact co-moment costs ``k²`` float64 numbers (128 MiB at
 k = 4096).  A :class:`Sketch` keeps ``Y = M2·Ω`` instead, ``k×ℓ`` with a fixed Gaussian test

@@ -1,4 +1,4 @@
-"""Smoothness-regularised sparse PCA in the style of SpatPCA (DESIGN.md §3).
+"""Smoothness-regularised sparse PCA in the style of SpatPCA (README: "Covariance estimators").
 
 Wang, W.-T. and Huang, H.-C. (2017). Regularized principal component analysis for spatial
 data. *Journal of Computational and Graphical Statistics* 26(1), 14-25; R package SpatPCA.

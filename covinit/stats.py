@@ -1,4 +1,4 @@
-"""Exact, mergeable streaming moments of activations (DESIGN.md §2).
+"""Exact, mergeable streaming moments of activations (README: "How it works", "Calibration").
 
 A :class:`Moments` summarises the rows ``x`` (each of width ``k``) seen so far by
 
