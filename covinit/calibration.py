@@ -35,6 +35,8 @@ from torch import Tensor, nn
 
 from covinit import distributed
 from covinit.collect import (
+    ALL_SIDES,
+    GRADIENT,
     PRECISIONS,
     SIDES,
     Collector,
@@ -44,7 +46,7 @@ from covinit.collect import (
     move_to_device,
 )
 from covinit.sketch import Sketch
-from covinit.stats import Moments
+from covinit.stats import Moments, require_float64, sum_in_order
 
 __all__ = ["DEFAULT_STRATEGY", "FORMAT", "Calibration", "calibrate"]
 
@@ -80,21 +82,31 @@ class Calibration:
         ``layer -> owner layer`` whose input summary it shares.
     info : dict, optional
         Free-form JSON-serialisable facts (batches, positions, precision, seconds).
+    gradients : dict, optional
+        ``layer -> G`` (d, k) float64, ``G = Σ δ·xᵀ``, for every layer with a
+        ``(layer, "gradient")`` summary (the moments of ``δ``), and only those.
+    gradient_folds : dict, optional
+        ``layer -> list of G`` per fold, whose in-order sum is ``gradients``' entry.
     """
 
     def __init__(self, stats: Mapping[tuple[str, str], Moments | Sketch],
                  shapes: Mapping[str, tuple[int, int]], fingerprint: Mapping[str, Any], *,
                  folds: Mapping[tuple[str, str], list[Moments]] | None = None,
                  shared_inputs: Mapping[str, str] | None = None,
-                 info: Mapping[str, Any] | None = None) -> None:
+                 info: Mapping[str, Any] | None = None,
+                 gradients: Mapping[str, Tensor] | None = None,
+                 gradient_folds: Mapping[str, list[Tensor]] | None = None) -> None:
         self._stats = dict(stats)
         self._shapes = {name: (int(k), int(d)) for name, (k, d) in shapes.items()}
         self._folds = dict(folds) if folds else None
         self._shared = dict(shared_inputs or {})
         self.fingerprint: dict[str, Any] = dict(fingerprint)
         self.info: dict[str, Any] = dict(info or {})
-        self.sides: tuple[str, ...] = tuple(s for s in SIDES
+        self.sides: tuple[str, ...] = tuple(s for s in ALL_SIDES
                                             if any(key[1] == s for key in self._stats))
+        self._gradients = dict(gradients or {})
+        self._gradient_folds = dict(gradient_folds) if gradient_folds else None
+        _check_gradients(self._stats, self._shapes, self._gradients, self._gradient_folds)
 
     # -------------------------------------------------------------- reading
     @property
@@ -123,18 +135,21 @@ class Calibration:
         if layer not in self._shapes:
             raise ValueError(f"layer {layer!r} was not calibrated; calibrated layers: "
                              f"{', '.join(self._shapes)}")
-        if side not in SIDES:
-            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        if side not in ALL_SIDES:
+            raise ValueError(f"side must be one of {ALL_SIDES}, got {side!r}")
 
     def moments(self, layer: str, side: str = "input") -> Moments | None:
         """The summary of ``layer``'s ``side`` activations, or ``None`` if that side was not
         collected.
 
+        ``side="gradient"`` gives the moments of the output gradients ``δ = ∂L/∂y`` (width
+        d) over the kept positions; see :meth:`gradient` for the cross-moment ``G``.
+
         Raises
         ------
         ValueError
             For a layer that was not calibrated (the message lists those that were) or a side
-            other than "input" / "output".
+            other than "input" / "output" / "gradient".
         """
         self._check_key(layer, side)
         found = self._stats.get((layer, side))
@@ -159,6 +174,45 @@ class Calibration:
         found = self._folds.get((layer, side))
         return None if found is None else list(found)
 
+    def gradient(self, layer: str) -> Tensor:
+        """The gradient–input cross-moment of ``layer``: ``G = Σ_t δ_t·x_tᵀ`` over the kept
+        positions, ``δ_t = ∂L/∂y_t`` (DESIGN.md §8).
+
+        A sum, not a mean: its count is ``moments(layer, "gradient").n``, and it is
+        ``∂L/∂W`` of the summed batch losses.  ``δ`` is the gradient of the loss as computed
+        (a mean-reduced loss scales it with 1/positions per batch), of the model as it is:
+        with a non-zero adapter ``B·A`` it includes the adapter's effect on the forward pass.
+
+        Returns
+        -------
+        Tensor, shape (d, k), float64
+
+        Raises
+        ------
+        ValueError
+            For a layer that was not calibrated, or a calibration without the gradient side.
+        """
+        self._check_key(layer, GRADIENT)
+        if layer not in self._gradients:
+            raise ValueError(
+                f"layer {layer!r} has no gradient statistics: this calibration holds sides "
+                f"{self.sides}; calibrate with sides=('input', 'gradient') (and batches with "
+                "labels, or loss_fn=)")
+        return self._gradients[layer]
+
+    def gradient_folds(self, layer: str) -> list[Tensor] | None:
+        """``G`` of each fold (batch ``i`` → fold ``i % M``), or ``None`` without folds.
+
+        Raises
+        ------
+        ValueError
+            As :meth:`gradient`.
+        """
+        self.gradient(layer)
+        if self._gradient_folds is None:
+            return None
+        return list(self._gradient_folds[layer])
+
     def __repr__(self) -> str:
         n = next((m.n for m in self._stats.values()), 0)
         return (f"Calibration(layers={len(self._shapes)}, sides={self.sides}, positions={n}, "
@@ -169,8 +223,12 @@ class Calibration:
         stats = {key: m.to(device) for key, m in self._stats.items()}
         folds = None if self._folds is None else \
             {key: [m.to(device) for m in ms] for key, ms in self._folds.items()}
+        gradient_folds = None if self._gradient_folds is None else \
+            {name: [g.to(device) for g in gs] for name, gs in self._gradient_folds.items()}
         return Calibration(stats, self._shapes, self.fingerprint, folds=folds,
-                           shared_inputs=self._shared, info=self.info)
+                           shared_inputs=self._shared, info=self.info,
+                           gradients={name: g.to(device) for name, g in self._gradients.items()},
+                           gradient_folds=gradient_folds)
 
     # -------------------------------------------------------------- model check
     def check_model(self, model: nn.Module) -> None:
@@ -208,7 +266,9 @@ class Calibration:
         """Write a safetensors file: every summary once, plus JSON metadata.
 
         Tensors are named ``"{layer}/{side}/{field}"`` (folds: ``".../fold{i}/{field}"``);
-        shared input summaries are stored once under their owner.
+        shared input summaries are stored once under their owner.  The gradient side adds
+        ``"{layer}/gradient/cross"`` (``G``, d×k; per fold ``".../fold{i}/cross"``), covered
+        by the same checksum.
         """
         from safetensors.torch import save_file
 
@@ -227,6 +287,11 @@ class Calibration:
             for i, fold in enumerate((self._folds or {}).get((layer, side), [])):
                 for name, value in fold.state().items():
                     tensors[f"{layer}/{side}/fold{i}/{name}"] = value.detach().cpu().contiguous()
+            if side == GRADIENT:
+                tensors[f"{layer}/{side}/cross"] = self._gradients[layer].detach().cpu()\
+                    .contiguous()
+                for i, g in enumerate((self._gradient_folds or {}).get(layer, [])):
+                    tensors[f"{layer}/{side}/fold{i}/cross"] = g.detach().cpu().contiguous()
         header = {
             "format_version": _FORMAT_VERSION,
             "layers": {name: list(shape) for name, shape in self._shapes.items()},
@@ -286,11 +351,13 @@ class Calibration:
         if header.get("header_sha256") != _header_digest(header):
             raise ValueError(f"{path}: metadata checksum mismatch; the layers, fingerprint or "
                              "other metadata were modified")
-        if any(s not in SIDES for s in sides):
+        if any(s not in ALL_SIDES for s in sides):
             raise ValueError(f"{path}: unknown sides {sides}")
         expected: set[str] = set()
         stats: dict[tuple[str, str], Moments] = {}
         folds: dict[tuple[str, str], list[Moments]] = {}
+        gradients: dict[str, Tensor] = {}
+        gradient_folds: dict[str, list[Tensor]] = {}
 
         def fields(prefix: str, keys: tuple[str, ...]) -> dict[str, Tensor]:
             names = {f: f"{prefix}/{f}" for f in keys}
@@ -312,6 +379,16 @@ class Calibration:
                 raise ValueError(f"{path}: {prefix} has width {summary.k}, expected {width}")
             return summary
 
+        def read_cross(prefix: str, shape: tuple[int, int]) -> Tensor:
+            cross = fields(prefix, ("cross",))["cross"]
+            if tuple(cross.shape) != shape:
+                raise ValueError(f"{path}: {prefix}/cross has shape {tuple(cross.shape)}, "
+                                 f"expected (d, k) = {shape}")
+            require_float64(prefix, {"cross": cross})
+            if not bool(torch.isfinite(cross).all()):
+                raise ValueError(f"{path}: {prefix}/cross holds NaN/Inf values")
+            return cross
+
         for layer, (k, d) in shapes.items():
             for side in sides:
                 source = shared.get(layer, layer) if side == "input" else layer
@@ -328,6 +405,11 @@ class Calibration:
                     if sum(f.n for f in folds[layer, side]) != stats[layer, side].n:
                         raise ValueError(f"{path}: fold counts of {layer}/{side} do not add "
                                          "up to the total")
+                if side == GRADIENT:
+                    gradients[layer] = read_cross(f"{layer}/{side}", (d, k))
+                    if n_folds:
+                        gradient_folds[layer] = [read_cross(f"{layer}/{side}/fold{i}", (d, k))
+                                                 for i in range(n_folds)]
         for layer, owner in shared.items():
             if (owner, "input") not in stats or shapes.get(layer, (None,))[0] != \
                     shapes[owner][0]:
@@ -341,10 +423,32 @@ class Calibration:
             raise ValueError(f"{path}: unexpected tensor {extra[0]!r}")
         ordered = {(layer, side): stats[layer, side] for layer in shapes for side in sides}
         cal = cls(ordered, shapes, header.get("fingerprint", {}), folds=folds or None,
-                  shared_inputs=shared, info=header.get("info", {}))
+                  shared_inputs=shared, info=header.get("info", {}), gradients=gradients,
+                  gradient_folds=gradient_folds or None)
         if model is not None:
             cal.check_model(model)
         return cal
+
+
+def _check_gradients(stats: Mapping[tuple[str, str], Moments | Sketch],
+                     shapes: Mapping[str, tuple[int, int]], gradients: Mapping[str, Tensor],
+                     gradient_folds: Mapping[str, list[Tensor]] | None) -> None:
+    """Refuse cross-moments ``G`` that do not pair with a gradient summary of their layer,
+    or whose shape is not that layer's (d, k) or dtype not float64."""
+    with_side = {layer for layer, side in stats if side == GRADIENT}
+    if set(gradients) != with_side:
+        odd = sorted(set(gradients) ^ with_side)[0]
+        raise ValueError(f"layer {odd!r}: a gradient side needs both the δ moments and the "
+                         "cross-moment G; got only one of them")
+    for layer, g in gradients.items():
+        k, d = shapes[layer]
+        parts = [g, *((gradient_folds or {}).get(layer, []))]
+        for part in parts:
+            if tuple(part.shape) != (d, k) or part.dtype != torch.float64:
+                raise ValueError(f"layer {layer!r}: G must be a float64 (d, k) = {(d, k)} "
+                                 f"tensor, got {part.dtype} {tuple(part.shape)}")
+        if gradient_folds is not None and layer not in gradient_folds:
+            raise ValueError(f"layer {layer!r}: per-fold G missing")
 
 
 def _header_digest(header: Mapping[str, Any]) -> str:
@@ -399,15 +503,14 @@ def _check_memory(collector: Collector, device: torch.device | None) -> None:
     memory at all (e.g. an LM head's output side: 49152² float64 = 18 GiB per fold): the
     alternative is an out-of-memory kill after the first batch, with no message.
 
-    Counts ``(folds + 1)`` k×k float64 matrices per exact stream (the accumulators plus the
-    first batch's temporary); sketched streams are left out (k×ℓ).
+    Counts what :meth:`covinit.collect.Collector.memory_needs` reports: ``(folds + 1)`` k×k
+    float64 matrices per exact stream (the accumulators plus the first batch's temporary),
+    and for the gradient side also ``(folds + 1)`` d×k ``G``; sketched streams are left out.
     """
     total = _memory_bytes(device)
     if total is None:
         return
-    needs = {(name, side): 8 * width * width * (collector.n_folds + 1)
-             for (name, side), width in ((key, s.k) for key, s in collector._streams.items()
-                                         if s.sketches is None)}
+    needs = collector.memory_needs()
     need = sum(needs.values())
     if need <= total:
         return
@@ -475,6 +578,9 @@ def _merge_ranks(results: dict[tuple[str, str], StreamResult], shared: dict[str,
         for fold in folds[1:]:
             total = total.merge(fold)
         merged[key] = StreamResult(total, folds, res.calls)
+        if res.cross_folds is not None:  # G: a sum, added in rank order then fold order
+            cross = [sum_in_order(distributed.all_gather_tensor(g)) for g in res.cross_folds]
+            merged[key].cross_folds, merged[key].cross = cross, sum_in_order(cross)
     calls = distributed.all_gather_ints([res.calls for res in results.values()])
     for i, key in enumerate(results):
         merged[key].calls = sum(c[i] for c in calls)
@@ -528,6 +634,7 @@ def calibrate(
     targets: Targets | None = None,
     sides: Sequence[str] = SIDES,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
     max_batches: int | None = None,
     max_tokens: int | None = None,
     device: torch.device | str | None = None,
@@ -548,10 +655,12 @@ def calibrate(
     ``init_options``.  On a plain model, ``targets`` selects the layers and only statistics
     are collected.
 
-    The model runs in eval mode under ``torch.no_grad()``; its train/eval modes and
-    ``requires_grad`` flags are restored and every hook is removed afterwards, also when an
-    exception (or ``KeyboardInterrupt``) escapes.  Under an initialized ``torch.distributed``
-    group, each rank reads its own shard and the summaries are merged once at the end.
+    The model runs in eval mode under ``torch.no_grad()`` (with the gradient side: with
+    gradients enabled, and a backward pass that writes no parameter's ``.grad``); its
+    train/eval modes and ``requires_grad`` flags are restored and every hook is removed
+    afterwards, also when an exception (or ``KeyboardInterrupt``) escapes.  Under an
+    initialized ``torch.distributed`` group, each rank reads its own shard and the summaries
+    are merged once at the end.
 
     Parameters
     ----------
@@ -563,10 +672,20 @@ def calibrate(
     targets : list of str, str or callable, optional
         Layers to calibrate (see :func:`covinit.collect.match_layers`).  Required on a plain
         model; on a LoRA model it restricts calibration to the matching adapters.
-    sides : sequence of {"input", "output"}, default=("input", "output")
-        Which activations to summarise.
+    sides : sequence of {"input", "output", "gradient"}, default=("input", "output")
+        Which statistics to keep.  ``"gradient"`` (opt-in; needs ``"input"`` too, else a
+        ``ValueError``) adds a backward pass per batch and keeps, per layer, the moments of
+        the output gradients ``δ = ∂L/∂y`` (read with ``cal.moments(layer, "gradient")``)
+        and ``G = Σ δ·xᵀ`` (``cal.gradient(layer)``), over the same kept positions as the
+        activations.  ``δ`` is exactly ``∂L/∂y`` for the loss as computed: a mean-reduced
+        loss scales it with 1/(positions in the batch).  Not combinable with
+        ``sketch_above``.
     forward_fn : callable, optional
         ``forward_fn(model, batch)`` replaces the default call.
+    loss_fn : callable, optional
+        Gradient side only: ``loss_fn(outputs, batch)`` → scalar loss.  Default: the model's
+        own ``outputs.loss`` (Hugging Face models compute it when the batch has
+        ``labels``); a batch that gives no loss raises a ``ValueError``.
     max_batches, max_tokens : int, optional
         Stop after this many batches / once this many positions were kept (checked after
         each batch).
@@ -622,6 +741,9 @@ def calibrate(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     n_folds = _positive_int(folds, "folds") or 1
+    if loss_fn is not None and GRADIENT not in sides:
+        raise ValueError(f"loss_fn is only used by the gradient side; sides={tuple(sides)!r} "
+                         "does not include 'gradient'")
     adapters = find_adapters(model)
     if adapters:
         base_layers = find_linear_layers(model)
@@ -675,7 +797,8 @@ def calibrate(
                     break
                 batch = move_to_device(batch, device)
                 try:
-                    n_positions += collector.run_batch(model, batch, index, forward_fn)
+                    n_positions += collector.run_batch(model, batch, index, forward_fn,
+                                                       loss_fn)
                 except RuntimeError as err:
                     _note_device(err, device, model)
                     raise
@@ -732,8 +855,14 @@ def calibrate(
             "seconds": round(seconds, 3),
             "world_size": torch.distributed.get_world_size()
             if distributed.is_distributed() else 1}
+    gradients = {name: res.cross for (name, side), res in results.items()
+                 if side == GRADIENT and res.cross is not None}
+    gradient_folds = {name: res.cross_folds for (name, side), res in results.items()
+                      if side == GRADIENT and res.cross_folds is not None} \
+        if n_folds > 1 else None
     cal = Calibration(stats, collector.shapes, fingerprint, folds=fold_stats,
-                      shared_inputs=shared, info=info)
+                      shared_inputs=shared, info=info, gradients=gradients,
+                      gradient_folds=gradient_folds)
     if adapters:
         _check_ranks(cal, {name: adapters[name] for name in layers}, init_options.get("rank"))
         from covinit.initialize import initialize

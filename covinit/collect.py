@@ -29,6 +29,15 @@ Layers fed the very same tensor in one forward pass (q/k/v projections, gate/up 
 reduce it once: a tensor is recognised by its storage pointer, shape, strides, dtype and
 version counter while a weak reference shows it is still alive, so its memory cannot have
 been reused by another tensor.  No activation is hashed or copied for this.
+
+The "gradient" side (opt-in, DESIGN.md §8) runs forward + backward on each batch and keeps,
+per layer, the :class:`~covinit.stats.Moments` of ``δ = ∂L/∂y`` (d-dim rows over the kept
+positions) and the cross-moment ``G = Σ_t δ_t·x_tᵀ`` (d×k float64, a plain sum, merged by
+addition).  The forward hook passes the layer's output through an identity autograd node
+(:class:`_Tap`) whose backward sees ``δ``; the backward is run with
+``torch.autograd.grad(loss, [anchor])`` for one scalar leaf every tap hangs off, so no
+parameter's ``.grad`` is written (nor computed: autograd prunes the weight gradients) and no
+``requires_grad`` flag is touched.
 """
 
 from __future__ import annotations
@@ -43,9 +52,11 @@ from torch import Tensor, nn
 
 from covinit.selection import Targets, target_matcher
 from covinit.sketch import Sketch, sketch_matrix
-from covinit.stats import Moments
+from covinit.stats import Moments, sum_in_order
 
 __all__ = [
+    "ALL_SIDES",
+    "GRADIENT",
     "PRECISIONS",
     "SIDES",
     "Collector",
@@ -59,7 +70,12 @@ __all__ = [
     "target_matcher",
 ]
 
+#: The activation sides (what :func:`covinit.calibrate` collects by default).
 SIDES = ("input", "output")
+#: The opt-in side of output gradients ``δ = ∂L/∂y`` and the cross-moment ``G = Σ δ·xᵀ``.
+GRADIENT = "gradient"
+#: Every side a :class:`Collector` / :class:`~covinit.Calibration` can hold, in order.
+ALL_SIDES = (*SIDES, GRADIENT)
 PRECISIONS = ("float64", "mixed")
 
 # A batch whose mean sits further than sqrt(_DRIFT) standard deviations from the stream's
@@ -237,6 +253,38 @@ def call_model(model: nn.Module, batch: Any,
         "dict (passed as keyword arguments), a tuple/list (positional) or a tensor, or pass "
         "forward_fn=lambda model, batch: ..."
     )
+
+
+def _loss_of(outputs: Any, batch: Any, index: int,
+             loss_fn: Callable[[Any, Any], Tensor] | None) -> Tensor:
+    """The scalar loss whose gradient the "gradient" side records: ``loss_fn(outputs,
+    batch)`` if given, else the model's own ``outputs.loss`` (Hugging Face models compute it
+    when the batch has ``labels``)."""
+    if loss_fn is not None:
+        loss = loss_fn(outputs, batch)
+        source = "loss_fn(outputs, batch)"
+    else:
+        loss = getattr(outputs, "loss", None)
+        if loss is None and isinstance(outputs, Mapping):
+            loss = outputs.get("loss")
+        source = "the model's outputs.loss"
+        if loss is None:
+            has_labels = isinstance(batch, Mapping) and batch.get("labels") is not None
+            why = ("the batch has 'labels' but the model returned no .loss" if has_labels
+                   else "the batch has no 'labels' and no loss_fn was given")
+            raise ValueError(
+                f"the gradient side needs a loss, but batch {index} gave none: {why}; add "
+                "labels to the batches or pass loss_fn=lambda outputs, batch: <scalar loss>")
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"the gradient side needs a scalar loss; {source} at batch {index} "
+                         f"gave {got}")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"the loss from {source} at batch {index} does not require grad, so it depends on "
+            "no calibrated layer's output (computed under torch.no_grad(), or from detached "
+            "outputs?)")
+    return loss.reshape(())
 
 
 def rows_of(x: Tensor, masks: Sequence[Tensor]) -> Tensor:
@@ -465,11 +513,18 @@ class StreamResult:
         Per-fold summaries (batch ``i`` → fold ``i % M``); a single entry without folds.
     calls : int
         How many times the layer was called.
+    cross : Tensor, shape (d, k), float64, optional
+        Gradient side only: ``G = Σ δ·xᵀ`` over the kept positions (the sum of
+        ``cross_folds``); its count is ``total.n``.
+    cross_folds : list of Tensor, optional
+        Gradient side only: ``G`` of each fold.
     """
 
     total: Moments | Sketch
     folds: list[Moments] | list[Sketch]
     calls: int
+    cross: Tensor | None = None
+    cross_folds: list[Tensor] | None = None
 
 
 @dataclass
@@ -493,6 +548,46 @@ class _CacheEntry:
     reductions: list[_Reduction]
 
 
+@dataclass
+class _Pending:
+    """One call of a layer whose output gradient the backward pass will deliver."""
+
+    name: str
+    x: Tensor  # the layer's input, detached (kept alive until the backward)
+    version: int  # x's version counter at the call, to refuse an input changed in place
+    masks: Sequence[Tensor]
+    shape: tuple[int, ...]  # of the output
+    dtype: torch.dtype
+    device: torch.device
+    seen: bool = False
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output ``y`` whose backward hands ``δ = ∂L/∂y`` to a callback.
+
+    ``anchor`` is a scalar leaf requiring grad, so the tap is in the graph even when nothing
+    upstream requires grad (frozen weights, integer inputs); differentiating with respect to
+    the anchor alone runs every tap's backward without computing any parameter's gradient.
+    The output is a copy: a model may modify a layer's output in place, which autograd
+    forbids on views made inside a custom Function.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, anchor: Tensor,  # type: ignore[override]
+                sink: Callable[[Tensor], None]) -> Tensor:
+        ctx.sink = sink
+        ctx.anchor_like = (anchor.dtype, anchor.device)
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor  # type: ignore[override]
+                 ) -> tuple[Tensor | None, Tensor, None]:
+        ctx.sink(grad)
+        dtype, device = ctx.anchor_like
+        return (grad if ctx.needs_input_grad[0] else None,
+                torch.zeros((), dtype=dtype, device=device), None)
+
+
 class Collector:
     """Forward hooks streaming the inputs/outputs of linear layers into float64 summaries.
 
@@ -502,12 +597,15 @@ class Collector:
     ----------
     layers : dict
         ``name -> module`` to hook (``nn.Linear`` / ``Conv1D``, or a LoRA layer's base layer).
-    sides : sequence of {"input", "output"}
-        Which activations to summarise.
+    sides : sequence of {"input", "output", "gradient"}
+        Which statistics to keep.  ``"gradient"`` (needs ``"input"`` too, and a loss: see
+        :meth:`run_batch`) runs a backward pass per batch and keeps the moments of the output
+        gradients ``δ = ∂L/∂y`` (width d) and the cross-moment ``G = Σ δ·xᵀ`` (d×k).
     precision : {"float64", "mixed"}
         ``"float64"``: everything in float64 (exact to ~1e-13).  ``"mixed"``: rows are centred
-        in float64 but the ``yᵀy`` GEMM runs in float32 (relative error ~1e-7 of the spread,
-        about half the time); sums are accumulated in float64 either way.
+        in float64 but the ``yᵀy`` GEMM (and the ``δᵀx`` product of ``G``) runs in float32
+        (relative error ~1e-7 of the spread, about half the time); sums are accumulated in
+        float64 either way.
     folds : int
         Number of fold accumulators per stream (batch ``i`` goes to fold ``i % folds``).
     sketch_above : int, optional
@@ -540,8 +638,19 @@ class Collector:
         if isinstance(sides, str):
             sides = (sides,)
         sides = tuple(sides)
-        if not sides or any(s not in SIDES for s in sides) or len(set(sides)) != len(sides):
-            raise ValueError(f"sides must be a non-empty subset of {SIDES}, got {sides!r}")
+        if not sides or any(s not in ALL_SIDES for s in sides) or len(set(sides)) != len(sides):
+            raise ValueError(f"sides must be a non-empty subset of {ALL_SIDES}, got {sides!r}")
+        if GRADIENT in sides:
+            if "input" not in sides:
+                raise ValueError(
+                    f"sides {sides!r}: the gradient side needs the input side too (G = Σ δ·xᵀ "
+                    "is used together with the input statistics); pass sides=('input', "
+                    "'gradient')")
+            if sketch_above is not None:
+                raise ValueError("the gradient side keeps exact d×d and d×k statistics and "
+                                 "cannot be combined with sketch_above=; drop one of them")
+            # Gradient streams last, so that the rows of a batch are counted in its forward.
+            sides = (*(s for s in sides if s != GRADIENT), GRADIENT)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
@@ -589,6 +698,12 @@ class Collector:
         self._borrowed: list[_Accumulator] = []
         self._rows_this_batch = 0
         self._first = next(iter(self._streams), None)
+        # Gradient side: G of each layer and fold (allocated at its first δ), the calls
+        # waiting for their δ in this batch, and the scalar leaf every tap hangs off.
+        self._cross: dict[str, list[Tensor | None]] = {
+            name: [None] * folds for name in self.layers} if GRADIENT in sides else {}
+        self._pending: list[_Pending] = []
+        self._anchor: Tensor | None = None
 
     # -------------------------------------------------------------- hooks
     def __enter__(self) -> Collector:
@@ -612,18 +727,62 @@ class Collector:
         self._cache.clear()
         self._layout = None  # holds the model
 
-    def _make_hook(self, name: str) -> Callable[..., None]:
+    def _make_hook(self, name: str) -> Callable[..., Tensor | None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 output: Any) -> None:
+                 output: Any) -> Tensor | None:
             x = args[0] if args else next(iter(kwargs.values()), None)
             masks = self._masks_for(name, x)
             if "input" in self.sides:
                 self._observe(name, "input", x, masks)
             if "output" in self.sides:
+                seen = output
                 if name in self.offsets and isinstance(output, Tensor):
-                    output = _with_offset(output, x, *self.offsets[name])
-                self._observe(name, "output", output, masks)
+                    seen = _with_offset(output, x, *self.offsets[name])
+                self._observe(name, "output", seen, masks)
+            if GRADIENT in self.sides:
+                return self._tap(name, x, output, masks)
+            return None
         return hook
+
+    def _tap(self, name: str, x: Tensor, y: Any, masks: Sequence[Tensor]) -> Tensor:
+        """``y`` routed through a :class:`_Tap`, so that the backward delivers its ``δ``."""
+        if not isinstance(y, Tensor) or y.shape[-1:] != (self.shapes[name][1],):
+            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"layer {name!r} gradient: expected an output of shape "
+                             f"(..., {self.shapes[name][1]}), got {got}")
+        if self._anchor is None:
+            self._anchor = torch.zeros((), device=y.device, requires_grad=True)
+        call = _Pending(name, x.detach(), x._version, masks, tuple(y.shape), y.dtype,
+                        y.device)
+        self._pending.append(call)
+        return _Tap.apply(y, self._anchor, lambda delta: self._observe_gradient(call, delta))
+
+    def _observe_gradient(self, call: _Pending, delta: Tensor) -> None:
+        """Stream one call's ``δ`` (same leading shape as its input) into the δ moments and
+        ``G += δᵀx`` over the kept positions."""
+        call.seen = True
+        if call.x._version != call.version:
+            raise ValueError(
+                f"layer {call.name!r} gradient: its input was modified in place after the "
+                "layer ran, so G = Σ δ·xᵀ cannot use it; calibrate the gradient side on a "
+                "model that does not overwrite linear layers' inputs")
+        self._observe(call.name, GRADIENT, delta, call.masks)
+        rows_d = rows_of(delta.detach(), call.masks)  # (n, d)
+        if rows_d.shape[0] == 0:
+            return
+        rows_x = rows_of(call.x, call.masks)  # (n, k)
+        fold = self._batch % self.n_folds
+        cross = self._cross[call.name][fold]
+        if cross is None:
+            d, k = rows_d.shape[1], rows_x.shape[1]
+            cross = torch.zeros(d, k, dtype=torch.float64, device=rows_d.device)
+            self._cross[call.name][fold] = cross
+        dtype = self.gemm_dtype
+        rows_x = rows_x.to(device=rows_d.device, dtype=dtype)
+        if dtype == torch.float64:
+            cross.addmm_(rows_d.to(dtype).T, rows_x)
+        else:  # float32 product, float64 sum
+            cross.add_(rows_d.to(dtype).T @ rows_x)
 
     def _masks_for(self, name: str, x: Any) -> list[Tensor]:
         """The masks for one call of layer ``name`` on input ``x``."""
@@ -741,8 +900,16 @@ class Collector:
 
     # -------------------------------------------------------------- driving
     def run_batch(self, model: nn.Module, batch: Any, index: int,
-                  forward_fn: Callable[[nn.Module, Any], Any] | None = None) -> int:
+                  forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+                  loss_fn: Callable[[Any, Any], Tensor] | None = None) -> int:
         """Run one batch through ``model`` with the hooks active.
+
+        With the gradient side, the forward runs with gradients enabled (whatever the
+        caller's grad mode) and is followed by a backward pass of the batch's loss that only
+        reaches the hooked layers' outputs: parameters' ``.grad`` are neither computed nor
+        written.  ``δ`` is exactly ``∂L/∂y`` of the loss as computed, so a mean-reduced loss
+        makes it scale with 1/(positions in the batch); a layer whose output does not reach
+        the loss (or ran under ``torch.no_grad()``) gets ``δ = 0`` at its kept positions.
 
         Parameters
         ----------
@@ -752,11 +919,20 @@ class Collector:
             Batch index (selects the fold and appears in error messages).
         forward_fn : callable, optional
             ``forward_fn(model, batch)`` replaces the default call.
+        loss_fn : callable, optional
+            Gradient side only: ``loss_fn(outputs, batch)`` → scalar loss; default the
+            model's own ``outputs.loss`` (a Hugging Face model given ``labels``).
 
         Returns
         -------
         int
             Rows the first stream kept in this batch (the batch's usable positions).
+
+        Raises
+        ------
+        ValueError
+            Gradient side: no loss (no labels and no ``loss_fn``), a non-scalar loss, a loss
+            that does not require grad, or a call under ``torch.inference_mode()``.
         """
         self._batch = index
         self._rows_this_batch = 0
@@ -774,8 +950,13 @@ class Collector:
             self._encoder_masks, self._masks = seq2seq_masks(batch)
             handle = encoder.register_forward_hook(self._see_encoder_output)
         try:
-            call_model(model, batch, forward_fn)
+            if GRADIENT in self.sides:
+                self._forward_backward(model, batch, index, forward_fn, loss_fn)
+            else:
+                call_model(model, batch, forward_fn)
         finally:
+            self._pending.clear()  # drops the inputs and the graph with this batch
+            self._anchor = None
             if handle is not None:
                 handle.remove()
             self._encoder_masks, self._encoder_out = None, None
@@ -787,6 +968,25 @@ class Collector:
             self._masks = []
         self._batches_done += 1
         return self._rows_this_batch
+
+    def _forward_backward(self, model: nn.Module, batch: Any, index: int,
+                          forward_fn: Callable[[nn.Module, Any], Any] | None,
+                          loss_fn: Callable[[Any, Any], Tensor] | None) -> None:
+        """Forward with the taps, then ``δ`` of every tapped call (see :meth:`run_batch`)."""
+        if torch.is_inference_mode_enabled():
+            raise ValueError("the gradient side needs a backward pass, which "
+                             "torch.inference_mode() forbids; calibrate outside it")
+        with torch.enable_grad():
+            outputs = call_model(model, batch, forward_fn)
+            loss = _loss_of(outputs, batch, index, loss_fn)
+            del outputs  # keep only the loss's graph alive through the backward
+            if self._anchor is not None:
+                # allow_unused: a loss that reaches no tap leaves the anchor unused
+                torch.autograd.grad(loss, [self._anchor], allow_unused=True)
+        for call in self._pending:
+            if not call.seen:  # the loss does not depend on this call's output
+                self._observe_gradient(call, torch.zeros(call.shape, dtype=call.dtype,
+                                                         device=call.device))
 
     # -------------------------------------------------------------- results
     def _see_encoder_output(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -811,7 +1011,33 @@ class Collector:
             folds = [acc.moments(device) for acc in stream.accs]
             total = folds[0] if len(folds) == 1 else _merge_in_order(folds)
             out[key] = StreamResult(total, folds, stream.calls)
+            if key[1] == GRADIENT:
+                out[key].cross_folds = self._cross_folds(key[0], device)
+                out[key].cross = sum_in_order(out[key].cross_folds)
         return out
+
+    def _cross_folds(self, name: str, device: torch.device | None) -> list[Tensor]:
+        """``G`` of each fold of layer ``name``, zeros for a fold that saw no position."""
+        k, d = self.shapes[name]
+        if device is None:  # no δ at all (e.g. this rank read no batch): the layer's device
+            device = next(self.layers[name].parameters(), torch.empty(0)).device
+        return [torch.zeros(d, k, dtype=torch.float64, device=device) if g is None else g
+                for g in self._cross[name]]
+
+    def memory_needs(self) -> dict[tuple[str, str], int]:
+        """Bytes of the exact float64 statistics per ``(layer, side)``: per stream, one k×k
+        co-moment per fold plus the first batch's temporary; a gradient side adds its d×k
+        ``G`` per fold plus the product's temporary.  Sketched streams are left out (k×ℓ)."""
+        needs = {}
+        for (name, side), stream in self._streams.items():
+            if stream.sketches is not None:
+                continue
+            width = stream.k
+            needs[name, side] = 8 * width * width * (self.n_folds + 1)
+            if side == GRADIENT:
+                k, d = self.shapes[name]
+                needs[name, side] += 8 * d * k * (self.n_folds + 1)
+        return needs
 
     def shared_inputs(self) -> dict[str, str]:
         """``layer -> owner`` for input streams that saw exactly the same reductions as an

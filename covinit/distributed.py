@@ -10,6 +10,10 @@ same, exact result — the single-process result on the union of the shards, to 
 
 Ranks may see different numbers of batches, or none: an empty summary packs as ``n = 0``
 and merges as the identity.  Counts travel as float64, exact below 2⁵³ rows.
+
+Plain sums (the gradient side's cross-moment ``G = Σ δ·xᵀ``, d×k) are gathered with
+:func:`all_gather_tensor` and added in rank order — not all-reduced, whose summation order
+is the backend's — so that every rank holds the same bits.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = [
     "all_gather_ints",
     "all_gather_moments",
     "all_gather_sketch",
+    "all_gather_tensor",
     "is_distributed",
     "pack_moments",
     "unpack_moments",
@@ -82,6 +87,16 @@ def all_gather_moments(m: Moments) -> list[Moments]:
     parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, flat)
     return [unpack_moments(p, m.k).to(m.mean.device) for p in parts]
+
+
+def all_gather_tensor(t: Tensor) -> list[Tensor]:
+    """Every rank's tensor (same shape and dtype on all ranks), in rank order, on ``t``'s
+    device; e.g. the per-rank cross-moments ``G`` (d, k) float64, to be summed in order."""
+    device = _comm_device()
+    mine = t.detach().to(device).contiguous()
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return [p.to(t.device) for p in parts]
 
 
 def all_gather_ints(values: Sequence[int]) -> list[list[int]]:

@@ -15,17 +15,21 @@ summary on the merged mean first.  Raw-moment formulas (``Σ xxᵀ − n·mmᵀ`
 they cancel catastrophically when the mean is large compared with the spread.
 
 Memory is O(k²) whatever the number of rows.
+
+Plain sums, such as the gradient–input cross-moment ``G = Σ δ·xᵀ`` of the "gradient" side,
+merge by addition; :func:`sum_in_order` adds them in a fixed order so that every rank and
+every rerun gets the same bits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["Moments", "merge_all", "require_float64", "unpack_state"]
+__all__ = ["Moments", "merge_all", "require_float64", "sum_in_order", "unpack_state"]
 
 
 def unpack_state(state: dict[str, Tensor], keys: tuple[str, ...], kind: str
@@ -235,3 +239,30 @@ def merge_all(parts: Iterable[Moments]) -> Moments:
             paired.append(items[-1])
         items = paired
     return items[0]
+
+
+def sum_in_order(parts: Sequence[Tensor]) -> Tensor:
+    """``parts[0] + parts[1] + …``, left to right, as a new tensor on ``parts[0]``'s device.
+
+    A fixed order makes the rounding reproducible: the distributed merge sums ranks in rank
+    order, so every rank holds the same bits.
+
+    Parameters
+    ----------
+    parts : sequence of Tensor
+        Summands of one shape, e.g. per-fold cross-moments ``G`` (d, k) float64.
+
+    Raises
+    ------
+    ValueError
+        If ``parts`` is empty or the shapes differ.
+    """
+    if not parts:
+        raise ValueError("sum_in_order needs at least one tensor")
+    total = parts[0].clone()
+    for part in parts[1:]:
+        if part.shape != total.shape:
+            raise ValueError(f"cannot add a tensor of shape {tuple(part.shape)} to one of "
+                             f"shape {tuple(total.shape)}")
+        total += part.to(total.device)
+    return total
