@@ -1,32 +1,61 @@
-"""The ``covinit`` command line: calibrate, report, compare, list strategies and estimators.
+"""The ``covinit`` command line: calibrate, init, report, compare, list strategies and estimators.
 
 ::
 
     covinit calibrate --model minilm --data rotten-tomatoes --out cal.safetensors
+    covinit init --model ./my-llama --data texts.txt --strategy cov-svd --out adapter/
     covinit report cal.safetensors --out report/ --model minilm
     covinit compare --quick                      # forwards to benchmarks/compare_inits.py
     covinit strategies
     covinit estimators
 
 Installed as a console script (``pyproject.toml``); ``python -m covinit`` is the same.
-Usage errors exit with status 2 (argparse), runtime errors (a bad file, a layer that does
-not exist, ...) print one line ``covinit: error: ...`` on stderr and exit with status 1
-(``COVINIT_TRACEBACK=1`` shows the traceback instead).
+Usage errors exit with status 2: argparse's own (a missing or malformed option), and one line
+``covinit: error: ...`` for arguments that cannot work (no ``--targets`` where no default is
+known, a model folder without a tokenizer and no ``--tokenizer``, a ``--device`` this torch
+cannot use, statistics larger than ``--max-stats-size``).  Runtime errors (a bad file, a layer
+that does not exist, ...) print one line ``covinit: error: ...`` on stderr and exit with
+status 1 (``COVINIT_TRACEBACK=1`` shows the traceback instead).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import subprocess
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-__all__ = ["build_parser", "compare_script", "main"]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = [
+    "DEFAULT_MAX_STATS_SIZE",
+    "StatsSize",
+    "build_parser",
+    "compare_script",
+    "load_model",
+    "load_tokenizer",
+    "main",
+    "output_embedding_layers",
+    "resolve_device",
+    "statistics_size",
+]
 
 _PROG = "covinit"
+
+#: Default of ``--max-stats-size``: the float64 statistics a run may hold (bytes, 2 GB).
+DEFAULT_MAX_STATS_SIZE = 2 * 10**9
+
+
+class _UsageError(ValueError):
+    """Arguments that cannot work together: one line on stderr and exit status 2."""
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -46,25 +75,72 @@ def _offline() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def load_model(spec: str, task: str = "auto") -> tuple[Any, Any, bool]:
+# Any of these in a folder means save_pretrained wrote a tokenizer there.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer named by ``--tokenizer``: a zoo name or a folder holding tokenizer files.
+
+    Parameters
+    ----------
+    spec : str
+        ``"minilm"``, ``"smollm2"`` or a directory written by ``tokenizer.save_pretrained``.
+
+    Raises
+    ------
+    ValueError
+        If ``spec`` is neither a zoo model nor a directory.
+    _UsageError
+        If the directory holds no tokenizer files.
+    """
+    from covinit import zoo
+
+    _offline()
+    if spec in zoo.MODELS:
+        return zoo.load_tokenizer(spec)
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"--tokenizer {spec!r} is neither a known model "
+                         f"({', '.join(zoo.MODELS)}) nor an existing directory")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise _UsageError(f"{spec} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, "
+                          f"...); pass --tokenizer with {' or '.join(zoo.MODELS)} or a folder "
+                          "that has them")
+    import transformers
+
+    with zoo.quiet_transformers():
+        return transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+def load_model(spec: str, task: str = "auto", tokenizer: str | None = None, *,
+               with_tokenizer: bool = True, quiet: bool = False) -> tuple[Any, Any, bool]:
     """``(model, tokenizer, causal)`` for a zoo name or a local Hugging Face folder.
 
     Parameters
     ----------
     spec : str
         ``"minilm"``, ``"smollm2"`` (:data:`covinit.zoo.MODELS`) or a directory holding a
-        ``config.json`` and tokenizer files.
+        ``config.json`` (and tokenizer files, unless ``tokenizer`` is given).
     task : {"auto", "base", "sequence-classification", "causal-lm"}
         For a directory: which ``transformers`` class to build.  ``auto`` uses the class
         named in the config's ``architectures`` (so a calibration matches the model you will
         fine-tune), else ``AutoModel``.
+    tokenizer : str, optional
+        Where the tokenizer comes from instead (see :func:`load_tokenizer`).
+    with_tokenizer : bool, default=True
+        False: return ``None`` for the tokenizer (``covinit report`` needs weights only).
+    quiet : bool, default=False
+        Silence transformers' load reports and progress bars for a directory.
     """
     from covinit import zoo
 
     _offline()
     if spec in zoo.MODELS:
-        model, tokenizer = zoo.MODELS[spec]()
-        return model, tokenizer, spec == "smollm2"
+        model, own = zoo.MODELS[spec]()
+        chosen = load_tokenizer(tokenizer) if tokenizer is not None and with_tokenizer else own
+        return model, chosen if with_tokenizer else None, spec == "smollm2"
     path = Path(spec)
     if not path.exists():
         raise ValueError(f"--model {spec!r} is neither a known model ({', '.join(zoo.MODELS)}) "
@@ -72,6 +148,8 @@ def load_model(spec: str, task: str = "auto") -> tuple[Any, Any, bool]:
     if not (path / "config.json").is_file():
         raise ValueError(f"--model {spec}: no config.json in that directory (expected a "
                          "Hugging Face model folder written by save_pretrained)")
+    # The tokenizer first: a folder without one fails before the weights are read.
+    tok = load_tokenizer(tokenizer or spec) if with_tokenizer else None
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(path))
@@ -83,11 +161,212 @@ def load_model(spec: str, task: str = "auto") -> tuple[Any, Any, bool]:
         cls = cls or transformers.AutoModel
     else:
         cls = getattr(transformers, classes[task])
-    model = cls.from_pretrained(str(path))
+    with zoo.quiet_transformers() if quiet else contextlib.nullcontext():
+        model = cls.from_pretrained(str(path))
     model.eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     causal = task == "causal-lm" or "CausalLM" in type(model).__name__
-    return model, tokenizer, causal
+    return model, tok, causal
+
+
+def resolve_device(spec: str | None) -> torch.device | None:
+    """``--device`` as a ``torch.device`` this torch can use now, or None when not given.
+
+    Raises
+    ------
+    _UsageError
+        For a string that is no device, a CUDA device on a torch without CUDA or without
+        that GPU index, or a backend (mps, xpu, ...) that is not available; checked before
+        anything is loaded, so the user gets one line instead of torch's traceback.
+    """
+    if spec is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise _UsageError(f"--device {spec!r} is not a device (e.g. cpu, cuda, cuda:1, "
+                          "mps)") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise _UsageError(f"--device {spec}: CUDA is not available ({why}, torch "
+                              f"{torch.__version__}); use --device cpu or leave --device out")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise _UsageError(f"--device {spec}: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+        return device
+    # mps lives under torch.backends, the other accelerators (xpu, ...) under torch.
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise _UsageError(f"--device {spec}: {device.type} is not available in this torch "
+                          f"build ({torch.__version__}); use --device cpu or leave it out")
+    return device
+
+
+def output_embedding_layers(model: nn.Module) -> list[str]:
+    """Linear layers that produce vocabulary logits: ``--targets all`` leaves them out.
+
+    That is the model's output embedding (``model.get_output_embeddings()``, the LM head)
+    and any linear layer whose weight is the same ``Parameter`` as an embedding's (a tied
+    head).  Their output side is vocabulary-wide: 30,522² float64 statistics are 7.45 GB.
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Returns
+    -------
+    list of str
+        Canonical layer names (as :func:`covinit.collect.match_layers` uses), in module order.
+    """
+    from torch import nn
+
+    from covinit.adapters import find_linear_layers
+
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        head = getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):  # some wrappers do not implement it
+        head = None
+    embeddings = {id(module.weight) for module in model.modules()
+                  if isinstance(module, nn.Embedding)}
+    return [name for name, module in find_linear_layers(model).items()
+            if module is head or id(getattr(module, "weight", None)) in embeddings]
+
+
+def _peft_default_targets(model: Any) -> list[str] | None:
+    """PEFT's default LoRA targets for the model's architecture (what
+    ``LoraConfig(target_modules=None)`` adapts), or None where PEFT has none."""
+    try:
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+    except ImportError:
+        return None
+    found = mapping.get(getattr(getattr(model, "config", None), "model_type", None))
+    return list(found) if found else None
+
+
+def _select_layers(model: Any, targets: list[str] | None, spec: str, quiet: bool
+                   ) -> tuple[dict[str, Any], Any]:
+    """``(layers by name, the selection as PEFT's target_modules)`` for ``--targets``.
+
+    Without ``--targets``: the zoo's default for a zoo model, else PEFT's default for the
+    architecture, else a usage error.  ``all`` is every linear layer but the output
+    embeddings (:func:`output_embedding_layers`); name those to include them.
+    """
+    from covinit import zoo
+    from covinit.collect import match_layers
+
+    if targets is None:
+        targets = zoo.DEFAULT_TARGETS.get(spec) or _peft_default_targets(model)
+        if not targets:
+            kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+            raise _UsageError(f"--targets is required for model {spec!r} (no default for "
+                              f"{kind!r}): layer name suffixes such as query value, one "
+                              "regular expression, or 'all' for every linear layer")
+        if not quiet:
+            print(f"{_PROG}: --targets not given: using {' '.join(targets)}", file=sys.stderr)
+    if targets == ["all"]:
+        heads = output_embedding_layers(model)
+        layers = match_layers(model, lambda name, _module: name not in heads)
+        if heads and not quiet:
+            print(f"{_PROG}: --targets all leaves out the output embedding layer(s) "
+                  f"{', '.join(heads)}; name them in --targets to include them",
+                  file=sys.stderr)
+        return layers, list(layers)
+    if len(targets) == 1 and any(ch in targets[0] for ch in "*[]()|^$\\+?"):
+        pattern = targets[0]  # one regular expression, fullmatched as PEFT does
+        return match_layers(model, pattern), pattern
+    return match_layers(model, targets), list(targets)
+
+
+# ---------------------------------------------------------------------- statistics size
+class StatsSize(NamedTuple):
+    """Estimated float64 statistics of one layer side (bytes)."""
+
+    layer: str
+    side: str
+    width: int
+    memory: int
+    file: int
+
+
+def statistics_size(layers: Mapping[str, Any], sides: Sequence[str], folds: int = 1
+                    ) -> list[StatsSize]:
+    """Upper bounds on the memory and file size of calibrating ``layers``, before any batch.
+
+    Per layer side of width w (k inputs, d outputs) the k×k co-moment dominates:
+    ``(folds + 1)·8·w²`` bytes while collecting (the accumulators plus a batch's temporary,
+    as :func:`covinit.calibrate` counts before it starts) and ``8·w²`` per summary in the
+    file (the total, plus one per fold with ``folds > 1``).  Layers that share an input
+    (q/k/v) store it once, so the file can be smaller.
+
+    Parameters
+    ----------
+    layers : mapping of str to nn.Module
+        Linear layers by name (:func:`covinit.collect.match_layers`).
+    sides : sequence of {"input", "output"}
+    folds : int, default=1
+
+    Returns
+    -------
+    list of StatsSize
+        One entry per layer and side, in layer order.
+    """
+    from covinit.collect import Collector
+
+    collector = Collector(layers, sides, folds=folds)  # shapes only: no hook, no matrix yet
+    stored = folds + 1 if folds > 1 else 1
+    rows = []
+    for name, (k, d) in collector.shapes.items():
+        for side in collector.sides:
+            width = k if side == "input" else d
+            matrix = 8 * width * width
+            rows.append(StatsSize(name, side, width, (folds + 1) * matrix, stored * matrix))
+    return rows
+
+
+def _gb(n_bytes: float) -> str:
+    # Decimal units, as the flag takes them (and as a file manager shows a file).
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{int(n_bytes)} B"
+
+
+def _check_size(rows: Sequence[StatsSize], limit: int | None, *, file: bool) -> None:
+    """Refuse statistics above ``--max-stats-size``, naming the largest layer sides."""
+    memory = sum(row.memory for row in rows)
+    on_disk = sum(row.file for row in rows) if file else 0
+    if limit is None or max(memory, on_disk) <= limit:
+        return
+    largest = sorted(rows, key=lambda row: row.memory, reverse=True)[:3]
+    named = ", ".join(f"{row.layer} {row.side} (width {row.width}: {_gb(row.memory)})"
+                      for row in largest)
+    disk = f" and {_gb(on_disk)} on disk" if file else ""
+    raise _UsageError(
+        f"the statistics would take about {_gb(memory)} of memory{disk}, above "
+        f"--max-stats-size {_gb(limit)}; largest: {named}. Choose fewer --targets or "
+        "--sides, or raise the bound (e.g. --max-stats-size 16GB; 0 = no limit)")
+
+
+def _stats_size_arg(text: str) -> int | None:
+    """``--max-stats-size``: bytes with an optional unit (kB, MB, GB, TB, KiB, MiB, GiB,
+    TiB; B), ``0`` for no limit."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?i?b?)\s*", text, flags=re.IGNORECASE)
+    unit = match.group(2).lower().rstrip("b") if match else ""
+    scales = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+              "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+    if match is None or unit not in scales:
+        raise argparse.ArgumentTypeError(f"expected a size such as 500MB, 2GB or 8GiB (0 = no "
+                                         f"limit), got {text!r}")
+    value = int(float(match.group(1)) * scales[unit])
+    return value or None
 
 
 def build_loader(spec: str, tokenizer: Any, *, batch_size: int, max_length: int,
@@ -123,35 +402,104 @@ def _drop_labels(model: Any, batch: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- verbs
+def _prepare(args: argparse.Namespace, sides: Sequence[str], *, file: bool
+             ) -> tuple[Any, Any, bool, dict[str, Any], Any, str, Any]:
+    """What calibrate and init share, cheapest checks first: ``(model, tokenizer, causal,
+    layers, PEFT targets, targets as recorded, device)``, the model on ``--device``."""
+    device = resolve_device(args.device)
+    model, tokenizer, causal = load_model(args.model, args.task, args.tokenizer,
+                                         quiet=args.quiet)
+    layers, peft_targets = _select_layers(model, args.targets, args.model, args.quiet)
+    recorded = "all" if args.targets == ["all"] else (
+        peft_targets if isinstance(peft_targets, str) else " ".join(peft_targets))
+    _check_size(statistics_size(layers, sides, args.folds or 1), args.max_stats_size,
+                file=file)
+    if device is not None:
+        # calibrate(device=) moves the batches only; the weights must be there too.
+        model.to(device)
+    return model, tokenizer, causal, layers, peft_targets, recorded, device
+
+
+def _loader(args: argparse.Namespace, tokenizer: Any) -> Any:
+    return build_loader(args.data, tokenizer, batch_size=args.batch_size,
+                        max_length=args.max_length, text_column=args.text_column,
+                        seed=args.seed)
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from covinit import zoo
     from covinit.calibration import calibrate
 
-    model, tokenizer, _ = load_model(args.model, args.task)
-    targets = args.targets or zoo.DEFAULT_TARGETS.get(args.model)
-    if not targets:
-        raise ValueError(f"--targets is required for model {args.model!r} (layer name "
-                         "suffixes such as query value, or 'all' for every linear layer)")
-    if targets == ["all"]:
-        targets = lambda name, module: True  # every linear layer
-    elif len(targets) == 1 and any(ch in targets[0] for ch in "*[]()|^$\\+?"):
-        targets = targets[0]  # one regular expression, matched against the full name
-    loader = build_loader(args.data, tokenizer, batch_size=args.batch_size,
-                          max_length=args.max_length, text_column=args.text_column,
-                          seed=args.seed)
-    cal = calibrate(model, loader, targets=targets, sides=tuple(args.sides),
-                    forward_fn=_drop_labels, max_batches=args.max_batches,
-                    device=args.device, show_progress=not args.quiet, folds=args.folds,
-                    precision=args.precision)
-    cal.info.update({"model": args.model, "data": args.data,
-                     "targets": " ".join(args.targets or zoo.DEFAULT_TARGETS[args.model])})
+    model, tokenizer, _, layers, _, recorded, device = _prepare(args, args.sides, file=True)
+    chosen = frozenset(layers)
+    cal = calibrate(model, _loader(args, tokenizer),
+                    targets=lambda name, _module: name in chosen, sides=tuple(args.sides),
+                    forward_fn=_drop_labels, max_batches=args.max_batches, device=device,
+                    show_progress=not args.quiet, folds=args.folds, precision=args.precision)
+    cal.info.update({"model": args.model, "data": args.data, "targets": recorded})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     cal.save(out)
     print(f"calibrated {len(cal.layer_names)} layers ({', '.join(cal.sides)}) on "
           f"{cal.info['batches']} batches / {cal.info['positions']} positions in "
-          f"{cal.info['seconds']:.1f} s -> {out}")
+          f"{cal.info['seconds']:.1f} s -> {out} ({_gb(out.stat().st_size)})")
     return 0
+
+
+def _peft_task_type(model: Any, causal: bool) -> str | None:
+    # SEQ_CLS makes PEFT save the classification head with the adapter (modules_to_save),
+    # so a fresh base with another random head still reproduces the logits.
+    if causal:
+        return "CAUSAL_LM"
+    return "SEQ_CLS" if "ForSequenceClassification" in type(model).__name__ else None
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from covinit.adapters import find_adapters
+    from covinit.calibration import calibrate
+    from covinit.strategies import get_strategy
+
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("covinit init writes a PEFT adapter and needs peft: "
+                          "pip install peft") from None
+    # The sides the strategy reads (kaiming reads none: the input side is the cheapest).
+    sides = args.sides or list(get_strategy(args.strategy).tags.get("needs") or ["input"])
+    model, tokenizer, causal, layers, peft_targets, _, device = _prepare(args, sides,
+                                                                         file=False)
+    config = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha or 2 * args.rank,
+                             use_rslora=args.rslora, target_modules=peft_targets,
+                             task_type=_peft_task_type(model, causal))
+    with warnings.catch_warnings():
+        # transformers deprecates an API that PEFT calls while wrapping the model.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        model = peft.get_peft_model(model, config)
+    adapted = find_adapters(model)
+    if set(adapted) != set(layers) - _saved_whole(model):
+        raise RuntimeError(f"PEFT adapted {sorted(adapted)} for --targets {peft_targets!r}, "
+                           f"not the selected layers {sorted(layers)}")
+    cal = calibrate(model, _loader(args, tokenizer), sides=tuple(sides),
+                    forward_fn=_drop_labels, max_batches=args.max_batches, device=device,
+                    show_progress=not args.quiet, folds=args.folds, precision=args.precision,
+                    strategy=args.strategy, estimator=args.estimator, seed=args.seed)
+    from covinit.export import export_lora
+
+    out = Path(args.out)
+    export_lora(model, out, format="peft")
+    print(f"initialized {len(adapted)} LoRA layers (rank {args.rank}, {args.strategy}) on "
+          f"{cal.info['batches']} batches / {cal.info['positions']} positions -> {out}; "
+          "load it with peft.PeftModel.from_pretrained(base, OUT) onto the original model")
+    return 0
+
+
+def _saved_whole(model: Any) -> set[str]:
+    """Layers PEFT trains whole instead of adapting (``modules_to_save``: a classifier head
+    that ``--targets all`` also selected)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    return {name for name, module in model.base_model.model.named_modules()
+            if isinstance(module, ModulesToSaveWrapper)}
 
 
 def _geometry(spec: str | None) -> Any:
@@ -178,7 +526,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         spec = cal.info.get("model") if args.model == "recorded" else args.model
         if spec is None:
             raise ValueError("--model recorded: the calibration file records no model")
-        model, _, _ = load_model(spec, args.task)
+        model, _, _ = load_model(spec, args.task, with_tokenizer=False, quiet=args.quiet)
     spatpca: Any = None
     if args.no_spatpca:
         spatpca = False
@@ -264,17 +612,68 @@ Run benchmarks/compare_inits.py (every init strategy, same model, data, rank, st
 with the remaining arguments; `covinit compare --help` shows the benchmark's own options."""
 
 
+def _add_run_arguments(sub: argparse.ArgumentParser) -> None:
+    """Model, data, layer and device options shared by ``calibrate`` and ``init``."""
+    sub.add_argument("--model", required=True,
+                     help="minilm, smollm2, or a Hugging Face model directory")
+    sub.add_argument("--task", default="auto",
+                     choices=("auto", "base", "sequence-classification", "causal-lm"),
+                     help="model class for a directory (auto: the config's architecture)")
+    sub.add_argument("--tokenizer", default=None,
+                     help="minilm, smollm2 or a folder with tokenizer files, for a model "
+                          "folder saved without them (default: the model's own)")
+    sub.add_argument("--data", required=True,
+                     help="rotten-tomatoes, hamlet, or a file: .txt (one text per line), "
+                          ".jsonl / .csv / .tsv (a text column)")
+    sub.add_argument("--text-column", default=None,
+                     help="field / column holding the text in a .jsonl or .csv file "
+                          "(default: text)")
+    sub.add_argument("--targets", nargs="+", default=None,
+                     help="layer name suffixes (query value), one regular expression matched "
+                          "against the full name, or 'all' (every linear layer except the "
+                          "output embedding / LM head; name it to include it). Default: the "
+                          "attention projections for minilm/smollm2, PEFT's default for the "
+                          "architecture of a model folder")
+    sub.add_argument("--max-batches", type=_positive, default=32,
+                     help="stop after this many batches")
+    sub.add_argument("--batch-size", type=_positive, default=16, help="examples per batch")
+    sub.add_argument("--max-length", type=_at_least_two, default=128,
+                     help="tokens per example (hamlet: block length)")
+    sub.add_argument("--folds", type=_positive, default=None,
+                     help="keep M per-fold summaries (needed by the spatpca estimator's "
+                          "cross-validation)")
+    sub.add_argument("--precision", choices=("float64", "mixed"), default="float64",
+                     help="mixed: float32 Gram products (about half the cost, ~1e-7 relative)")
+    sub.add_argument("--max-stats-size", type=_stats_size_arg, default=DEFAULT_MAX_STATS_SIZE,
+                     metavar="SIZE",
+                     help="refuse (before loading data) statistics estimated above this "
+                          "size in memory or on disk: 500MB, 2GB, 8GiB; 0 = no limit "
+                          f"(default: {_gb(DEFAULT_MAX_STATS_SIZE)})")
+    sub.add_argument("--device", default=None,
+                     help="move the model and batches there, e.g. cuda:0 (default: where the "
+                          "model loads, the CPU)")
+    sub.add_argument("--seed", type=int, default=0,
+                     help="seed of the dataset split (and, for init, of random factors)")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar and no notes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``covinit`` (one subparser per verb)."""
     parser = argparse.ArgumentParser(
         prog=_PROG, formatter_class=_Formatter,
         description="Covariance-informed LoRA initialization: calibrate a frozen model on task "
-                    "data, inspect what calibration found, compare init strategies.",
+                    "data, initialize a LoRA adapter from it, inspect what calibration found, "
+                    "compare init strategies.",
         epilog="examples:\n"
                "  covinit calibrate --model minilm --data rotten-tomatoes --out cal.safetensors\n"
+               "  covinit init --model ./my-llama --data texts.txt --strategy cov-svd "
+               "--out adapter\n"
                "  covinit report cal.safetensors --out report --model minilm\n"
                "  covinit strategies")
     from covinit import __version__
+    from covinit.calibration import DEFAULT_STRATEGY
+    from covinit.estimators import estimators
+    from covinit.strategies import strategies
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -290,38 +689,39 @@ def build_parser() -> argparse.ArgumentParser:
                "--folds 5 --out cal.safetensors\n"
                "  covinit calibrate --model ./my-bert --data texts.jsonl --text-column body "
                "--targets all --out cal.safetensors")
-    cal.add_argument("--model", required=True,
-                     help="minilm, smollm2, or a Hugging Face model directory")
-    cal.add_argument("--task", default="auto",
-                     choices=("auto", "base", "sequence-classification", "causal-lm"),
-                     help="model class for a directory (auto: the config's architecture)")
-    cal.add_argument("--data", required=True,
-                     help="rotten-tomatoes, hamlet, or a file: .txt (one text per line), "
-                          ".jsonl / .csv / .tsv (a text column)")
-    cal.add_argument("--text-column", default=None,
-                     help="field / column holding the text in a .jsonl or .csv file "
-                          "(default: text)")
-    cal.add_argument("--targets", nargs="+", default=None,
-                     help="layer name suffixes (query value), one regular expression matched "
-                          "against the full name, or 'all' (default for minilm/smollm2: the "
-                          "attention projections)")
+    _add_run_arguments(cal)
     cal.add_argument("--out", required=True, help="output .safetensors file")
-    cal.add_argument("--max-batches", type=_positive, default=32,
-                     help="stop after this many batches")
-    cal.add_argument("--batch-size", type=_positive, default=16, help="examples per batch")
-    cal.add_argument("--max-length", type=_at_least_two, default=128,
-                     help="tokens per example (hamlet: block length)")
-    cal.add_argument("--folds", type=_positive, default=None,
-                     help="keep M per-fold summaries (needed by the spatpca estimator's "
-                          "cross-validation)")
     cal.add_argument("--sides", nargs="+", choices=("input", "output"),
                      default=["input", "output"], help="activations to summarise")
-    cal.add_argument("--precision", choices=("float64", "mixed"), default="float64",
-                     help="mixed: float32 Gram products (about half the cost, ~1e-7 relative)")
-    cal.add_argument("--device", default=None, help="e.g. cuda:0 (default: the model's)")
-    cal.add_argument("--seed", type=int, default=0, help="seed of the dataset split")
-    cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(func=_cmd_calibrate)
+
+    ini = verbs.add_parser(
+        "init", formatter_class=_Formatter,
+        help="add PEFT LoRA to a model, initialize it from data, write the adapter folder",
+        description="Add PEFT LoRA layers to the target layers, calibrate them on task data, "
+                    "initialize them with a strategy and write a PEFT adapter directory "
+                    "(adapter_config.json + adapter_model.safetensors) that "
+                    "peft.PeftModel.from_pretrained(base, OUT) applies to the original, "
+                    "untouched base model. Residual strategies (pissa, cov-svd, cov-minor, "
+                    "two-sided) are written with their step-0 part folded in (rank 2r).",
+        epilog="examples:\n"
+               "  covinit init --model minilm --data rotten-tomatoes --strategy input-pca "
+               "--out adapter\n"
+               "  covinit init --model ./my-llama --data texts.txt --targets q_proj v_proj "
+               "--strategy cov-svd --rank 16 --out adapter")
+    _add_run_arguments(ini)
+    ini.add_argument("--out", required=True, help="output adapter directory")
+    ini.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(strategies()),
+                     help="init strategy (see covinit strategies)")
+    ini.add_argument("--estimator", default=None, choices=list(estimators()),
+                     help="covariance estimator for the strategy (default: covinit.initialize's)")
+    ini.add_argument("--rank", type=_positive, default=8, help="LoRA rank r")
+    ini.add_argument("--alpha", type=float, default=None,
+                     help="LoRA alpha (default: 2 × rank)")
+    ini.add_argument("--rslora", action="store_true", help="scale by alpha/√r (rsLoRA)")
+    ini.add_argument("--sides", nargs="+", choices=("input", "output"), default=None,
+                     help="activations to summarise (default: those the strategy needs)")
+    ini.set_defaults(func=_cmd_init)
 
     rep = verbs.add_parser(
         "report", formatter_class=_Formatter,
@@ -399,10 +799,11 @@ def _at_least_two(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``covinit`` console script; returns the exit status.
 
-    Usage errors raise ``SystemExit(2)`` from argparse; ``ValueError``, ``TypeError``,
-    ``ImportError``, ``OSError`` and ``RuntimeError`` from the work itself are printed as one
-    line ``covinit: error: ...`` and give status 1 (set ``COVINIT_TRACEBACK=1`` to get the
-    traceback instead).
+    Usage errors exit with status 2: argparse's own (``SystemExit(2)`` with the usage), and
+    arguments that cannot work (see the module docstring) as one line ``covinit: error:
+    ...``.  ``ValueError``, ``TypeError``, ``ImportError``, ``OSError`` and
+    ``RuntimeError`` from the work itself are printed as one line ``covinit: error: ...``
+    and give status 1 (set ``COVINIT_TRACEBACK=1`` to get the traceback instead).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -415,11 +816,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"{_PROG}: error: {message}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, _UsageError) else 1
     except KeyboardInterrupt:
         print(f"{_PROG}: interrupted", file=sys.stderr)
         return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())

