@@ -34,9 +34,14 @@ __all__ = [
     "PEFT_BASE_REWRITING_INITS",
     "LoRAAdapter",
     "check_original_base",
+    "factors_digest",
     "find_adapters",
     "find_linear_layers",
+    "find_skipped_adapters",
     "fingerprint_digest",
+    "is_inert",
+    "mark_initialized",
+    "matches_initialized",
     "model_fingerprint",
     "plain_root",
 ]
@@ -44,6 +49,9 @@ __all__ = [
 # Attribute set on PEFT / loralib modules whose base weight covinit replaced (covinit's own
 # layer has a real ``base_replaced`` attribute); save_lora uses it to decide what to save.
 _REPLACED_FLAG = "_covinit_base_replaced"
+# Attribute holding ``{adapter name: factors_digest}`` of the factors covinit's last init wrote
+# (a plain attribute: it follows deepcopy, not state_dict or save_pretrained).
+_INIT_DIGEST = "_covinit_init_digest"
 
 #: PEFT ``init_lora_weights`` values (prefixes) that rewrite the base weight to
 #: ``W0 − c·B0·A0`` when PEFT creates the adapter (checked against PEFT 0.21's
@@ -232,21 +240,73 @@ class _CovinitAdapter(_ParamAdapter):
 
 class _PeftAdapter(_ParamAdapter):
     """PEFT ``lora.Linear``, for its (single) active adapter; ``peft_init`` is its config's
-    ``init_lora_weights`` (None when the config is not reachable)."""
+    ``init_lora_weights`` (None when the config is not reachable).
 
-    def __init__(self, name: str, layer: nn.Module, adapter: str, peft_init: object = None
-                 ) -> None:
-        if adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False):
-            raise ValueError(
-                f"PEFT layer {name!r}: adapter {adapter!r} is a LoRA variant (e.g. DoRA), whose "
-                "output is not base + scaling·B·A; covinit initializes plain LoRA only"
-            )
+    With ``dora=True`` a DoRA adapter is accepted (see :func:`find_adapters`): PEFT's DoRA
+    layer computes ``diag(m / ‖W + s·B·A‖_row)·(W + s·B·A)·x + bias``, which is plain LoRA's
+    ``(W + s·B·A)·x + bias`` exactly when the magnitude ``m`` equals those row norms — what
+    PEFT sets when it creates the adapter.  Every write through this adapter (base, factors,
+    rank) therefore recomputes ``m`` from the new ``W``, ``B``, ``A`` with PEFT's own routines,
+    so a strategy's step-0 promise holds for DoRA as for LoRA.
+    """
+
+    def __init__(self, name: str, layer: nn.Module, adapter: str, peft_init: object = None,
+                 dora: bool = False) -> None:
+        variant = getattr(layer, "lora_variant", {}).get(adapter)
+        is_dora = _is_dora_variant(variant) and adapter in layer.lora_magnitude_vector
+        if variant is not None or layer.use_dora.get(adapter, False):
+            if not is_dora:
+                raise ValueError(
+                    f"PEFT layer {name!r}: adapter {adapter!r} is the LoRA variant "
+                    f"{type(variant).__name__ if variant is not None else 'DoRA'}, whose "
+                    "output is not base + scaling·B·A; covinit initializes plain LoRA and DoRA "
+                    "only")
+            if not dora:
+                raise ValueError(
+                    f"PEFT layer {name!r}: adapter {adapter!r} is a DoRA adapter; this "
+                    "operation reads or writes A, B and the base only, not DoRA's magnitude "
+                    "vector. covinit.calibrate / covinit.initialize handle DoRA; save a DoRA "
+                    "model with PEFT's save_pretrained")
         base = layer.get_base_layer()
         super().__init__(name, layer, base, base.weight, layer.lora_A[adapter].weight,
                          layer.lora_B[adapter].weight, layer.scaling[adapter],
                          bool(getattr(layer, "fan_in_fan_out", False)))
         self.adapter_name = adapter
         self.peft_init = peft_init
+        self.dora = is_dora
+
+    def magnitude(self) -> Tensor | None:
+        """DoRA's magnitude vector ``m`` (d,) (a detached view), or None for plain LoRA."""
+        return self.module.lora_magnitude_vector[self.adapter_name].weight.detach() \
+            if self.dora else None
+
+    def dora_row_norms(self) -> Tensor:
+        """``‖W + s·B·A‖`` per output row (d,), computed as PEFT's DoRA forward computes it."""
+        layer, name = self.module, self.adapter_name
+        dora = layer.lora_magnitude_vector[name]
+        with torch.no_grad():
+            # get_lora_weight is what DoRA's forward uses, so m / norm is exactly 1 there.
+            lora_weight = dora.get_lora_weight(lora_A=layer.lora_A[name],
+                                               lora_B=layer.lora_B[name])
+            return dora.get_weight_norm(weight=self._weight.detach(),
+                                        lora_weight=lora_weight.detach(), scaling=self.scaling)
+
+    def _refresh_magnitude(self) -> None:
+        if not self.dora:
+            return
+        dora = self.module.lora_magnitude_vector[self.adapter_name]
+        norm = self.dora_row_norms()
+        with torch.no_grad():
+            dora.weight.copy_(norm)
+        dora._cache_clear()  # PEFT caches norms in eval mode when its caching is enabled
+
+    def set_base_weight(self, weight: Tensor, replaced: bool = True) -> None:
+        super().set_base_weight(weight, replaced)
+        self._refresh_magnitude()
+
+    def set_lora(self, a: Tensor, b: Tensor) -> None:
+        super().set_lora(a, b)
+        self._refresh_magnitude()
 
     @property
     def base_rewritten_by_peft(self) -> bool:
@@ -280,6 +340,7 @@ class _PeftAdapter(_ParamAdapter):
         layer.r[name] = rank
         layer.lora_alpha[name] = self.scaling * (math.sqrt(rank) if rslora else rank)
         self._a, self._b, self.rank = new_a.weight, new_b.weight, rank
+        self._refresh_magnitude()
 
 
 class _LoralibAdapter(_ParamAdapter):
@@ -319,6 +380,15 @@ def _peft_linear_class() -> type | None:
     from peft.tuners.lora.layer import Linear
 
     return Linear
+
+
+def _is_dora_variant(variant: object) -> bool:
+    """Whether a PEFT ``lora_variant`` entry (class or instance) is DoRA for linear layers."""
+    if variant is None or "peft" not in sys.modules:
+        return False
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    return variant is DoraLinearVariant or isinstance(variant, DoraLinearVariant)
 
 
 def _peft_lora_layer_class() -> type | None:
@@ -371,9 +441,9 @@ def _walk(module: nn.Module, prefix: str = "", seen: set[int] | None = None,
     """Yield ``(canonical name, module, kind)`` for adapters and plain linear layers.
 
     ``kind`` is ``"covinit"``, ``"peft"``, ``"peft-other"`` (a PEFT layer covinit does not
-    handle, e.g. an embedding adapter), ``"loralib"`` or ``"linear"``.  Adapters are not
-    descended into, so their base layers are not reported separately.  Shared modules are
-    reported once, under their first name.
+    initialize, e.g. an embedding adapter: see :func:`find_skipped_adapters`), ``"loralib"``
+    or ``"linear"``.  Adapters are not descended into, so their base layers are not reported
+    separately.  Shared modules are reported once, under their first name.
     """
     seen = set() if seen is None else seen
     peft_linear, peft_layer = _peft_linear_class(), _peft_lora_layer_class()
@@ -397,7 +467,18 @@ def _walk(module: nn.Module, prefix: str = "", seen: set[int] | None = None,
             yield from _walk(child, name, seen)
 
 
-def find_adapters(model: nn.Module) -> dict[str, LoRAAdapter]:
+def _active_peft_adapter(name: str, module: nn.Module) -> str | None:
+    """The one active adapter of a PEFT layer if this layer carries it, else None."""
+    active = list(module.active_adapters)
+    if len(active) != 1:
+        raise ValueError(f"PEFT layer {name!r} has {len(active)} active adapters "
+                         f"{active}; activate exactly one (model.set_adapter(name))")
+    # With several adapters on different targets, the active one may not be here.
+    carried = [*getattr(module, "lora_A", {}), *getattr(module, "lora_embedding_A", {})]
+    return active[0] if active[0] in carried else None
+
+
+def find_adapters(model: nn.Module, *, dora: bool = False) -> dict[str, LoRAAdapter]:
     """Every LoRA layer of ``model`` behind the :class:`LoRAAdapter` protocol.
 
     Parameters
@@ -405,18 +486,25 @@ def find_adapters(model: nn.Module) -> dict[str, LoRAAdapter]:
     model : nn.Module
         A model adapted with :func:`covinit.add_lora`, a PEFT model (``PeftModel`` or
         ``LoraModel``; its active adapter is used) or a model with loralib-style layers.
+    dora : bool, default=False
+        Also accept PEFT DoRA adapters (``use_dora=True``).  Their adapters recompute DoRA's
+        magnitude vector after every write, as PEFT does when it creates the adapter, so
+        writes through them are *initializations*; callers that copy factors in or out
+        (saving, loading, export) keep the default, because ``A`` and ``B`` alone do not
+        describe a DoRA layer.
 
     Returns
     -------
     dict
         ``canonical name -> adapter`` in module order.  PEFT adapters other than
-        ``lora.Linear`` (embeddings, convolutions), and PEFT layers that do not carry the
-        active adapter, are not included.
+        ``lora.Linear`` (embeddings, convolutions; see :func:`find_skipped_adapters`), and
+        PEFT layers that do not carry the active adapter, are not included.
 
     Raises
     ------
     ValueError
-        For a PEFT layer with several active adapters, or a LoRA variant such as DoRA.
+        For a PEFT layer with several active adapters, a DoRA adapter without ``dora=True``,
+        or another LoRA variant.
 
     Examples
     --------
@@ -433,17 +521,100 @@ def find_adapters(model: nn.Module) -> dict[str, LoRAAdapter]:
         if kind == "covinit":
             found[name] = _CovinitAdapter(name, module)  # type: ignore[arg-type]
         elif kind == "peft":
-            active = list(module.active_adapters)
-            if len(active) != 1:
-                raise ValueError(f"PEFT layer {name!r} has {len(active)} active adapters "
-                                 f"{active}; activate exactly one (model.set_adapter(name))")
-            # With several adapters on different targets, the active one may not be here.
-            if active[0] in module.lora_A:
-                init = getattr(configs.get(active[0]), "init_lora_weights", None)
-                found[name] = _PeftAdapter(name, module, active[0], init)
+            active = _active_peft_adapter(name, module)
+            if active is not None:
+                init = getattr(configs.get(active), "init_lora_weights", None)
+                found[name] = _PeftAdapter(name, module, active, init, dora=dora)
         elif kind == "loralib":
             found[name] = _LoralibAdapter(name, module)
     return found
+
+
+def find_skipped_adapters(model: nn.Module) -> dict[str, str]:
+    """PEFT LoRA layers that carry the active adapter but that covinit does not initialize.
+
+    These are PEFT's LoRA layers other than ``lora.Linear`` — ``lora.Embedding`` above all
+    (``target_modules=["embed_tokens", ...]``), also convolutions.  covinit leaves them as
+    PEFT initialized them.  For an embedding that is ``A = 0``, ``B ~ N(0, 1)`` (PEFT 0.21's
+    ``reset_lora_parameters``), so ``ΔW = 0`` at step 0; a covariance-informed rule has little
+    to add there, because an embedding's input is a one-hot token id, whose covariance is
+    diagonal (the token frequencies): its eigenvectors are single tokens, not directions.
+
+    Returns
+    -------
+    dict
+        ``canonical name -> PEFT layer class name`` (e.g. ``"Embedding"``), in module order.
+    """
+    skipped: dict[str, str] = {}
+    for name, module, kind in _walk(plain_root(model)):
+        if kind == "peft-other" and _active_peft_adapter(name, module) is not None:
+            skipped[name] = type(module).__name__
+    return skipped
+
+
+# ---------------------------------------------------------------------- initial state
+def _digest_key(adapter: LoRAAdapter) -> str:
+    return str(getattr(adapter, "adapter_name", ""))
+
+
+def factors_digest(adapter: LoRAAdapter) -> str:
+    """SHA-256 of the adapter's current ``A``, ``B`` (and DoRA magnitude): bytes, dtypes and
+    shapes, so any change of a value — one optimizer step — changes it."""
+    h = hashlib.sha256()
+    a, b = adapter.get_lora()
+    magnitude = getattr(adapter, "magnitude", None)
+    parts = [a, b] + ([m] if callable(magnitude) and (m := magnitude()) is not None else [])
+    for t in parts:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def mark_initialized(adapter: LoRAAdapter) -> None:
+    """Record that ``adapter``'s current factors are an initialization covinit just wrote.
+
+    :func:`covinit.initialize` calls it after writing each layer; :func:`matches_initialized`
+    later tells whether the factors are still those (not trained, not loaded over).
+    """
+    module = adapter.module
+    record = dict(getattr(module, _INIT_DIGEST, None) or {})
+    record[_digest_key(adapter)] = factors_digest(adapter)
+    setattr(module, _INIT_DIGEST, record)
+
+
+def matches_initialized(adapter: LoRAAdapter) -> bool | None:
+    """Whether the factors are still those :func:`mark_initialized` recorded.
+
+    Returns
+    -------
+    bool or None
+        ``True`` unchanged, ``False`` changed since (trained, loaded over, cast to another
+        dtype), ``None`` nothing recorded (covinit did not initialize this layer in this
+        process: a fresh PEFT model, a reloaded one, a copy made with ``save_pretrained``).
+    """
+    record = getattr(adapter.module, _INIT_DIGEST, None) or {}
+    digest = record.get(_digest_key(adapter))
+    return None if digest is None else digest == factors_digest(adapter)
+
+
+def is_inert(adapter: LoRAAdapter) -> bool:
+    """Whether the adapter adds nothing to its layer's output: ``B·A = 0`` exactly (``B`` or
+    ``A`` all zero) and, for DoRA, the magnitude equals ``‖W‖`` per row (to float rounding).
+
+    That is the state PEFT (``init_lora_weights=True`` / ``"gaussian"``), loralib and
+    :func:`covinit.add_lora` create, and the step-0 state of every ``B = 0`` or ``A = 0``
+    strategy.  Overwriting such factors cannot lose training: there is none in them.
+    """
+    a, b = adapter.get_lora()
+    if bool(a.any()) and bool(b.any()):
+        return False
+    if not getattr(adapter, "dora", False):
+        return True
+    magnitude = adapter.magnitude()  # type: ignore[attr-defined]
+    norms = adapter.dora_row_norms()  # type: ignore[attr-defined]
+    tol = 8 * torch.finfo(norms.dtype).eps
+    return bool(torch.allclose(magnitude.to(norms.dtype), norms, rtol=tol, atol=0.0))
 
 
 def check_original_base(adapters: Mapping[str, LoRAAdapter], action: str) -> None:
@@ -464,7 +635,7 @@ def check_original_base(adapters: Mapping[str, LoRAAdapter], action: str) -> Non
             raise ValueError(
                 f"cannot {action} layer {name!r}: PEFT's init_lora_weights={init!r} rewrote its "
                 "base weight to W0 - c*B0*A0, so the original W0 is unknown to covinit; create "
-                "the PEFT model with init_lora_weights=True (or False) and let covinit "
+                "the PEFT model with init_lora_weights=True and let covinit "
                 "initialize it (covinit's 'pissa' and 'cov-svd' strategies are residual too)")
 
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -645,15 +646,32 @@ def calibrate(
     sketch_size: int = 256,
     strategy: str | None = None,
     estimator: str | None = None,
+    init: bool = True,
+    overwrite: bool = False,
     **init_options: Any,
 ) -> Calibration:
     """Collect activation statistics of a model's linear layers on task data.
 
-    On a model that holds LoRA layers (covinit's, PEFT's or loralib-style), the layers under
-    those adapters are calibrated and then **initialized in place** by
+    On a model that holds LoRA layers (covinit's, PEFT's — DoRA included — or loralib-style),
+    the layers under those adapters are calibrated and then **initialized in place** by
     :func:`covinit.initialize.initialize` with ``strategy``, ``estimator`` and
-    ``init_options``.  On a plain model, ``targets`` selects the layers and only statistics
-    are collected.
+    ``init_options``; ``init=False`` collects statistics only.  On a plain model, ``targets``
+    selects the layers and only statistics are collected.
+
+    Adapters that are no longer at their initial state are refused unless ``overwrite=True``:
+    re-initializing them would silently throw their training away.  An adapter counts as
+    initial when (1) its factors are still those covinit's last init wrote (a SHA-256 of A, B
+    recorded in memory by :func:`covinit.initialize`), or, with no such record, (2) they
+    still equal the step-0 factors of covinit's residual init recorded with the layer
+    (``W0 = base + c·B0·A0``), or (3) the adapter adds nothing (``B·A = 0`` with the base
+    untouched: PEFT's ``init_lora_weights=True`` / ``"gaussian"``, loralib, ``add_lora``).
+    Anything else (trained, loaded from a trained adapter, PEFT's random
+    ``init_lora_weights=False``) is treated as trained.
+
+    PEFT LoRA layers covinit does not initialize — embedding adapters
+    (``target_modules=["embed_tokens", ...]``) and convolutions — keep PEFT's own init
+    (embeddings: ``A = 0``, ``B ~ N(0, 1)``, so ``ΔW = 0``), with one ``UserWarning``
+    naming them (see :func:`covinit.adapters.find_skipped_adapters` for why).
 
     The model runs in eval mode under ``torch.no_grad()`` (with the gradient side: with
     gradients enabled, and a backward pass that writes no parameter's ``.grad``); its
@@ -712,6 +730,13 @@ def calibrate(
         statistics.
     estimator : str, optional
         Passed to :func:`covinit.initialize.initialize` (default: its own).
+    init : bool, default=True
+        On a LoRA model, initialize the calibrated adapters.  ``False`` collects statistics
+        only (e.g. for :mod:`covinit.report` on a trained model): A, B, DoRA magnitudes and
+        base weights stay bit-identical, and initialization options are refused.
+    overwrite : bool, default=False
+        Re-initialize adapters even when they are no longer at their initial state (see
+        above); without it such adapters raise ``ValueError`` before any data is read.
     **init_options
         Further keyword arguments for :func:`covinit.initialize.initialize` (e.g.
         ``rank=``, ``seed=``); only valid on a LoRA model.
@@ -725,14 +750,25 @@ def calibrate(
     ValueError
         Empty dataloader; ``targets`` missing on a plain model or matching nothing (lists the
         layers that exist); a target never called; a target that kept no position; NaN/Inf
-        in an activation (names the layer and batch); fewer kept positions than the LoRA rank.
+        in an activation (names the layer and batch); fewer kept positions than the LoRA rank;
+        adapters that are no longer at their initial state (names them) without
+        ``overwrite=True``; a model whose only LoRA layers are ones covinit does not
+        initialize (embeddings), without ``targets``.
     TypeError
-        A batch type the default call cannot handle; initialization options on a plain model.
+        A batch type the default call cannot handle; initialization options on a plain model
+        or with ``init=False``.
+
+    Warns
+    -----
+    UserWarning
+        Once per call, naming the PEFT LoRA layers (embeddings, convolutions) that keep
+        PEFT's own init.
     """
     from covinit.adapters import (
         check_original_base,
         find_adapters,
         find_linear_layers,
+        find_skipped_adapters,
         model_fingerprint,
     )
 
@@ -744,7 +780,13 @@ def calibrate(
     if loss_fn is not None and GRADIENT not in sides:
         raise ValueError(f"loss_fn is only used by the gradient side; sides={tuple(sides)!r} "
                          "does not include 'gradient'")
-    adapters = find_adapters(model)
+    adapters = find_adapters(model, dora=True)
+    skipped = find_skipped_adapters(model)
+    if not init and (strategy is not None or estimator is not None or init_options
+                     or overwrite):
+        raise TypeError(f"init=False collects statistics only, but initialization options "
+                        f"{_given_options(strategy, estimator, init_options, overwrite)} were "
+                        "given; drop them or leave init=True")
     if adapters:
         base_layers = find_linear_layers(model)
         layers = {name: base_layers[name] for name in adapters}
@@ -755,16 +797,24 @@ def calibrate(
                 raise ValueError(f"targets {targets!r} match no LoRA layer; adapted layers: "
                                  f"{', '.join(adapters)}")
         check_original_base({name: adapters[name] for name in layers}, "calibrate")
+        if init and not overwrite:
+            _refuse_trained({name: adapters[name] for name in layers})
     else:
+        if targets is None and skipped:
+            raise ValueError(
+                f"the model's LoRA layers are all of kinds covinit does not initialize "
+                f"({_describe(skipped)}); they keep PEFT's own init (embeddings: A = 0, "
+                "B ~ N(0, 1), so the model is unchanged at step 0). Pass targets= to collect "
+                "statistics of linear layers")
         if targets is None:
             available = ", ".join(find_linear_layers(model)) or "(none)"
             raise ValueError("the model has no LoRA layers, so calibrate needs targets= "
                              f"(name suffixes, a regex or a callable); available: {available}")
-        if strategy is not None or estimator is not None or init_options:
-            given = sorted([*init_options, *(["strategy"] if strategy else []),
-                            *(["estimator"] if estimator else [])])
-            raise TypeError(f"initialization options {given} need a model with LoRA layers; "
-                            "call covinit.add_lora (or PEFT) first")
+        if strategy is not None or estimator is not None or init_options or overwrite:
+            raise TypeError(
+                f"initialization options "
+                f"{_given_options(strategy, estimator, init_options, overwrite)} need a model "
+                "with LoRA layers; call covinit.add_lora (or PEFT) first")
         layers = match_layers(model, targets)
     device = torch.device(device) if device is not None else _model_device(model)
     fingerprint = model_fingerprint(model)
@@ -863,7 +913,13 @@ def calibrate(
     cal = Calibration(stats, collector.shapes, fingerprint, folds=fold_stats,
                       shared_inputs=shared, info=info, gradients=gradients,
                       gradient_folds=gradient_folds)
-    if adapters:
+    if adapters and init:
+        if skipped:
+            warnings.warn(
+                f"covinit leaves PEFT LoRA layer(s) {_describe(skipped)} as PEFT initialized "
+                "them (embeddings: A = 0, B ~ N(0, 1), so ΔW = 0 at step 0): an embedding's "
+                "input is a one-hot token id, whose covariance is diagonal, so covariance "
+                "strategies do not apply", UserWarning, stacklevel=2)
         _check_ranks(cal, {name: adapters[name] for name in layers}, init_options.get("rank"))
         from covinit.initialize import initialize
 
@@ -875,6 +931,73 @@ def calibrate(
             kwargs["estimator"] = estimator
         initialize(model, cal, **kwargs)
     return cal
+
+
+def _given_options(strategy: str | None, estimator: str | None, options: Mapping[str, Any],
+                   overwrite: bool) -> list[str]:
+    """Names of the initialization options a caller passed (for error messages)."""
+    flags = {"strategy": strategy is not None, "estimator": estimator is not None,
+             "overwrite": bool(overwrite)}
+    return sorted([*options, *(name for name, given in flags.items() if given)])
+
+
+def _describe(layers: Mapping[str, str]) -> str:
+    """``'a' (Embedding), 'b' (Conv2d)`` for ``{name: kind}``."""
+    return ", ".join(f"{name!r} ({kind})" for name, kind in layers.items())
+
+
+def _trained_reason(adapter: Any) -> str | None:
+    """Why ``adapter`` is no longer at its initial state, or None if it is.
+
+    Initial means (see :func:`calibrate`): the factors covinit's last init wrote, unchanged;
+    or, with the base untouched, an adapter that adds nothing (``B·A = 0``); or, with a
+    recorded residual offset ``P = c·B0``, ``Q = A0``, factors that still match it.
+    """
+    from covinit.adapters import is_inert, matches_initialized
+    from covinit.export import residual_offset
+
+    recorded = matches_initialized(adapter)
+    if recorded:
+        return None
+    offset = residual_offset(adapter.module)
+    if offset is None and is_inert(adapter):  # nothing in it to lose
+        return None
+    if recorded is False:
+        return "its factors changed since covinit initialized them"
+    if offset is not None:
+        a, b = adapter.get_lora()
+        p, q = (t.detach().to("cpu", torch.float64) for t in offset)
+        if p.shape == b.shape and q.shape == a.shape:
+            # The record is c·B0 in ≥ float32, A0 as written: what one rounding allows.
+            tol = 4 * torch.finfo(torch.promote_types(b.dtype, torch.float32)).eps
+            cb, a64 = b.to("cpu", torch.float64) * adapter.scaling, a.to("cpu", torch.float64)
+            if (torch.linalg.norm(cb - p) <= tol * torch.linalg.norm(p)
+                    and torch.linalg.norm(a64 - q) <= tol * torch.linalg.norm(q)):
+                return None
+        return "its factors differ from the residual init recorded for the layer"
+    return "B·A is not zero and covinit has no record of initializing it"
+
+
+def _refuse_trained(adapters: Mapping[str, Any]) -> None:
+    """Refuse to re-initialize adapters that are no longer at their initial state.
+
+    Raises
+    ------
+    ValueError
+        Naming the first layers (and how many there are) with the first one's reason.
+    """
+    trained = {name: why for name, adapter in adapters.items()
+               if (why := _trained_reason(adapter)) is not None}
+    if not trained:
+        return
+    names = list(trained)
+    shown = ", ".join(repr(n) for n in names[:3]) + (
+        f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise ValueError(
+        f"calibrate would re-initialize {len(names)} LoRA layer(s) that are no longer at their "
+        f"initial state ({shown}; {names[0]!r}: {trained[names[0]]}), which would throw their "
+        "training away. Pass init=False to collect statistics only (A, B and the base stay "
+        "untouched), or overwrite=True to re-initialize them anyway")
 
 
 def _check_ranks(cal: Calibration, adapters: Mapping[str, Any], rank: Any) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from covinit.adapters import LoRAAdapter, check_original_base, find_adapters
+from covinit.adapters import LoRAAdapter, check_original_base, find_adapters, mark_initialized
 from covinit.export import record_offset, residual_offset
 from covinit.strategies import InitContext, LoRAInit, get_strategy
 
@@ -274,7 +274,7 @@ def initialize(
         if unknown:
             raise ValueError(f"strategy {strategy!r} got unknown options {unknown}; "
                              f"allowed: {sorted(allowed) or 'none'}")
-    adapters = find_adapters(model)
+    adapters = find_adapters(model, dora=True)  # DoRA magnitudes follow every write
     if not adapters:
         raise ValueError("model has no LoRA layers; add them first with covinit.add_lora(...) "
                          "or peft.get_peft_model(...)")
@@ -402,6 +402,7 @@ def initialize(
             # export_lora can target the original base.
             record_offset(adapter, b if residual else None, a if residual else None)
         adapter.set_lora(a, b)
+        mark_initialized(adapter)  # lets calibrate tell these factors from trained ones
     if rank_budget is not None:
         _update_peft_patterns(model, {name: adapter for name, adapter in chosen.items()})
     return info

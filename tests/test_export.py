@@ -233,7 +233,7 @@ def test_output_statistics_describe_w0_after_training(kind, adapt, make_tiny):
     for adapter in find_adapters(model).values():
         a, b = adapter.get_lora()
         adapter.set_lora(a, torch.randn_like(b))
-    cal = calibrate(model, _data(), strategy="two-sided", show_progress=False)
+    cal = calibrate(model, _data(), strategy="two-sided", overwrite=True, show_progress=False)
     for name in ("block.query", "block.dense", "head"):
         w0 = original.get_submodule(name).weight.double()
         b0 = original.get_submodule(name).bias.double()

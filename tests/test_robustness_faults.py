@@ -51,7 +51,8 @@ def _batches(n: int = 4) -> list[Tensor]:
 
 
 def _init_kwargs(kind: str) -> dict:
-    return {} if kind == "plain" else {"strategy": "input-pca", "seed": 1}
+    # overwrite=True: _prepared's factors are not at their init values (as if trained).
+    return {} if kind == "plain" else {"strategy": "input-pca", "seed": 1, "overwrite": True}
 
 
 @pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
@@ -90,7 +91,7 @@ def test_non_finite_activation_mid_calibration_leaves_lora_model_unchanged(make_
     data[3] = data[3].clone()
     data[3][0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"layer 'block\.query' input activation at batch 3"):
-        calibrate(model, data, show_progress=False, strategy="cov-svd")
+        calibrate(model, data, show_progress=False, strategy="cov-svd", overwrite=True)
     assert snapshot(model) == before
 
 
@@ -137,7 +138,8 @@ def test_exception_during_the_initialize_step_of_calibrate_restores_everything(
     model = _prepared(make_tiny, adapt, kind)
     before = snapshot(model)
     with pytest.raises(Boom, match="strategy failed on head"):
-        calibrate(model, _batches(), show_progress=False, strategy="fails-on-head")
+        calibrate(model, _batches(), show_progress=False, strategy="fails-on-head",
+                  overwrite=True)
     assert snapshot(model) == before
 
 
@@ -146,7 +148,8 @@ def test_too_few_positions_for_the_rank_refused_before_initializing(make_tiny, a
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"layer 'block\.query' kept only 1 usable position\(s\) "
                                          r"but rank 2 was requested"):
-        calibrate(model, [torch.randn(1, 12)], show_progress=False, strategy="input-pca")
+        calibrate(model, [torch.randn(1, 12)], show_progress=False, strategy="input-pca",
+                  overwrite=True)
     assert snapshot(model) == before
 
 
@@ -155,7 +158,8 @@ def test_successful_calibration_changes_only_the_lora_factors(make_tiny, adapt):
     factors and nothing else (no hook, flag, mode or base weight)."""
     model = _prepared(make_tiny, adapt, "peft")
     before = snapshot(model)
-    calibrate(model, _batches(), show_progress=False, strategy="input-pca", seed=1)
+    calibrate(model, _batches(), show_progress=False, strategy="input-pca", seed=1,
+              overwrite=True)
     after = snapshot(model)
     assert after != before
     changed = {k for k in before.state if not torch.equal(before.state[k], after.state[k])}
