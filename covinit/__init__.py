@@ -5,6 +5,7 @@ Data flow, one module per step: ``collect`` (hooks → :mod:`covinit.stats`) →
 ``adapters`` (write into covinit's, PEFT's or loralib-style layers).
 """
 
+from covinit import quant  # noqa: F401  (registers the quantized-base strategies)
 from covinit.adapters import LoRAAdapter, find_adapters
 from covinit.calibration import Calibration, calibrate
 from covinit.estimators import Estimate, estimate, estimators

@@ -330,7 +330,8 @@ def initialize(
     kaiming = get_strategy("kaiming")
     for name, adapter in chosen.items():
         d, k, r = adapter.out_features, adapter.in_features, ranks[name]
-        if r > min(d, k) and (needs or entry.tags.get("preserves") == "function"):
+        if r > min(d, k) and (needs or entry.tags.get("preserves") in ("function",
+                                                                          "approximate")):
             # PEFT and loralib accept r > min(d, k); a decomposition has only min(d, k)
             # directions to give, so the strategy could not fill A and B.
             raise ValueError(f"strategy {strategy!r} needs rank <= min(d, k) = {min(d, k)} "

@@ -131,7 +131,9 @@ def test_duplicated_constant_and_too_few_rows_still_give_valid_factors(make_tiny
     assert torch.linalg.matrix_rank(cal.moments("block.query").m2) == 6
     probe = torch.randn(5, 12, generator=gen)
     before = make_tiny()(probe).detach()
-    for strategy in COV_STRATEGIES:
+    # Quantized-base strategies move the output by design (test_quant.py checks them).
+    for strategy in [s for s in COV_STRATEGIES
+                     if _REGISTRY.get(s).tags["preserves"] != "approximate"]:
         # A fresh adapter each time: re-initializing over a residual init is another case
         # (test_reinitializing_after_a_residual_init_keeps_the_function).
         model = add_lora(make_tiny(), ["query"], rank=4)

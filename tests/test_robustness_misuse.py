@@ -65,7 +65,7 @@ def test_peft_rank_above_min_dk_is_refused_by_decomposing_strategies(make_tiny, 
     cal = _cal(make_tiny(), _data())
     model = adapt("peft", make_tiny(), ["head"], rank=7)
     entry = _REGISTRY.get(strategy)
-    if not entry.tags["needs"] and entry.tags["preserves"] != "function":
+    if not entry.tags["needs"] and entry.tags["preserves"] == "zero-delta":
         info = initialize(model, cal, strategy=strategy)
         assert info["head"]["rank"] == 7
         return

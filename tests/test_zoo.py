@@ -470,8 +470,12 @@ def test_demo_quick_runs_every_strategy_deterministically():
     rows = _demo_rows()
     assert list(rows) == list(covinit.strategies())
     # Every strategy keeps the model's function at step 0 (B = 0 or a residual base), so the
-    # step-0 validation loss is the pretrained model's, identical across strategies.
-    assert len({r[3] for r in rows.values()}) == 1
+    # step-0 validation loss is the pretrained model's, identical across strategies; the
+    # quantized-base ones (preserves="approximate") move it by design (test_quant.py).
+    from covinit.strategies import get_strategy
+
+    exact = [n for n in rows if get_strategy(n).tags["preserves"] != "approximate"]
+    assert len({rows[n][3] for n in exact}) == 1
     # Same seed, different set of strategies: the kaiming row is reproduced (timings aside).
     again = _demo_rows("--strategies", "kaiming")
     assert list(again) == ["kaiming"]
