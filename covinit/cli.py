@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -487,8 +488,12 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     export_lora(model, out, format="peft")
+    written = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+    folded = sum(rank != args.rank for rank in (written.get("rank_pattern") or {}).values())
+    note = f"; {folded} residual layers written with their step-0 part folded in" if folded \
+        else ""
     print(f"initialized {len(adapted)} LoRA layers (rank {args.rank}, {args.strategy}) on "
-          f"{cal.info['batches']} batches / {cal.info['positions']} positions -> {out}; "
+          f"{cal.info['batches']} batches / {cal.info['positions']} positions -> {out}{note}; "
           "load it with peft.PeftModel.from_pretrained(base, OUT) onto the original model")
     return 0
 

@@ -489,9 +489,11 @@ def test_init_writes_a_peft_adapter_for_the_untouched_base(
                  "--strategy", strategy, "--rank", "4", "--targets", "q_proj", "v_proj",
                  "--max-batches", "2", "--batch-size", "4", "--max-length", "16",
                  "--quiet"]) == 0
-    assert f"initialized 4 LoRA layers (rank 4, {strategy})" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert f"initialized 4 LoRA layers (rank 4, {strategy})" in out_text
     (calibrated,) = seen
     residual = strategy == "cov-svd"
+    assert ("4 residual layers written with their step-0 part folded in" in out_text) == residual
     doc = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
     assert doc["task_type"] == "CAUSAL_LM" and doc["r"] == 4
     assert set(doc["rank_pattern"].values()) <= {8 if residual else 4}
