@@ -9,7 +9,7 @@ from covinit import quant  # noqa: F401  (registers the quantized-base strategie
 from covinit.adapters import LoRAAdapter, find_adapters
 from covinit.calibration import Calibration, calibrate
 from covinit.estimators import Estimate, estimate, estimators
-from covinit.export import export_lora
+from covinit.export import export_lora, restore_base
 from covinit.initialize import initialize
 from covinit.lora import LoRALinear
 from covinit.lora_io import load_lora, save_lora
@@ -34,6 +34,7 @@ __all__ = [
     "load_lora",
     "lora_state_dict",
     "report",
+    "restore_base",
     "save_lora",
     "strategies",
 ]

@@ -33,7 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from covinit.adapters import LoRAAdapter, check_original_base, find_adapters, mark_initialized
-from covinit.export import record_offset, residual_offset
+from covinit.export import (
+    hook_peft_save,
+    record_offset,
+    residual_offset,
+    update_peft_patterns,
+)
 from covinit.strategies import InitContext, LoRAInit, get_strategy
 
 __all__ = ["SIDES", "initialize", "layer_seed"]
@@ -378,6 +383,8 @@ def initialize(
         a = result.a.to(dtype=a_now.dtype, device=a_now.device)
         b = result.b.to(dtype=b_now.dtype, device=b_now.device)
         new_base = result.base if result.base is not None else original
+        if result.base is not None:
+            new_base = _rounded_residual(result, a, b, adapter.scaling)
         base = None if new_base is None else new_base.to(dtype=w0.dtype, device=w0.device)
         planned.append((adapter, r, a, b, base, result.base is not None))
         a64, b64 = result.a.to(torch.float64), result.b.to(torch.float64)
@@ -405,8 +412,41 @@ def initialize(
         adapter.set_lora(a, b)
         mark_initialized(adapter)  # lets calibrate tell these factors from trained ones
     if rank_budget is not None:
-        _update_peft_patterns(model, {name: adapter for name, adapter in chosen.items()})
+        update_peft_patterns(model, {name: adapter for name, adapter in chosen.items()})
+    _hook_saving(model, [adapter for adapter, *_, residual in planned if residual])
     return info
+
+
+def _rounded_residual(result: LoRAInit, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """The strategy's base, corrected for the rounding of its factors, in float64 (d, k).
+
+    The layer computes ``base + c·B̃·Ã`` with ``Ã``, ``B̃`` the factors rounded to the
+    adapter's dtype; taking ``base + c·(B·A − B̃·Ã)`` in float64 keeps ``base + c·B̃·Ã``
+    equal to what the strategy meant, so the only rounding left is the base's own, once, to
+    the weight's dtype (in bf16 the residual is small, so is its rounding error).
+    """
+    f64 = torch.float64
+    lhs = torch.cat([result.b.to(f64), -b.to(device="cpu", dtype=f64)], dim=1)  # (d, 2r)
+    rhs = torch.cat([result.a.to(f64), a.to(device="cpu", dtype=f64)], dim=0)  # (2r, k)
+    return result.base.to(f64) + scaling * (lhs @ rhs)
+
+
+def _hook_saving(model: nn.Module, residual: list[LoRAAdapter]) -> None:
+    """After a residual init on PEFT layers: make the PeftModel's own ``save_pretrained``
+    write adapters for the original base (:func:`covinit.export.hook_peft_save`), or, when
+    ``model`` is not the PeftModel itself, say which call does."""
+    names = {getattr(adapter, "adapter_name", None) for adapter in residual} - {None}
+    if not names:
+        return
+    name = sorted(names)[0]
+    if not hook_peft_save(model, name):
+        warnings.warn(
+            f"initialize rewrote base weights of PEFT adapter {name!r} (layers "
+            f"{[a.name for a in residual][:3]}...) on a {type(model).__name__}, not a PeftModel, "
+            "so PEFT's save_pretrained would write an adapter that needs the rewritten base; "
+            "save it with covinit.export_lora(peft_model, directory, format='peft'), or call "
+            "covinit.restore_base(peft_model) before saving (or initialize the PeftModel "
+            "itself, whose save_pretrained covinit then converts)", UserWarning, stacklevel=3)
 
 
 def _allocate(calibration: Any, chosen: Mapping[str, LoRAAdapter], budget: int,
@@ -428,20 +468,3 @@ def _allocate(calibration: Any, chosen: Mapping[str, LoRAAdapter], budget: int,
         get = _lazy_estimate(calibration, name, "input", estimator, est_options, cache, cap)
         spectra[name] = get(center=True).eigenvalues
     return allocate_ranks(spectra, budget, min_rank=1, max_rank=caps)
-
-
-def _update_peft_patterns(model: nn.Module, adapters: Mapping[str, LoRAAdapter]) -> None:
-    """Write each PEFT layer's rank and α into its config's ``rank_pattern`` /
-    ``alpha_pattern`` (keys: full module names), so ``save_pretrained`` reloads them."""
-    configs = getattr(model, "peft_config", None)
-    if not isinstance(configs, dict):
-        return
-    for name, adapter in adapters.items():
-        adapter_name = getattr(adapter, "adapter_name", None)
-        config = configs.get(adapter_name)
-        if config is None:
-            continue
-        module = adapter.module
-        config.rank_pattern = {**(config.rank_pattern or {}), name: adapter.rank}
-        config.alpha_pattern = {**(config.alpha_pattern or {}),
-                                name: module.lora_alpha[adapter_name]}
