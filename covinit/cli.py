@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 _PROG = "covinit"
+_SIDES = ("input", "output", "gradient")  # what covinit.calibrate(sides=) takes
 
 #: Default of ``--max-stats-size``: the float64 statistics a run may hold (bytes, 2 GB).
 DEFAULT_MAX_STATS_SIZE = 2 * 10**9
@@ -301,7 +302,8 @@ def statistics_size(layers: Mapping[str, Any], sides: Sequence[str], folds: int 
                     ) -> list[StatsSize]:
     """Upper bounds on the memory and file size of calibrating ``layers``, before any batch.
 
-    Per layer side of width w (k inputs, d outputs) the k×k co-moment dominates:
+    Per layer side of width w (k inputs, d outputs; the gradient side is d wide and adds the
+    d×k cross-moment G, so w² reads d·(d + k) there) the w×w co-moment dominates:
     ``(folds + 1)·8·w²`` bytes while collecting (the accumulators plus a batch's temporary,
     as :func:`covinit.calibrate` counts before it starts) and ``8·w²`` per summary in the
     file (the total, plus one per fold with ``folds > 1``).  Layers that share an input
@@ -311,7 +313,7 @@ def statistics_size(layers: Mapping[str, Any], sides: Sequence[str], folds: int 
     ----------
     layers : mapping of str to nn.Module
         Linear layers by name (:func:`covinit.collect.match_layers`).
-    sides : sequence of {"input", "output"}
+    sides : sequence of {"input", "output", "gradient"}
     folds : int, default=1
 
     Returns
@@ -327,7 +329,8 @@ def statistics_size(layers: Mapping[str, Any], sides: Sequence[str], folds: int 
     for name, (k, d) in collector.shapes.items():
         for side in collector.sides:
             width = k if side == "input" else d
-            matrix = 8 * width * width
+            # The gradient side also keeps G = Σ δ·xᵀ (d×k) next to δ's d×d moments.
+            matrix = 8 * width * (width + (k if side == "gradient" else 0))
             rows.append(StatsSize(name, side, width, (folds + 1) * matrix, stored * matrix))
     return rows
 
@@ -374,9 +377,9 @@ def build_loader(spec: str, tokenizer: Any, *, batch_size: int, max_length: int,
                  text_column: str | None = None, seed: int = 0) -> Any:
     """Calibration batches for a zoo dataset name or a text file (.txt, .jsonl, .csv, .tsv).
 
-    ``rotten-tomatoes`` and files give one padded example per text (padding is masked out of
-    the statistics); ``hamlet`` gives consecutive blocks of ``max_length`` tokens of the play's
-    training part.
+    ``rotten-tomatoes`` (with its labels) and files give one padded example per text (padding
+    is masked out of the statistics); ``hamlet`` gives consecutive blocks of ``max_length``
+    tokens of the play's training part.
     """
     from covinit import zoo
 
@@ -386,8 +389,9 @@ def build_loader(spec: str, tokenizer: Any, *, batch_size: int, max_length: int,
     if spec == "hamlet":
         train_text, _ = zoo.hamlet()
         return zoo.causal_lm_loader(tokenizer, train_text, max_length, batch_size)
+    texts: list[Any]
     if spec == "rotten-tomatoes":
-        texts = [text for text, _ in zoo.rotten_tomatoes(seed=seed)["train"]]
+        texts = list(zoo.rotten_tomatoes(seed=seed)["train"])  # (text, label) pairs
     elif Path(spec).exists():
         texts = zoo.read_text_dataset(spec, text_column)
     else:
@@ -400,6 +404,22 @@ def _drop_labels(model: Any, batch: Any) -> Any:
     """Calibration needs activations only; labels would also make the model compute a loss
     (and a (B, T) causal-LM label tensor does not fit a sequence classifier)."""
     return model(**{key: value for key, value in batch.items() if key != "labels"})
+
+
+def _next_token_loss(model: Any, batch: Any) -> Any:
+    """The gradient side of a causal LM: its own next-token loss on the batch's text (labels
+    = input ids, padding -100), whatever labels the data carried."""
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return model(**{**batch, "labels": labels})
+
+
+def _forward_fn(sides: Sequence[str], causal: bool) -> Any:
+    """How calibration calls the model: without labels unless the gradient side needs a loss
+    (a causal LM's next-token loss; other models the labels of the data, e.g.
+    rotten-tomatoes')."""
+    if "gradient" not in sides:
+        return _drop_labels
+    return _next_token_loss if causal else None
 
 
 # ---------------------------------------------------------------------- verbs
@@ -430,12 +450,14 @@ def _loader(args: argparse.Namespace, tokenizer: Any) -> Any:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from covinit.calibration import calibrate
 
-    model, tokenizer, _, layers, _, recorded, device = _prepare(args, args.sides, file=True)
+    model, tokenizer, causal, layers, _, recorded, device = _prepare(args, args.sides,
+                                                                     file=True)
     chosen = frozenset(layers)
     cal = calibrate(model, _loader(args, tokenizer),
                     targets=lambda name, _module: name in chosen, sides=tuple(args.sides),
-                    forward_fn=_drop_labels, max_batches=args.max_batches, device=device,
-                    show_progress=not args.quiet, folds=args.folds, precision=args.precision)
+                    forward_fn=_forward_fn(args.sides, causal), max_batches=args.max_batches,
+                    device=device, show_progress=not args.quiet, folds=args.folds,
+                    precision=args.precision)
     cal.info.update({"model": args.model, "data": args.data, "targets": recorded})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -466,6 +488,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
                           "pip install peft") from None
     # The sides the strategy reads (kaiming reads none: the input side is the cheapest).
     sides = args.sides or list(get_strategy(args.strategy).tags.get("needs") or ["input"])
+    if "gradient" in sides and "input" not in sides:  # G = Σ δ·xᵀ is collected with x
+        sides = ["input", *sides]
     model, tokenizer, causal, layers, peft_targets, _, device = _prepare(args, sides,
                                                                          file=False)
     config = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha or 2 * args.rank,
@@ -481,9 +505,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
         raise RuntimeError(f"PEFT adapted {sorted(adapted)} for --targets {peft_targets!r}, "
                            f"not the selected layers {sorted(layers)}")
     cal = calibrate(model, _loader(args, tokenizer), sides=tuple(sides),
-                    forward_fn=_drop_labels, max_batches=args.max_batches, device=device,
-                    show_progress=not args.quiet, folds=args.folds, precision=args.precision,
-                    strategy=args.strategy, estimator=args.estimator, seed=args.seed)
+                    forward_fn=_forward_fn(sides, causal), max_batches=args.max_batches,
+                    device=device, show_progress=not args.quiet, folds=args.folds,
+                    precision=args.precision, strategy=args.strategy, estimator=args.estimator,
+                    seed=args.seed)
     from covinit.export import export_lora
 
     out = Path(args.out)
@@ -696,8 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
                "--targets all --out cal.safetensors")
     _add_run_arguments(cal)
     cal.add_argument("--out", required=True, help="output .safetensors file")
-    cal.add_argument("--sides", nargs="+", choices=("input", "output"),
-                     default=["input", "output"], help="activations to summarise")
+    cal.add_argument("--sides", nargs="+", choices=_SIDES, default=["input", "output"],
+                     help="statistics to keep; gradient (with input) adds a backward pass: "
+                          "a causal LM's next-token loss, else the data's labels")
     cal.set_defaults(func=_cmd_calibrate)
 
     ini = verbs.add_parser(
@@ -724,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("--alpha", type=float, default=None,
                      help="LoRA alpha (default: 2 × rank)")
     ini.add_argument("--rslora", action="store_true", help="scale by alpha/√r (rsLoRA)")
-    ini.add_argument("--sides", nargs="+", choices=("input", "output"), default=None,
+    ini.add_argument("--sides", nargs="+", choices=_SIDES, default=None,
                      help="activations to summarise (default: those the strategy needs)")
     ini.set_defaults(func=_cmd_init)
 

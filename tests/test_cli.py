@@ -519,8 +519,9 @@ def test_init_writes_a_peft_adapter_for_the_untouched_base(
 
 
 @pytest.mark.filterwarnings(_PEFT_WARNING)
-def test_init_on_a_sequence_classifier_saves_its_head(tiny_bert_dir, tmp_path, monkeypatch,
-                                                      capsys) -> None:
+@pytest.mark.parametrize("strategy", ["two-sided", "grad-svd"])  # grad-svd: the data's labels
+def test_init_on_a_sequence_classifier_saves_its_head(strategy, tiny_bert_dir, tmp_path,
+                                                      monkeypatch, capsys) -> None:
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     import torch
@@ -528,7 +529,7 @@ def test_init_on_a_sequence_classifier_saves_its_head(tiny_bert_dir, tmp_path, m
     seen = _capture_export(monkeypatch)
     out = tmp_path / "adapter"
     assert _run(["init", "--model", str(tiny_bert_dir), "--data", "rotten-tomatoes",
-                 "--out", str(out), "--strategy", "two-sided", "--rank", "2", "--targets",
+                 "--out", str(out), "--strategy", strategy, "--rank", "2", "--targets",
                  "all", "--max-batches", "2", "--batch-size", "4", "--max-length", "16",
                  "--quiet"]) == 0
     assert "initialized 13 LoRA layers" in capsys.readouterr().out  # all but the classifier
@@ -566,3 +567,29 @@ def test_real_minilm_init_loads_onto_a_fresh_minilm(tmp_path, monkeypatch, capsy
         want = seen[0](**batch).logits
         got = peft.PeftModel.from_pretrained(fresh, str(out)).eval()(**batch).logits
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_gradient_side_of_a_causal_lm_is_its_next_token_loss(tiny_llama_dir, texts, tmp_path,
+                                                             capsys) -> None:
+    """Text without labels: the CLI's gradient side is the model's own next-token loss, so
+    after one batch G = Σ δ·xᵀ equals autograd's ∂L/∂W of that loss (the reference)."""
+    transformers = pytest.importorskip("transformers")
+    from covinit import zoo
+    from covinit.calibration import Calibration
+
+    cal_path = tmp_path / "cal.safetensors"
+    assert _run(_calibrate_argv(tiny_llama_dir, texts, cal_path, "--targets", "q_proj",
+                                "--sides", "input", "gradient", "--max-batches", "1")) == 0
+    cal = Calibration.load(cal_path)
+    model = transformers.LlamaForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    lines = texts.read_text(encoding="utf-8").splitlines()
+    batch = next(iter(zoo.text_classification_loader(tok, lines, 4, 12)))
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model(**batch, labels=labels).loss.backward()
+    for i in range(2):
+        name = f"model.layers.{i}.self_attn.q_proj"
+        want = model.get_submodule(name).weight.grad.double()
+        got = cal.gradient(name)
+        assert got.shape == want.shape == (16, 16)
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max()
