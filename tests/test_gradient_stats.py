@@ -506,3 +506,63 @@ def test_real_minilm_gradient_smoke():
     assert cal.moments(name, "gradient").n == n
     assert all(p.grad is None for p in model.parameters())
     assert seconds < 60
+
+
+def test_mixed_precision_cross_moment_is_close():
+    data = batches()
+    exact = calibrate(make_net(), data, targets=["q", "out"], sides=SIDES, show_progress=False)
+    mixed = calibrate(make_net(), data, targets=["q", "out"], sides=SIDES, precision="mixed",
+                      show_progress=False)
+    for name in ("q", "out"):
+        g = exact.gradient(name)
+        assert mixed.gradient(name).dtype == torch.float64
+        assert (mixed.gradient(name) - g).abs().max() <= 1e-5 * g.abs().max()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_encoder_decoder_cross_attention_keys_use_the_encoder_mask():
+    """Tiny T5 (random, float64), labels -> the model's loss: the cross-attention key
+    projection reads the encoder's output, so its δ and G run over the encoder's kept
+    positions; the decoder's query over labels != -100.  Reference: retain_grad."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                   num_decoder_layers=1, num_heads=4, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).double().eval()
+    names = {"cross_k": "decoder.block.0.layer.1.EncDecAttention.k",
+             "decoder": "decoder.block.0.layer.0.SelfAttention.q"}
+    am = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, 3, 5, 6, 7], [3, 4, 5, 6, 7, -100]])
+    batch = {"input_ids": torch.randint(3, 40, (2, 6), generator=torch.Generator()
+                                        .manual_seed(0)), "attention_mask": am,
+             "labels": labels}
+    outs: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def keep_output(mod, args, y, role):
+        y.retain_grad()
+        outs[role] = (args[0].detach(), y)
+
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda mod, args, y, role=role: keep_output(mod, args, y, role))
+        for role, n in names.items()]
+    model(**batch).loss.backward()
+    for h in handles:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    keeps = {"cross_k": am.bool(), "decoder": labels != -100}
+    cal = calibrate(model, [batch], targets=list(names.values()), sides=SIDES,
+                    show_progress=False)
+    for role, n in names.items():
+        x, y = outs[role]
+        rows = y.grad[keeps[role]]
+        assert cal.moments(n, "gradient").n == int(keeps[role].sum()) \
+            == cal.moments(n, "input").n
+        ref = dense(rows.numpy())
+        # Softmax attention makes a key's δ sum to ~0 over positions: compare the mean
+        # against the rows' size, since it is itself pure rounding (~1e-18).
+        m = cal.moments(n, "gradient")
+        np.testing.assert_allclose(m.mean.numpy(), ref["mean"], rtol=0,
+                                   atol=1e-10 * float(rows.abs().max()))
+        ref["mean"] = m.mean.numpy()
+        assert_matches(m, ref)
+        assert_cross(cal.gradient(n), (rows.T @ x[keeps[role]]).numpy())
