@@ -155,7 +155,8 @@ def _unusable(calibration: Any, name: str, sides: Iterable[str], rank: int) -> s
 def _has_side(calibration: Any, name: str, side: str) -> bool:
     """Whether ``calibration`` holds exact moments of ``name``'s ``side`` (a side collected
     as a bounded-memory sketch has none: see :func:`_sketched`)."""
-    return (name in calibration.layer_names and not _sketched(calibration, name, side)
+    return (side in getattr(calibration, "sides", SIDES) and name in calibration.layer_names
+            and not _sketched(calibration, name, side)
             and calibration.moments(name, side) is not None)
 
 
@@ -163,6 +164,22 @@ def _sketched(calibration: Any, name: str, side: str) -> bool:
     sketch = getattr(calibration, "sketch", None)
     return (sketch is not None and name in calibration.layer_names
             and sketch(name, side) is not None)
+
+
+def _matched_inputs(calibration: Any, name: str,
+                    estimates: Mapping[str, Any]) -> dict[str, Callable[[], Tensor] | None]:
+    """Lazy ``gradient`` (G, (d, k)) and ``input_moment`` (empirical E[xxᵀ], (k, k)) of one
+    layer for the strategies (float64 on CPU), or ``None`` where the side is missing."""
+    from covinit.matched import second_moment
+
+    def grad() -> Tensor:
+        return calibration.gradient(name).to("cpu", torch.float64)
+
+    def moment() -> Tensor:
+        return second_moment(calibration.moments(name, "input"))
+
+    return {"gradient": grad if estimates["gradient"] is not None else None,
+            "input_moment": moment if estimates["input"] is not None else None}
 
 
 def _check_result(result: object, strategy: str, name: str, d: int, k: int, r: int) -> LoRAInit:
@@ -351,7 +368,7 @@ def initialize(
         estimates = {
             side: (_lazy_estimate(calibration, name, side, estimator, est_options, cache, r)
                    if calibration is not None and _has_side(calibration, name, side) else None)
-            for side in SIDES
+            for side in (*SIDES, "gradient")
         }
         used, reason = entry, None
         if needs:
@@ -370,6 +387,8 @@ def initialize(
             input_estimate=estimates["input"],
             output_estimate=estimates["output"],
             options=dict(options) if used is entry else {},
+            gradient_estimate=estimates["gradient"],
+            **_matched_inputs(calibration, name, estimates),
         )
         result = _check_result(used.fn(ctx), used.name, name, d, k, r)
         if result.base is not None:

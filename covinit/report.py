@@ -40,6 +40,12 @@ principal angles to W0 (with a model)
     layer whose base a residual strategy replaced, W0 is the *original* weight, restored from
     :mod:`covinit.export`'s record (without a record — a model reloaded from a file — the
     current base is used).
+first-step ratio (with a LoRA model, input side)
+    How far Adam's first step would move the layer's output, as a multiple of Kaiming's
+    expected first step at the same rate (RMS over the calibration positions), from the
+    adapter's current A and B: exact (first order in lr) with a gradient side, the closed
+    form ``√(tr(A·M·Aᵀ) / (r·tr(M)/(3k)))`` for ``B = 0`` adapters without one
+    (:mod:`covinit.matched`).  1.0 is what ``scale="matched"`` aims at.
 rank
     The LoRA rank marked on the curves: ``rank=``, or each adapter's own rank when the model
     has LoRA layers, or the allocation :func:`covinit.allocation.allocate_ranks` makes from
@@ -218,6 +224,9 @@ class SideSummary:
         principal angle between the smooth and the plain top-r subspace).
     shared_with : str or None
         Layer whose input summary this one shares (q/k/v see the same tensor).
+    step_ratio : float or None
+        Input side of an adapted layer: the first Adam step's output change over Kaiming's
+        expected one (module docstring); None where it cannot be computed.
     figure : str or None
         Path of the figure, relative to the report folder.
     spectra : dict
@@ -240,6 +249,7 @@ class SideSummary:
     angles_deg: list[float] | None = None
     spatpca: dict[str, Any] | None = None
     shared_with: str | None = None
+    step_ratio: float | None = None
     figure: str | None = None
     spectra: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     loadings: np.ndarray | None = field(default=None, repr=False)
@@ -254,7 +264,7 @@ class SideSummary:
         out = {key: getattr(self, key) for key in (
             "layer", "side", "k", "n", "rank", "rank_source", "effective_rank",
             "participation_ratio", "explained", "condition", "shrinkage", "angles_deg",
-            "spatpca", "shared_with", "figure")}
+            "spatpca", "shared_with", "step_ratio", "figure")}
         return _jsonable(out)
 
 
@@ -319,10 +329,13 @@ def _table(summaries: list[SideSummary], max_layer_width: int) -> tuple[list[str
     """Header and cell strings shared by the terminal, HTML and Markdown tables."""
     with_angles = any(r.angles_deg is not None for r in summaries)
     with_sp = any(r.spatpca is not None for r in summaries)
+    with_step = any(r.step_ratio is not None for r in summaries)
     header = ["layer", "side", "k", "n", "r", "eff.rank", "PR", "expl@r", "cond", "cond LW",
               "LW s", "OAS s"]
     if with_angles:
         header.append("∠W0 °")
+    if with_step:
+        header.append("step/K")
     if with_sp:
         header += ["τ1", "τ2", "γ"]
     rows = []
@@ -337,6 +350,8 @@ def _table(summaries: list[SideSummary], max_layer_width: int) -> tuple[list[str
         if with_angles:
             angle = r.max_angle_deg
             line.append("-" if angle is None else f"{angle:.1f}")
+        if with_step:
+            line.append(_fmt(r.step_ratio))
         if with_sp:
             sp = r.spatpca or {}
             line += [_fmt(sp.get("tau1")), _fmt(sp.get("tau2")), _fmt(sp.get("gamma"))]
@@ -404,6 +419,28 @@ def _original_weights(model: nn.Module, names: Iterable[str]) -> dict[str, Tenso
             w = module.weight.detach().to("cpu", torch.float64)
             out[name] = w if isinstance(module, nn.Linear) else w.T  # Conv1D stores (k, d)
     return out
+
+
+def _lora_factors(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``name -> (A (r, k), B (d, r))`` float64 on CPU for the adapted layers among names."""
+    from covinit.adapters import find_adapters
+
+    adapters = find_adapters(model)
+    return {n: tuple(t.detach().to("cpu", torch.float64) for t in adapters[n].get_lora())
+            for n in names if n in adapters}  # type: ignore[misc]
+
+
+def _step_ratio(cal: Calibration, layer: str, moments: Any, a: Tensor, b: Tensor,
+                ) -> float | None:
+    """First Adam step over Kaiming's expected one (see the module docstring), or None."""
+    from covinit.matched import closed_form_gain, second_moment, step_ratio
+
+    moment = second_moment(moments)
+    if "gradient" in cal.sides and cal.moments(layer, "gradient") is not None:
+        return step_ratio(a, b, cal.gradient(layer).to("cpu", torch.float64), moment)
+    if bool(b.any()) or not bool(a.any()):
+        return None  # B ≠ 0 steps along sign(Bᵀ·G): no closed form without G
+    return float(1.0 / closed_form_gain(a, moment, layer)[0, 0])
 
 
 # ---------------------------------------------------------------------- main entry
@@ -589,6 +626,7 @@ def report(
                            allocation_estimator)
     sp_layers, sp_options = _spatpca_plan(cal, names, spatpca, spatpca_layers)
     weights = _original_weights(model, names) if model is not None else {}
+    factors = _lora_factors(model, names) if model is not None else {}
     svd_cache: dict[str, tuple[Tensor, Tensor]] = {}
     eig_cache: dict[int, tuple[np.ndarray, Tensor]] = {}
 
@@ -650,6 +688,8 @@ def report(
                 basis = v_w if side == "input" else u_w
                 angles = principal_angles(vec[:, :r], basis[:, :r])
                 summary.angles_deg = [float(a) for a in torch.rad2deg(angles)]
+            if side == "input" and layer in factors:
+                summary.step_ratio = _step_ratio(cal, layer, m, *factors[layer])
             if layer in sp_layers and k >= 2:
                 options = dict(sp_options)
                 r_sp = min(int(options.pop("rank", r)), k - 1)
@@ -744,6 +784,8 @@ _DEFINITIONS = [
     ("LW s / OAS s", "shrinkage intensity s of (1−s)·S + s·μ·I"),
     ("∠W0", "largest principal angle between the top-r data directions and W0's top-r "
             "singular subspace (PiSSA's); 0° = same directions"),
+    ("step/K", "first Adam step's output change over Kaiming's expected one (1 = "
+               "scale='matched'; exact with a gradient side, closed form for B = 0 without)"),
     ("τ1, τ2, γ", "SpatPCA's cross-validated roughness, sparsity and eigenvalue shrinkage"),
 ]
 

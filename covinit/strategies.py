@@ -64,11 +64,22 @@ class InitContext:
     generator : torch.Generator
         Seeded CPU generator for random parts.
     input_estimate, output_estimate : callable or None
-        Zero-argument callables returning the covariance estimate of the layer's inputs
-        (k×k) / outputs (d×d); ``None`` when the calibration has no such side.  Lazy, so
-        strategies that do not need them cost nothing.
+        Callables ``get(center=True)`` returning the covariance estimate of the layer's
+        inputs (k×k) / outputs (d×d); ``None`` when the calibration has no such side.
+        Lazy, so strategies that do not need them cost nothing.
     options : dict
         Strategy-specific options (e.g. ``scale=``).
+    gradient : callable or None
+        Zero-argument callable returning ``G = Σ_t δ_t·x_tᵀ`` (d, k), float64 on CPU, the
+        loss gradient with respect to the layer's weight over the calibration data
+        (``δ = ∂L/∂y``); ``None`` without a gradient side.
+    gradient_estimate : callable or None
+        ``get(center=True)``: the covariance estimate of ``δ`` (d×d), like
+        ``output_estimate``; ``None`` without a gradient side.
+    input_moment : callable or None
+        Zero-argument callable returning the *empirical* input second moment ``E[xxᵀ]``
+        (k, k), float64 on CPU, over the calibration positions (what ``scale="matched"``
+        measures output changes with; no estimator applied).
     """
 
     name: str
@@ -76,9 +87,12 @@ class InitContext:
     rank: int
     scaling: float
     generator: torch.Generator
-    input_estimate: Callable[[], Any] | None = None
-    output_estimate: Callable[[], Any] | None = None
+    input_estimate: Callable[..., Any] | None = None
+    output_estimate: Callable[..., Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    gradient: Callable[[], Tensor] | None = None
+    gradient_estimate: Callable[..., Any] | None = None
+    input_moment: Callable[[], Tensor] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -163,7 +177,7 @@ def zero(ctx: InitContext) -> LoRAInit:
 
 @_REGISTRY.register(
     "pissa", "PiSSA: A, B from the top-r SVD of W0, residual base (Meng et al. 2024)",
-    needs=(), preserves="function", options=(),
+    needs=(), preserves="function", options=("scale", "lr"),
 )
 def pissa(ctx: InitContext) -> LoRAInit:
     """Principal singular components of ``W0`` into the adapter, the rest into the base.
@@ -177,17 +191,29 @@ def pissa(ctx: InitContext) -> LoRAInit:
     the same convention as PEFT's ``init_lora_weights="pissa"`` (singular values divided by
     the scaling before the square root), so ``c·B·A`` and the layer's output are unchanged.
 
+    Options
+    -------
+    scale : "matched" or float, default=1.0
+        ``γ`` with ``A←γA``, ``B←γB``, ``base = W0 − c·γ²·B·A`` (still exact);
+        ``"matched"`` picks ``γ`` so that the first Adam step moves the layer's output as
+        much as Kaiming's expected first step (needs input and gradient sides; not PiSSA
+        as published, which keeps ``γ = 1``).
+    lr : float, optional
+        The training rate: with it, ``scale="matched"`` also matches the step's second-order
+        term ``ΔB·ΔA`` (both factors move); without, the rate-free first-order gain.
+
     Returns
     -------
     LoRAInit
         ``a`` (r, k), ``b`` (d, r), ``base`` (d, k).
     """
+    scale = _scale_option(ctx, 1.0, {}, ("matched",))
     w = ctx.weight.to(torch.float64)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (d, m), (m,), (m, k)
     root = torch.sqrt(s[: ctx.rank] / ctx.scaling)  # (r,)
     a = root[:, None] * vh[: ctx.rank]  # (r, k)
     b = u[:, : ctx.rank] * root[None, :]  # (d, r)
-    return LoRAInit(a, b, w - ctx.scaling * (b @ a))
+    return _scaled(ctx, _residual(ctx, a, b), scale)
 
 
 # ---------------------------------------------------------------------- covariance-informed
@@ -225,27 +251,121 @@ def _power_option(ctx: InitContext) -> float:
     return float(value)
 
 
-def _norm_option(ctx: InitContext, default: str | float, named: dict[str, float]) -> float:
-    """The ``scale=`` option as a target norm: a name from ``named`` or a positive float."""
+def _scale_option(ctx: InitContext, default: str | float, named: dict[str, float],
+                  matched: tuple[str, ...] = ()) -> str | float:
+    """The ``scale=`` option: a name from ``named`` (returned as its number), one of the
+    ``matched`` modes (returned as the name, for :func:`_match`) or a positive float."""
     value = _option(ctx, "scale", default)
+    allowed = sorted(named) + list(matched)
     if isinstance(value, str):
+        if value in matched:
+            return value
         if value not in named:
             raise ValueError(f"option scale={value!r} is not allowed for layer {ctx.name!r}; "
-                             f"allowed: {sorted(named)} or a positive float")
+                             f"allowed: {allowed} or a positive float")
         return named[value]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             math.isfinite(value) and value > 0):
-        raise ValueError(f"option scale= must be one of {sorted(named)} or a positive finite "
+        raise ValueError(f"option scale= must be one of {allowed} or a positive finite "
                          f"float, got {value!r} (layer {ctx.name!r})")
     return float(value)
 
 
 def _estimate(ctx: InitContext, side: str, center: bool) -> Any:
-    get = ctx.input_estimate if side == "input" else ctx.output_estimate
+    get = {"input": ctx.input_estimate, "output": ctx.output_estimate,
+           "gradient": ctx.gradient_estimate}[side]
     if get is None:
         raise ValueError(f"layer {ctx.name!r} has no {side}-side covariance estimate; "
                          f"calibrate with sides including {side!r}")
     return get(center=center)
+
+
+def _gradient(ctx: InitContext) -> Tensor:
+    """``G`` (d, k), float64, checked: present, of the layer's shape, not all zero."""
+    if ctx.gradient is None:
+        raise ValueError(f"layer {ctx.name!r} has no gradient statistics G = Σ δ·xᵀ; "
+                         "calibrate with sides including 'gradient'")
+    grad = ctx.gradient().to("cpu", torch.float64)
+    if tuple(grad.shape) != ctx.shape:
+        raise ValueError(f"layer {ctx.name!r}: gradient statistics of shape "
+                         f"{tuple(grad.shape)} do not match the weight's (d, k) = {ctx.shape}")
+    if not bool(grad.any()):
+        raise ValueError(f"layer {ctx.name!r}: the loss gradient G is zero on the calibration "
+                         "data (the layer does not affect the loss?): its directions are "
+                         "undefined")
+    return grad
+
+
+# ---------------------------------------------------------------------- matched scale
+#: ``scale=`` modes that size an init against Kaiming's first Adam step (see
+#: :mod:`covinit.matched` and the README's "matched scale" section).
+MATCHED = ("matched", "matched-unit")
+
+
+def _residual(ctx: InitContext, a: Tensor, b: Tensor) -> LoRAInit:
+    """``LoRAInit(a, b, W0 − c·b·a)``: the adapter's part moved out of the base."""
+    w = ctx.weight.to(torch.float64)
+    return LoRAInit(a, b, w - ctx.scaling * (b @ a))
+
+
+def _match(ctx: InitContext, init: LoRAInit, mode: str) -> LoRAInit:
+    """Rescale ``init``'s non-zero factors so that its first Adam step moves the layer's
+    output as much as Kaiming's expected first step (``mode`` from :data:`MATCHED`).
+
+    With gradient statistics the gain is exact (:func:`covinit.matched.matched_gain`) for
+    every kind of init; a residual init keeps ``base = W0 − c·γ²·B·A``.  Without them only
+    ``B = 0`` inits have a closed form (:func:`covinit.matched.closed_form_gain`);
+    ``"matched-unit"`` is the closed form's per-unit variant and always ignores G.
+    """
+    from covinit.matched import closed_form_gain, matched_gain
+
+    if ctx.input_moment is None:
+        raise ValueError(f"scale={mode!r} on layer {ctx.name!r} needs the input side's second "
+                         "moment E[xxᵀ]; calibrate with sides including 'input'")
+    moment = ctx.input_moment().to("cpu", torch.float64)
+    b_zero = init.base is None and not bool(init.b.any())
+    if mode == "matched-unit" or (mode == "matched" and ctx.gradient is None and b_zero):
+        if not b_zero:
+            raise ValueError(f"scale={mode!r} is the closed form for B = 0 inits; layer "
+                             f"{ctx.name!r} starts with B ≠ 0: use scale='matched' with a "
+                             "gradient side")
+        return LoRAInit(init.a * closed_form_gain(init.a, moment, ctx.name,
+                                                  per_unit=mode == "matched-unit"), init.b)
+    if ctx.gradient is None:
+        raise ValueError(
+            f"scale='matched' on layer {ctx.name!r} needs gradient statistics: an init with "
+            "B ≠ 0 takes its first Adam step along sign(Bᵀ·G), which the activations alone do "
+            "not determine; calibrate with sides including 'gradient' (or use a B = 0 "
+            "strategy, which has a closed form)")
+    gamma = matched_gain(init.a, init.b, _gradient(ctx), moment, ctx.name, _lr_option(ctx))
+    if init.base is None:
+        return LoRAInit(gamma * init.a, gamma * init.b)
+    return _residual(ctx, gamma * init.a, gamma * init.b)
+
+
+def _lr_option(ctx: InitContext) -> float | None:
+    """``lr=``: the training rate, for the second-order term of ``scale="matched"`` on inits
+    with both factors non-zero (``None``: the first-order, rate-free gain)."""
+    value = _option(ctx, "lr", None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"option lr= must be a positive finite float, got {value!r} "
+                         f"(layer {ctx.name!r})")
+    return float(value)
+
+
+def _scaled(ctx: InitContext, init: LoRAInit, scale: str | float) -> LoRAInit:
+    """Apply a ``scale=`` value: a matched mode, or a float multiplying every factor (the
+    base of a residual init follows, ``W0 − c·s²·B·A``)."""
+    if isinstance(scale, str):
+        return _match(ctx, init, scale)
+    if scale == 1.0:
+        return init
+    if init.base is None:
+        return LoRAInit(scale * init.a, scale * init.b)
+    return _residual(ctx, scale * init.a, scale * init.b)
 
 
 def _fix_signs(vectors: Tensor, partner: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -308,11 +428,15 @@ def input_pca(ctx: InitContext) -> LoRAInit:
 
     Options
     -------
-    scale : {"unit", "kaiming"} or float, default="unit"
+    scale : {"unit", "kaiming", "matched", "matched-unit"} or float, default="unit"
         Row norm of A: ``"unit"`` (1, as EVA's orthonormal components), ``"kaiming"``
         (1/√3, the expected row norm of PEFT's Kaiming-uniform A, so that only the
         directions differ from the default init) or a positive float.  With ``B = 0`` the
-        first step's gradient on B is proportional to this norm.
+        first step's gradient on B is proportional to this norm.  ``"matched"``: A scaled
+        so that Adam's first step moves the layer's output as much as Kaiming's expected
+        first step — exactly with a gradient side, else by the closed form
+        ``E‖A·x‖² = r·tr(M)/(3k)``; ``"matched-unit"``: every hidden unit
+        ``a_iᵀ·M·a_i = tr(M)/(3k)`` (:mod:`covinit.matched`).
     center : bool, default=True
         Principal directions of the centred covariance (as EVA's incremental PCA, which
         centres) or, with ``False``, of the second moment ``E[xxᵀ]``.
@@ -322,11 +446,11 @@ def input_pca(ctx: InitContext) -> LoRAInit:
     LoRAInit
         ``a`` (r, k), ``b`` (d, r) zero; ``ΔW = 0`` at step 0.
     """
-    norm = _norm_option(ctx, "unit", {"unit": 1.0, "kaiming": KAIMING_ROW_NORM})
+    scale = _scale_option(ctx, "unit", {"unit": 1.0, "kaiming": KAIMING_ROW_NORM}, MATCHED)
     est = _estimate(ctx, "input", _bool_option(ctx, "center", True))
     _, vectors = est.top(ctx.rank)  # (k, r)
     vectors, _ = _fix_signs(vectors.to(torch.float64))
-    return LoRAInit(norm * vectors.T.contiguous(), _zeros_b(ctx))
+    return _scaled(ctx, LoRAInit(vectors.T.contiguous(), _zeros_b(ctx)), scale)
 
 
 @_REGISTRY.register(
@@ -351,8 +475,9 @@ def input_whiten(ctx: InitContext) -> LoRAInit:
 
     Options
     -------
-    scale : float, default=1.0
-        Multiplies A (the hidden activations' standard deviation).
+    scale : {"matched", "matched-unit"} or float, default=1.0
+        A float multiplies A (the hidden activations' standard deviation); the matched
+        modes are as for ``input-pca``.
     center : bool, default=True
         Whiten the centred covariance, or with ``False`` the second moment (then
         ``A·x`` has unit second moment).
@@ -362,14 +487,14 @@ def input_whiten(ctx: InitContext) -> LoRAInit:
     LoRAInit
         ``a`` (r, k), ``b`` (d, r) zero; ``ΔW = 0`` at step 0.
     """
-    factor = _norm_option(ctx, 1.0, {})
+    scale = _scale_option(ctx, 1.0, {}, MATCHED)
     est = _estimate(ctx, "input", _bool_option(ctx, "center", True))
     lam_all, _ = _spectrum(est, ctx.name, "input")
     values, vectors = est.top(ctx.rank)  # (r,), (k, r)
     vectors, _ = _fix_signs(vectors.to(torch.float64))
     lam = values.to(torch.float64).clamp_min(EIGEN_FLOOR * float(lam_all[0]))
-    a = (factor * lam.rsqrt())[:, None] * vectors.T  # (r, k)
-    return LoRAInit(a.contiguous(), _zeros_b(ctx))
+    a = lam.rsqrt()[:, None] * vectors.T  # (r, k)
+    return _scaled(ctx, LoRAInit(a.contiguous(), _zeros_b(ctx)), scale)
 
 
 @_REGISTRY.register(
@@ -390,8 +515,10 @@ def output_pca(ctx: InitContext) -> LoRAInit:
 
     Options
     -------
-    scale : "unit" or float, default="unit"
-        Column norm of B.
+    scale : {"unit", "matched"} or float, default="unit"
+        Column norm of B.  ``"matched"``: B scaled so that the first Adam step (which moves
+        A along ``−sign(Bᵀ·G)``) changes the layer's output as much as Kaiming's expected
+        first step; needs a gradient side (:mod:`covinit.matched`).
     center : bool, default=True
         Centred output covariance (the bias does not matter) or, with ``False``, the output
         second moment.
@@ -401,23 +528,30 @@ def output_pca(ctx: InitContext) -> LoRAInit:
     LoRAInit
         ``a`` (r, k) zero, ``b`` (d, r); ``ΔW = 0`` at step 0.
     """
-    norm = _norm_option(ctx, "unit", {"unit": 1.0})
+    scale = _scale_option(ctx, "unit", {"unit": 1.0}, ("matched",))
     est = _estimate(ctx, "output", _bool_option(ctx, "center", True))
     _, vectors = est.top(ctx.rank)  # (d, r)
     vectors, _ = _fix_signs(vectors.to(torch.float64))
     _, k = ctx.shape
-    return LoRAInit(torch.zeros(ctx.rank, k, dtype=torch.float64),
-                    norm * vectors.contiguous())
+    return _scaled(ctx, LoRAInit(torch.zeros(ctx.rank, k, dtype=torch.float64),
+                                 vectors.contiguous()), scale)
+
+
+def _residual_scale(ctx: InitContext) -> str | float:
+    """``scale=`` of a residual strategy: a float ``γ`` (A←γA, B←γB, base = W0 − c·γ²·B·A)
+    or ``"matched"`` (γ from the first Adam step, needs a gradient side)."""
+    return _scale_option(ctx, 1.0, {}, ("matched",))
 
 
 def _cov_svd(ctx: InitContext, minor: bool) -> LoRAInit:
+    scale = _residual_scale(ctx)
     p = _power_option(ctx)
     est = _estimate(ctx, "input", _bool_option(ctx, "center", False))
     c_pos, c_neg = _matrix_powers(est, p, ctx.name, "input")  # (k, k) each
     w = ctx.weight.to(torch.float64)
     b, root, v_r = _split_svd(w @ c_pos, ctx.rank, ctx.scaling, minor)  # W0·Σ^p = U S Vᵀ
     a = root[:, None] * (v_r.T @ c_neg)  # √(S_r/c)·V_rᵀ·Σ^{-p}, (r, k)
-    return LoRAInit(a, b, w - ctx.scaling * (b @ a))
+    return _scaled(ctx, _residual(ctx, a, b), scale)
 
 
 _COV_SVD_DOC = """
@@ -442,6 +576,13 @@ _COV_SVD_DOC = """
         covariance.
     power : float in (0, 1], default=0.5
         ``p``; ``0.5`` is the whitening transform (SVD-LLM), ``1`` CorDA's ``W·C``.
+    scale : "matched" or float, default=1.0
+        ``γ`` with ``A←γA``, ``B←γB``, ``base = W0 − c·γ²·B·A`` (still exact at step 0);
+        ``"matched"`` picks ``γ`` so that the first Adam step moves the layer's output as
+        much as Kaiming's expected first step (needs a gradient side).
+    lr : float, optional
+        The training rate: with it, ``scale="matched"`` also matches the step's second-order
+        term ``ΔB·ΔA`` (both factors move); without, the rate-free first-order gain.
 
     Returns
     -------
@@ -453,7 +594,7 @@ _COV_SVD_DOC = """
 @_REGISTRY.register(
     "cov-svd",
     "CorDA/SVD-LLM-like: top-r SVD of W0·Σx^(1/2) mapped back with Σx^(-1/2), residual base",
-    needs=("input",), preserves="function", options=("center", "power"),
+    needs=("input",), preserves="function", options=("center", "power", "scale", "lr"),
 )
 def cov_svd(ctx: InitContext) -> LoRAInit:
     """Principal components of ``W0`` as it acts on the task's inputs into the adapter."""
@@ -463,7 +604,7 @@ def cov_svd(ctx: InitContext) -> LoRAInit:
 @_REGISTRY.register(
     "cov-minor",
     "CorDA KPM-like: bottom-r SVD of W0·Σx^(1/2) into the adapter, residual base",
-    needs=("input",), preserves="function", options=("center", "power"),
+    needs=("input",), preserves="function", options=("center", "power", "scale", "lr"),
 )
 def cov_minor(ctx: InitContext) -> LoRAInit:
     """The components of ``W0`` that matter *least* on the task's inputs into the adapter.
@@ -482,7 +623,7 @@ cov_minor.__doc__ = (cov_minor.__doc__ or "") + "\n" + _COV_SVD_DOC.replace("{wh
 @_REGISTRY.register(
     "two-sided",
     "top-r SVD of Σy^(1/2)·W0·Σx^(1/2) mapped back on both sides, residual base",
-    needs=("input", "output"), preserves="function", options=("center", "power"),
+    needs=("input", "output"), preserves="function", options=("center", "power", "scale", "lr"),
 )
 def two_sided(ctx: InitContext) -> LoRAInit:
     """Weight ``W0`` by both the input and the output statistics before the SVD.
@@ -504,12 +645,17 @@ def two_sided(ctx: InitContext) -> LoRAInit:
         Second moments (``False``) or covariances, on both sides.
     power : float in (0, 1], default=0.5
         ``p``, on both sides.
+    scale : "matched" or float, default=1.0
+        As for ``cov-svd``.
+    lr : float, optional
+        As for ``cov-svd``.
 
     Returns
     -------
     LoRAInit
         ``a`` (r, k), ``b`` (d, r), ``base`` (d, k): the model's function is unchanged.
     """
+    scale = _residual_scale(ctx)
     p = _power_option(ctx)
     center = _bool_option(ctx, "center", False)
     x_pos, x_neg = _matrix_powers(_estimate(ctx, "input", center), p, ctx.name, "input")
@@ -518,4 +664,206 @@ def two_sided(ctx: InitContext) -> LoRAInit:
     u_root, root, v_r = _split_svd(y_pos @ w @ x_pos, ctx.rank, ctx.scaling, minor=False)
     b = y_neg @ u_root  # (d, r)
     a = root[:, None] * (v_r.T @ x_neg)  # (r, k)
-    return LoRAInit(a, b, w - ctx.scaling * (b @ a))
+    return _scaled(ctx, _residual(ctx, a, b), scale)
+
+
+# ---------------------------------------------------------------------- gradient statistics
+# DESIGN.md §8.  With G = Σ_t δ_t·x_tᵀ (d, k) the loss gradient of the layer's weight over the
+# calibration data, M the input second moment E[xxᵀ] and Σδ = E[δδᵀ] the output gradient's
+# (K-FAC's two Kronecker factors, both shrunk by the chosen estimator, uncentred), a B = 0
+# init moves B first, along −sign(c·G·Aᵀ): A decides which output directions the first step
+# can reach and how much the loss drops (first order: lr·c·‖G·Aᵀ‖₁).
+
+
+def _top_pair(m: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``(U_r (d, r), V_r (k, r))``: the top-``r`` singular vectors of ``m``, signs fixed."""
+    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    u_r, v_r = _fix_signs(u[:, :rank], vh[:rank].T)
+    assert v_r is not None
+    return u_r, v_r
+
+
+def _balanced(b: Tensor, a: Tensor) -> Tensor:
+    """``B``'s columns rescaled to the norms of ``A``'s rows (``‖b_j‖ = ‖a_j‖``), as an SVD
+    split ``√S`` to both sides.  A small factor beside a large one would make Adam's
+    second-order term ``ΔB·ΔA`` (entries ~lr²) comparable to ``B·ΔA`` at common rates."""
+    tiny = torch.finfo(torch.float64).tiny
+    return b * (a.norm(dim=1) / b.norm(dim=0).clamp_min(tiny))[None, :]
+
+
+def _grad_init(ctx: InitContext, a: Tensor, b: Tensor) -> LoRAInit:
+    """``B = 0`` (default) or, with ``residual=True``, ``B`` (columns balanced against A's
+    rows) and a residual base; then ``scale=`` (default ``"matched"``)."""
+    scale = _scale_option(ctx, "matched", {}, MATCHED)
+    if _bool_option(ctx, "residual", False):
+        init = _residual(ctx, a, _balanced(b, a))
+    else:
+        init = LoRAInit(a, _zeros_b(ctx))
+    return _scaled(ctx, init, scale)
+
+
+_GRAD_OPTIONS_DOC = """
+    Options
+    -------
+    scale : {"matched", "matched-unit"} or float, default="matched"
+        ``"matched"``: the non-zero factors scaled so that the first Adam step moves the
+        layer's output as much as Kaiming's expected first step (exact from G and M,
+        :mod:`covinit.matched`); ``"matched-unit"``: every hidden unit of ``A·x`` with
+        Kaiming's variance (``B = 0`` only); a float multiplies the factors as written above.
+    residual : bool, default=False
+        ``False``: ``B = 0``, ``ΔW = 0`` at step 0.  ``True``: ``B`` from the matching left
+        factor, each column with the norm of A's matching row, and ``base = W0 − c·B·A``, so
+        the model is unchanged at step 0 while both factors move from the first step.
+    lr : float, optional
+        The training rate: with it, ``scale="matched"`` also matches the step's second-order
+        term ``ΔB·ΔA`` (both factors move); without, the rate-free first-order gain.
+
+    Returns
+    -------
+    LoRAInit
+        ``a`` (r, k), ``b`` (d, r) zero (or ``b`` and ``base`` with ``residual=True``).
+"""
+
+
+@_REGISTRY.register(
+    "grad-svd",
+    "A = top-r right singular vectors of the loss gradient G (LoRA-GA / LoRA-One subspace), B = 0",
+    needs=("input", "gradient"), preserves="zero-delta", options=("scale", "residual", "lr"),
+)
+def grad_svd(ctx: InitContext) -> LoRAInit:
+    """A along the input directions in which the loss gradient of ``W`` is largest.
+
+    With ``G = U S Vᵀ``::
+
+        A = V_rᵀ      (r, k), orthonormal rows
+        B = 0         (or U_r with residual=True)
+
+    The subspace of LoRA-GA (Wang et al. 2024) and LoRA-One; unlike them, ``B = 0`` and the
+    scale is matched, so ``ΔW = 0`` at step 0 and the first step is Kaiming-sized.  The
+    rows maximise ‖G·Aᵀ‖ for orthonormal A, not for a fixed ``‖A·x‖`` (see ``grad-whiten``).
+    """
+    u_r, v_r = _top_pair(_gradient(ctx), ctx.rank)
+    return _grad_init(ctx, v_r.T.contiguous(), u_r)
+
+
+@_REGISTRY.register(
+    "grad-whiten",
+    "A ∝ V_rᵀ·M^(-1/2) from the top-r SVD of G·M^(-1/2): largest first-order loss decrease "
+    "per ‖A·x‖, B = 0",
+    needs=("input", "gradient"), preserves="zero-delta", options=("scale", "residual", "lr"),
+)
+def grad_whiten(ctx: InitContext) -> LoRAInit:
+    """A along the directions with the largest first-order loss decrease for a given size
+    of ``A·x``.
+
+    With ``M`` the estimator's (shrunk) estimate of ``E[xxᵀ]`` and ``G·M^{-1/2} = P S Qᵀ``::
+
+        A = Q_rᵀ·M^{-1/2}      (r, k): A·M·Aᵀ = I, so every hidden unit has unit 2nd moment
+        B = 0                  (or ∝ P_r with residual=True)
+
+    ``A`` maximises ``‖G·Aᵀ‖_F`` subject to ``A·M·Aᵀ = I`` (substitute ``Ã = A·M^{1/2}``);
+    its rows span the row space of ``G·M^{-1}``, the least-squares solution's, so on a
+    linear teacher task they recover the teacher's update where ``grad-svd`` is tilted
+    towards the inputs' large directions.  Shrinkage keeps ``M^{-1/2}`` bounded.
+    """
+    grad = _gradient(ctx)
+    _, m_neg = _matrix_powers(_estimate(ctx, "input", False), 0.5, ctx.name, "input")
+    p_r, q_r = _top_pair(grad @ m_neg, ctx.rank)
+    return _grad_init(ctx, (q_r.T @ m_neg).contiguous(), p_r)
+
+
+@_REGISTRY.register(
+    "kfac",
+    "K-FAC natural-gradient directions: top-r SVD of Σδ^(-1/2)·G·M^(-1/2) mapped back, "
+    "both sides shrunk, B = 0",
+    needs=("input", "gradient"), preserves="zero-delta", options=("scale", "residual", "lr"),
+)
+def kfac(ctx: InitContext) -> LoRAInit:
+    """A from the leading directions of K-FAC's natural gradient ``Σδ^{-1}·G·M^{-1}``.
+
+    K-FAC approximates the Fisher of ``W`` by ``Σδ ⊗ M`` (Martens & Grosse 2015), with both
+    factors the estimator's (shrunk) estimates of the uncentred second moments.  With
+    ``Σδ^{-1/2}·G·M^{-1/2} = P S Qᵀ``::
+
+        A = Q_rᵀ·M^{-1/2}           (r, k)
+        B = 0                       (or ∝ Σδ^{-1/2}·P_r with residual=True)
+
+    so ``Σδ^{-1/2}·P_r·S_r·Q_rᵀ·M^{-1/2}`` is the natural gradient's best rank-r part in
+    the Fisher norm.  The d×d gradient side is where shrinkage matters most: a few
+    calibration batches leave ``Σδ`` singular when d exceeds their positions.
+    """
+    grad = _gradient(ctx)
+    _, m_neg = _matrix_powers(_estimate(ctx, "input", False), 0.5, ctx.name, "input")
+    _, d_neg = _matrix_powers(_estimate(ctx, "gradient", False), 0.5, ctx.name, "gradient")
+    p_r, q_r = _top_pair(d_neg @ grad @ m_neg, ctx.rank)
+    return _grad_init(ctx, (q_r.T @ m_neg).contiguous(), d_neg @ p_r)
+
+
+for _fn in (grad_svd, grad_whiten, kfac):
+    _fn.__doc__ = (_fn.__doc__ or "") + _GRAD_OPTIONS_DOC
+
+#: LoRA-GA's "stable" scale constant γ (the authors' default ``stable_gamma``).
+LORA_GA_GAMMA = 16.0
+
+
+@_REGISTRY.register(
+    "lora-ga",
+    "LoRA-GA as published: A = V[:, :r]ᵀ, B = U[:, r:2r] of G, × d^(1/4)/√γ, residual base "
+    "(Wang et al. 2024; not PEFT's port)",
+    needs=("gradient",), preserves="function", options=("scale", "gamma", "lr"),
+)
+def lora_ga(ctx: InitContext) -> LoRAInit:
+    """LoRA-GA's own init (Wang et al. 2024, arXiv 2407.05000, the authors' code), a baseline.
+
+    With ``G = U S Vᵀ`` and the authors' default direction ``"ArB2r"`` and ``"stable"``
+    scale::
+
+        A = V[:, :r]ᵀ · d^{1/4}/√γ       (r, k)
+        B = U[:, r:2r] · d^{1/4}/√γ      (d, r)
+        base = W0 − c·B·A                (the model is unchanged at step 0)
+
+    with ``d`` = out_features and ``γ`` = ``gamma`` (16).  Singular vectors from an exact SVD
+    (the authors use ``torch.svd_lowrank`` with ``q = 4r``, which approximates it); signs
+    fixed for reproducibility.  PEFT's ``init_lora_weights="lora_ga"`` is a different init
+    (its B carries the singular values): label the two apart.
+
+    Options
+    -------
+    scale : {"stable", "matched"} or float, default="stable"
+        ``"stable"``: the paper's ``d^{1/4}/√γ``; ``"matched"``: both factors rescaled
+        from there so the first Adam step is Kaiming-sized (needs an input side); a float
+        multiplies the orthonormal factors instead of ``d^{1/4}/√γ``.
+    gamma : float, default=16
+        LoRA-GA's ``stable_gamma``.
+    lr : float, optional
+        The training rate: with it, ``scale="matched"`` also matches the step's second-order
+        term ``ΔB·ΔA`` (both factors move); without, the rate-free first-order gain.
+
+    Returns
+    -------
+    LoRAInit
+        ``a`` (r, k), ``b`` (d, r), ``base`` (d, k).
+
+    Raises
+    ------
+    ValueError
+        When ``2·rank > min(d, k)`` (B takes the singular vectors ``r … 2r−1``).
+    """
+    d, k = ctx.shape
+    if 2 * ctx.rank > min(d, k):
+        raise ValueError(f"lora-ga takes B from singular vectors r..2r-1, so it needs "
+                         f"2·rank <= min(d, k) = {min(d, k)}; layer {ctx.name!r} (d={d}, "
+                         f"k={k}) has rank {ctx.rank}")
+    gamma = _option(ctx, "gamma", LORA_GA_GAMMA)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (
+            math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"option gamma= must be a positive finite float, got {gamma!r} "
+                         f"(layer {ctx.name!r})")
+    stable = d ** 0.25 / math.sqrt(gamma)
+    scale = _scale_option(ctx, "stable", {"stable": stable}, ("matched",))
+    u, _, vh = torch.linalg.svd(_gradient(ctx), full_matrices=False)
+    a, _ = _fix_signs(vh[: ctx.rank].T)  # (k, r)
+    b, _ = _fix_signs(u[:, ctx.rank: 2 * ctx.rank])  # (d, r)
+    factor = stable if isinstance(scale, str) else scale
+    init = _residual(ctx, factor * a.T.contiguous(), factor * b)
+    return _match(ctx, init, scale) if isinstance(scale, str) else init

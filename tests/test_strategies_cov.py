@@ -82,8 +82,10 @@ def calibration():
 @pytest.mark.parametrize("use_rslora", [False, True], ids=["alpha_r", "rslora"])
 @pytest.mark.parametrize("kind", ["covinit", "peft", "loralib"])
 # Quantized-base strategies (preserves="approximate") promise a measured error: test_quant.py.
+# Strategies on gradient statistics: test_strategies_grad.py (a gradient-side calibration).
 @pytest.mark.parametrize("strategy", sorted(n for n in strategies()
-                                            if get_strategy(n).tags["preserves"] != "approximate"))
+                                            if get_strategy(n).tags["preserves"] != "approximate"
+                                            and "gradient" not in get_strategy(n).tags["needs"]))
 def test_contract(strategy, kind, use_rslora, calibration, make_tiny, adapt):
     """ΔW = 0, or the residual base keeps the output to 1e-5 relative, on every layer kind."""
     model = adapt(kind, make_tiny(), TARGETS, rank=3, alpha=5.0, use_rslora=use_rslora)
@@ -309,8 +311,8 @@ def test_spatpca_works_for_pca_strategies(make_tiny):
 # ---------------------------------------------------------------------- errors and fallbacks
 def test_unknown_and_bad_options(calibration, make_tiny):
     model = add_lora(make_tiny(), TARGETS, rank=2)
-    with pytest.raises(ValueError, match=r"unknown options \['scale'\]"):
-        initialize(model, calibration, strategy="cov-svd", scale="unit")
+    with pytest.raises(ValueError, match=r"unknown options \['residual'\]"):
+        initialize(model, calibration, strategy="cov-svd", residual=True)
     with pytest.raises(TypeError, match="center= must be a bool"):
         initialize(model, calibration, strategy="input-pca", center="yes")
     with pytest.raises(ValueError, match="needs input-side calibration"):
