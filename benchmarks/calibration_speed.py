@@ -38,11 +38,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+import zoo
 from _common import load_average, machine, write_rows  # benchmarks/ is on sys.path as a script
 from torch import Tensor, nn
 
 import covinit
-from covinit import zoo
 from covinit.collect import batch_masks, match_layers, rows_of
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,8 +28,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+import zoo  # benchmarks/zoo.py: this script's folder is on sys.path
 
-from covinit import calibrate, zoo
+from covinit import calibrate
 from covinit.estimators import estimate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import peft
 import torch
+import zoo
 
 import covinit
-from covinit import zoo
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "smollm2"

@@ -1,31 +1,35 @@
-"""The ``covinit`` command line: calibrate, init, report, compare, list strategies and estimators.
+"""The ``covinit`` command line: calibrate, init, report, list strategies and estimators.
 
 ::
 
-    covinit calibrate --model minilm --data rotten-tomatoes --out cal.safetensors
+    covinit calibrate --model ./my-bert --data texts.jsonl --out cal.safetensors
+    covinit calibrate --model ./SmolLM2-135M.Q4_1.gguf --data book.txt --out cal.safetensors
     covinit init --model ./my-llama --data texts.txt --strategy cov-svd --out adapter/
-    covinit report cal.safetensors --out report/ --model minilm
-    covinit compare --quick                      # forwards to benchmarks/compare_inits.py
+    covinit report cal.safetensors --out report/ --model recorded
     covinit strategies
     covinit estimators
 
-Installed as a console script (``pyproject.toml``); ``python -m covinit`` is the same.
-Usage errors exit with status 2: argparse's own (a missing or malformed option), and one line
-``covinit: error: ...`` for arguments that cannot work (no ``--targets`` where no default is
-known, a model folder without a tokenizer and no ``--tokenizer``, a ``--device`` this torch
-cannot use, statistics larger than ``--max-stats-size``).  Runtime errors (a bad file, a layer
-that does not exist, ...) print one line ``covinit: error: ...`` on stderr and exit with
-status 1 (``COVINIT_TRACEBACK=1`` shows the traceback instead).
+Models and data are local paths only: ``--model`` is a Hugging Face model folder (written by
+``save_pretrained``) or a ``.gguf`` file, ``--data`` a ``.txt``/``.jsonl``/``.csv``/``.tsv``
+file (:mod:`covinit.data`).  Installed as a console script (``pyproject.toml``); ``python -m
+covinit`` is the same.  Usage errors exit with status 2: argparse's own (a missing or
+malformed option), and one line ``covinit: error: ...`` for arguments that cannot work (no
+``--targets`` where no default is known, a model folder without a tokenizer and no
+``--tokenizer``, a ``--device`` this torch cannot use, statistics larger than
+``--max-stats-size``).  Runtime errors (a bad file, a layer that does not exist, ...) print
+one line ``covinit: error: ...`` on stderr and exit with status 1 (``COVINIT_TRACEBACK=1``
+shows the traceback instead).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.metadata
 import json
 import os
 import re
-import subprocess
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -39,8 +43,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_STATS_SIZE",
     "StatsSize",
+    "build_loader",
     "build_parser",
-    "compare_script",
     "load_model",
     "load_tokenizer",
     "main",
@@ -71,100 +75,117 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 # ---------------------------------------------------------------------- model and data
 def _offline() -> None:
-    # Everything covinit's zoo loads ships in pip packages; never reach for a hub.
+    # The command line reads local folders and files only; never reach for a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _transformers() -> Any:
+    try:
+        return importlib.import_module("transformers")
+    except ImportError:
+        raise ImportError("--model needs transformers to load a Hugging Face model: "
+                          "pip install 'covinit[hf]'") from None
+
+
 # Any of these in a folder means save_pretrained wrote a tokenizer there.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
                     "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+_TASKS = ("auto", "base", "sequence-classification", "causal-lm")
+_TASK_CLASSES = {"base": "AutoModel", "sequence-classification":
+                 "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 
 
 def load_tokenizer(spec: str) -> Any:
-    """The tokenizer named by ``--tokenizer``: a zoo name or a folder holding tokenizer files.
+    """The tokenizer in folder ``spec`` (``--tokenizer``, or a model folder's own).
 
     Parameters
     ----------
     spec : str
-        ``"minilm"``, ``"smollm2"`` or a directory written by ``tokenizer.save_pretrained``.
+        A directory written by ``tokenizer.save_pretrained`` (a model folder usually is one).
 
     Raises
     ------
     ValueError
-        If ``spec`` is neither a zoo model nor a directory.
+        If ``spec`` is not a directory.
     _UsageError
         If the directory holds no tokenizer files.
     """
-    from covinit import zoo
-
     _offline()
-    if spec in zoo.MODELS:
-        return zoo.load_tokenizer(spec)
     path = Path(spec)
     if not path.is_dir():
-        raise ValueError(f"--tokenizer {spec!r} is neither a known model "
-                         f"({', '.join(zoo.MODELS)}) nor an existing directory")
+        raise ValueError(f"--tokenizer {spec!r} is not a directory (expected a folder written "
+                         "by tokenizer.save_pretrained)")
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise _UsageError(f"{spec} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, "
-                          f"...); pass --tokenizer with {' or '.join(zoo.MODELS)} or a folder "
-                          "that has them")
-    import transformers
+                          "...); pass --tokenizer with a folder that has them")
+    from covinit.data import quiet_transformers
 
-    with zoo.quiet_transformers():
-        return transformers.AutoTokenizer.from_pretrained(str(path))
+    with quiet_transformers():
+        return _transformers().AutoTokenizer.from_pretrained(str(path))
+
+
+def _model_source(spec: str) -> tuple[Path, dict[str, str]]:
+    """``(folder, from_pretrained keywords)`` for ``--model``: a folder, or a .gguf file read
+    by transformers from its folder (``gguf_file=``)."""
+    path = Path(spec)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"--model {spec}: no such GGUF file")
+        return path.parent, {"gguf_file": path.name}
+    if not path.is_dir():
+        raise ValueError(f"--model {spec!r} is neither a Hugging Face model folder nor a .gguf "
+                         "file")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {spec}: no config.json in that directory (expected a "
+                         "Hugging Face model folder written by save_pretrained)")
+    return path, {}
 
 
 def load_model(spec: str, task: str = "auto", tokenizer: str | None = None, *,
                with_tokenizer: bool = True, quiet: bool = False) -> tuple[Any, Any, bool]:
-    """``(model, tokenizer, causal)`` for a zoo name or a local Hugging Face folder.
+    """``(model, tokenizer, causal)`` for a local Hugging Face folder or a ``.gguf`` file.
 
     Parameters
     ----------
     spec : str
-        ``"minilm"``, ``"smollm2"`` (:data:`covinit.zoo.MODELS`) or a directory holding a
-        ``config.json`` (and tokenizer files, unless ``tokenizer`` is given).
+        A directory holding a ``config.json`` (and tokenizer files, unless ``tokenizer`` is
+        given), or a ``.gguf`` file: transformers dequantizes it to float32 on every load
+        (nothing is cached) and reads its tokenizer from the file.
     task : {"auto", "base", "sequence-classification", "causal-lm"}
-        For a directory: which ``transformers`` class to build.  ``auto`` uses the class
-        named in the config's ``architectures`` (so a calibration matches the model you will
-        fine-tune), else ``AutoModel``.
+        Which ``transformers`` class to build.  ``auto`` uses the class named in the config's
+        ``architectures`` (so a calibration matches the model you will fine-tune), else
+        ``AutoModelForCausalLM`` for a GGUF file and ``AutoModel`` for a folder.
     tokenizer : str, optional
-        Where the tokenizer comes from instead (see :func:`load_tokenizer`).
+        A folder to take the tokenizer from instead (see :func:`load_tokenizer`).
     with_tokenizer : bool, default=True
         False: return ``None`` for the tokenizer (``covinit report`` needs weights only).
     quiet : bool, default=False
-        Silence transformers' load reports and progress bars for a directory.
+        Silence transformers' load reports and progress bars.
     """
-    from covinit import zoo
+    from covinit.data import quiet_transformers
 
     _offline()
-    if spec in zoo.MODELS:
-        model, own = zoo.MODELS[spec]()
-        chosen = load_tokenizer(tokenizer) if tokenizer is not None and with_tokenizer else own
-        return model, chosen if with_tokenizer else None, spec == "smollm2"
-    path = Path(spec)
-    if not path.exists():
-        raise ValueError(f"--model {spec!r} is neither a known model ({', '.join(zoo.MODELS)}) "
-                         "nor an existing directory")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--model {spec}: no config.json in that directory (expected a "
-                         "Hugging Face model folder written by save_pretrained)")
+    folder, gguf = _model_source(spec)
+    tf = _transformers()
     # The tokenizer first: a folder without one fails before the weights are read.
-    tok = load_tokenizer(tokenizer or spec) if with_tokenizer else None
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(str(path))
-    classes = {"base": "AutoModel", "sequence-classification":
-               "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
+    tok = None
+    if with_tokenizer:
+        if tokenizer is not None or not gguf:
+            tok = load_tokenizer(tokenizer or spec)
+        else:
+            with quiet_transformers():
+                tok = tf.AutoTokenizer.from_pretrained(str(folder), **gguf)
+    config = tf.AutoConfig.from_pretrained(str(folder), **gguf)
     if task == "auto":
         arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        cls = cls or transformers.AutoModel
+        cls = getattr(tf, arch, None) if arch else None
+        cls = cls or (tf.AutoModelForCausalLM if gguf else tf.AutoModel)
     else:
-        cls = getattr(transformers, classes[task])
-    with zoo.quiet_transformers() if quiet else contextlib.nullcontext():
-        model = cls.from_pretrained(str(path))
+        cls = getattr(tf, _TASK_CLASSES[task])
+    with quiet_transformers() if quiet else contextlib.nullcontext():
+        model = cls.from_pretrained(str(folder), **gguf)
     model.eval()
     causal = task == "causal-lm" or "CausalLM" in type(model).__name__
     return model, tok, causal
@@ -257,15 +278,14 @@ def _select_layers(model: Any, targets: list[str] | None, spec: str, quiet: bool
                    ) -> tuple[dict[str, Any], Any]:
     """``(layers by name, the selection as PEFT's target_modules)`` for ``--targets``.
 
-    Without ``--targets``: the zoo's default for a zoo model, else PEFT's default for the
-    architecture, else a usage error.  ``all`` is every linear layer but the output
-    embeddings (:func:`output_embedding_layers`); name those to include them.
+    Without ``--targets``: PEFT's default for the architecture, else a usage error.  ``all``
+    is every linear layer but the output embeddings (:func:`output_embedding_layers`); name
+    those to include them.
     """
-    from covinit import zoo
     from covinit.collect import match_layers
 
     if targets is None:
-        targets = zoo.DEFAULT_TARGETS.get(spec) or _peft_default_targets(model)
+        targets = _peft_default_targets(model)
         if not targets:
             kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
             raise _UsageError(f"--targets is required for model {spec!r} (no default for "
@@ -374,30 +394,37 @@ def _stats_size_arg(text: str) -> int | None:
 
 
 def build_loader(spec: str, tokenizer: Any, *, batch_size: int, max_length: int,
-                 text_column: str | None = None, seed: int = 0) -> Any:
-    """Calibration batches for a zoo dataset name or a text file (.txt, .jsonl, .csv, .tsv).
+                 text_column: str | None = None, label_column: str | None = None) -> Any:
+    """Calibration batches of a text file: one padded example per text (padding is masked
+    out of the statistics), with labels when ``label_column`` is given.
 
-    ``rotten-tomatoes`` (with its labels) and files give one padded example per text (padding
-    is masked out of the statistics); ``hamlet`` gives consecutive blocks of ``max_length``
-    tokens of the play's training part.
+    Parameters
+    ----------
+    spec : str
+        A ``.txt`` (one text per line), ``.jsonl``, ``.csv`` or ``.tsv`` file
+        (:func:`covinit.data.read_text_dataset`).
+    tokenizer : transformers.PreTrainedTokenizerBase
+        Given the EOS token as pad token when it has none.
+    batch_size, max_length : int
+    text_column, label_column : str, optional
+        Field/column of the text (default ``text``) and of an integer class label.
+
+    Returns
+    -------
+    torch.utils.data.DataLoader
+        ``{"input_ids", "attention_mask": (B, T)}`` (and ``"labels": (B,)``) batches.
     """
-    from covinit import zoo
+    from covinit.data import read_labelled_dataset, read_text_dataset, text_classification_loader
 
+    if not Path(spec).is_file():
+        raise ValueError(f"--data {spec!r} is not a file (expected .txt, one text per line, or "
+                         ".jsonl / .csv / .tsv with a text column)")
     if getattr(tokenizer, "pad_token", None) is None:
         # Decoder tokenizers often have none; padded positions are masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token
-    if spec == "hamlet":
-        train_text, _ = zoo.hamlet()
-        return zoo.causal_lm_loader(tokenizer, train_text, max_length, batch_size)
-    texts: list[Any]
-    if spec == "rotten-tomatoes":
-        texts = list(zoo.rotten_tomatoes(seed=seed)["train"])  # (text, label) pairs
-    elif Path(spec).exists():
-        texts = zoo.read_text_dataset(spec, text_column)
-    else:
-        raise ValueError(f"--data {spec!r} is neither a known dataset ({', '.join(zoo.DATASETS)}) "
-                         "nor an existing file (.txt, .jsonl, .csv, .tsv)")
-    return zoo.text_classification_loader(tokenizer, texts, batch_size, max_length)
+    texts: list[Any] = (read_text_dataset(spec, text_column) if label_column is None
+                        else list(read_labelled_dataset(spec, label_column, text_column)))
+    return text_classification_loader(tokenizer, texts, batch_size, max_length)
 
 
 def _drop_labels(model: Any, batch: Any) -> Any:
@@ -415,8 +442,7 @@ def _next_token_loss(model: Any, batch: Any) -> Any:
 
 def _forward_fn(sides: Sequence[str], causal: bool) -> Any:
     """How calibration calls the model: without labels unless the gradient side needs a loss
-    (a causal LM's next-token loss; other models the labels of the data, e.g.
-    rotten-tomatoes')."""
+    (a causal LM's next-token loss; other models the labels of the data, ``--label-column``)."""
     if "gradient" not in sides:
         return _drop_labels
     return _next_token_loss if causal else None
@@ -444,7 +470,7 @@ def _prepare(args: argparse.Namespace, sides: Sequence[str], *, file: bool
 def _loader(args: argparse.Namespace, tokenizer: Any) -> Any:
     return build_loader(args.data, tokenizer, batch_size=args.batch_size,
                         max_length=args.max_length, text_column=args.text_column,
-                        seed=args.seed)
+                        label_column=args.label_column)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -582,28 +608,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def compare_script() -> Path:
-    """Where ``covinit compare`` looks for the benchmark: ``$COVINIT_COMPARE_SCRIPT``, else
-    ``benchmarks/compare_inits.py`` of the source checkout covinit is imported from."""
-    override = os.environ.get("COVINIT_COMPARE_SCRIPT")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parent.parent / "benchmarks" / "compare_inits.py"
-
-
-def _cmd_compare(rest: Sequence[str]) -> int:
-    script = compare_script()
-    if not script.is_file():
-        if any(flag in rest for flag in ("-h", "--help")):
-            print(f"usage: {_PROG} compare [ARGS ...]\n\n{_COMPARE_HELP}")
-        raise ValueError(f"the comparison benchmark {script} was not found; it ships with the "
-                         "source repository (benchmarks/), not with the installed package: run "
-                         "covinit from a checkout or set COVINIT_COMPARE_SCRIPT")
-    _offline()
-    # A child process: the benchmark owns its argv, exit status and global torch settings.
-    return subprocess.call([sys.executable, str(script), *rest])
-
-
 def _list(entries: dict[str, str], extra: dict[str, str] | None = None) -> None:
     width = max(map(len, entries))
     for name, description in entries.items():
@@ -637,38 +641,44 @@ def _cmd_estimators(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- parser
-_COMPARE_HELP = """\
-Run benchmarks/compare_inits.py (every init strategy, same model, data, rank, steps and seeds)
-with the remaining arguments; `covinit compare --help` shows the benchmark's own options."""
+def _version() -> str:
+    """The installed distribution's version (the package root is not imported: modules sit
+    below it)."""
+    try:
+        return importlib.metadata.version("covinit")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: run from a source tree)"
 
 
 def _add_run_arguments(sub: argparse.ArgumentParser) -> None:
     """Model, data, layer and device options shared by ``calibrate`` and ``init``."""
-    sub.add_argument("--model", required=True,
-                     help="minilm, smollm2, or a Hugging Face model directory")
-    sub.add_argument("--task", default="auto",
-                     choices=("auto", "base", "sequence-classification", "causal-lm"),
-                     help="model class for a directory (auto: the config's architecture)")
-    sub.add_argument("--tokenizer", default=None,
-                     help="minilm, smollm2 or a folder with tokenizer files, for a model "
-                          "folder saved without them (default: the model's own)")
-    sub.add_argument("--data", required=True,
-                     help="rotten-tomatoes, hamlet, or a file: .txt (one text per line), "
-                          ".jsonl / .csv / .tsv (a text column)")
+    sub.add_argument("--model", required=True, metavar="PATH",
+                     help="a Hugging Face model folder (save_pretrained) or a .gguf file "
+                          "(dequantized to float32 on every load)")
+    sub.add_argument("--task", default="auto", choices=_TASKS,
+                     help="model class (auto: the config's architecture; causal-lm for GGUF)")
+    sub.add_argument("--tokenizer", default=None, metavar="DIR",
+                     help="a folder with tokenizer files, for a model folder saved without "
+                          "them (default: the model's own)")
+    sub.add_argument("--data", required=True, metavar="FILE",
+                     help="a text file: .txt (one text per line), .jsonl / .csv / .tsv (a "
+                          "text column)")
     sub.add_argument("--text-column", default=None,
                      help="field / column holding the text in a .jsonl or .csv file "
                           "(default: text)")
+    sub.add_argument("--label-column", default=None,
+                     help="field / column of an integer class label: batches carry labels "
+                          "(the gradient side of a classifier needs them)")
     sub.add_argument("--targets", nargs="+", default=None,
                      help="layer name suffixes (query value), one regular expression matched "
                           "against the full name, or 'all' (every linear layer except the "
-                          "output embedding / LM head; name it to include it). Default: the "
-                          "attention projections for minilm/smollm2, PEFT's default for the "
-                          "architecture of a model folder")
+                          "output embedding / LM head; name it to include it). Default: "
+                          "PEFT's default for the model's architecture")
     sub.add_argument("--max-batches", type=_positive, default=32,
                      help="stop after this many batches")
     sub.add_argument("--batch-size", type=_positive, default=16, help="examples per batch")
     sub.add_argument("--max-length", type=_at_least_two, default=128,
-                     help="tokens per example (hamlet: block length)")
+                     help="tokens per example (longer texts are truncated)")
     sub.add_argument("--folds", type=_positive, default=None,
                      help="keep M per-fold summaries (needed by the spatpca estimator's "
                           "cross-validation)")
@@ -682,49 +692,33 @@ def _add_run_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--device", default=None,
                      help="move the model and batches there, e.g. cuda:0 (default: where the "
                           "model loads, the CPU)")
-    sub.add_argument("--seed", type=int, default=0,
-                     help="seed of the dataset split (and, for init, of random factors)")
     sub.add_argument("--quiet", action="store_true", help="no progress bar and no notes")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of ``covinit`` (one subparser per verb)."""
-    parser = argparse.ArgumentParser(
-        prog=_PROG, formatter_class=_Formatter,
-        description="Covariance-informed LoRA initialization: calibrate a frozen model on task "
-                    "data, initialize a LoRA adapter from it, inspect what calibration found, "
-                    "compare init strategies.",
-        epilog="examples:\n"
-               "  covinit calibrate --model minilm --data rotten-tomatoes --out cal.safetensors\n"
-               "  covinit init --model ./my-llama --data texts.txt --strategy cov-svd "
-               "--out adapter\n"
-               "  covinit report cal.safetensors --out report --model minilm\n"
-               "  covinit strategies")
-    from covinit import __version__
-    from covinit.calibration import DEFAULT_STRATEGY
-    from covinit.estimators import estimators
-    from covinit.strategies import strategies
-
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-
+def _add_calibrate(verbs: Any) -> None:
     cal = verbs.add_parser(
         "calibrate", formatter_class=_Formatter,
         help="collect activation statistics of a model on data into a .safetensors file",
         description="Run a frozen model over task data once and save every target layer's "
                     "input/output activation statistics (float64 moments) as safetensors.",
         epilog="examples:\n"
-               "  covinit calibrate --model minilm --data rotten-tomatoes --out cal.safetensors\n"
-               "  covinit calibrate --model smollm2 --data hamlet --targets q_proj v_proj "
-               "--folds 5 --out cal.safetensors\n"
                "  covinit calibrate --model ./my-bert --data texts.jsonl --text-column body "
-               "--targets all --out cal.safetensors")
+               "--targets all --out cal.safetensors\n"
+               "  covinit calibrate --model ./SmolLM2.Q4_1.gguf --data book.txt --targets "
+               "q_proj v_proj --folds 5 --out cal.safetensors")
     _add_run_arguments(cal)
     cal.add_argument("--out", required=True, help="output .safetensors file")
     cal.add_argument("--sides", nargs="+", choices=_SIDES, default=["input", "output"],
                      help="statistics to keep; gradient (with input) adds a backward pass: "
-                          "a causal LM's next-token loss, else the data's labels")
+                          "a causal LM's next-token loss, else the data's labels "
+                          "(--label-column)")
     cal.set_defaults(func=_cmd_calibrate)
+
+
+def _add_init(verbs: Any) -> None:
+    from covinit.calibration import DEFAULT_STRATEGY
+    from covinit.estimators import estimators
+    from covinit.strategies import strategies
 
     ini = verbs.add_parser(
         "init", formatter_class=_Formatter,
@@ -736,8 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "untouched base model. Residual strategies (pissa, cov-svd, cov-minor, "
                     "two-sided) are written with their step-0 part folded in (rank 2r).",
         epilog="examples:\n"
-               "  covinit init --model minilm --data rotten-tomatoes --strategy input-pca "
-               "--out adapter\n"
+               "  covinit init --model ./my-bert --data reviews.csv --label-column label "
+               "--strategy input-pca --out adapter\n"
                "  covinit init --model ./my-llama --data texts.txt --targets q_proj v_proj "
                "--strategy cov-svd --rank 16 --out adapter")
     _add_run_arguments(ini)
@@ -752,8 +746,11 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("--rslora", action="store_true", help="scale by alpha/√r (rsLoRA)")
     ini.add_argument("--sides", nargs="+", choices=_SIDES, default=None,
                      help="activations to summarise (default: those the strategy needs)")
+    ini.add_argument("--seed", type=int, default=0, help="seed of the strategy's random factors")
     ini.set_defaults(func=_cmd_init)
 
+
+def _add_report(verbs: Any) -> None:
     rep = verbs.add_parser(
         "report", formatter_class=_Formatter,
         help="write figures, an HTML page and a Markdown summary of a calibration",
@@ -770,11 +767,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("calibration", help="file written by covinit calibrate")
     rep.add_argument("--out", required=True, help="output directory")
     rep.add_argument("--model", default=None,
-                     help="minilm, smollm2, a model directory, or 'recorded' (the one named in "
-                          "the file); enables principal angles to W0")
-    rep.add_argument("--task", default="auto",
-                     choices=("auto", "base", "sequence-classification", "causal-lm"),
-                     help="model class for a directory (auto: the config's architecture)")
+                     help="a model folder, a .gguf file, or 'recorded' (the one named in the "
+                          "file); enables principal angles to W0")
+    rep.add_argument("--task", default="auto", choices=_TASKS,
+                     help="model class (auto: the config's architecture; causal-lm for GGUF)")
     rep.add_argument("--rank", type=_positive, default=8, help="LoRA rank to mark")
     rep.add_argument("--rank-budget", type=_positive, default=None,
                      help="mark ranks allocated from this total budget (EVA-style)")
@@ -795,11 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--quiet", action="store_true", help="do not print the table")
     rep.set_defaults(func=_cmd_report)
 
-    # Parsed by hand in main() (everything after the verb goes to the benchmark); listed
-    # here for the top-level help.
-    verbs.add_parser("compare", help="compare init strategies (runs benchmarks/compare_inits.py)",
-                     description=_COMPARE_HELP, add_help=False)
 
+def _add_listings(verbs: Any) -> None:
     st = verbs.add_parser("strategies", help="list init strategies",
                           description="List the registered LoRA init strategies with one-line "
                                       "descriptions and what calibration statistics they need.")
@@ -807,6 +800,26 @@ def build_parser() -> argparse.ArgumentParser:
     es = verbs.add_parser("estimators", help="list covariance estimators",
                           description="List the registered covariance estimators.")
     es.set_defaults(func=_cmd_estimators)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``covinit`` (one subparser per verb)."""
+    parser = argparse.ArgumentParser(
+        prog=_PROG, formatter_class=_Formatter,
+        description="Covariance-informed LoRA initialization: calibrate a frozen model on task "
+                    "data, initialize a LoRA adapter from it, inspect what calibration found.",
+        epilog="examples:\n"
+               "  covinit calibrate --model ./my-bert --data texts.txt --out cal.safetensors\n"
+               "  covinit init --model ./my-llama --data texts.txt --strategy cov-svd "
+               "--out adapter\n"
+               "  covinit report cal.safetensors --out report --model recorded\n"
+               "  covinit strategies")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    _add_calibrate(verbs)
+    _add_init(verbs)
+    _add_report(verbs)
+    _add_listings(verbs)
     return parser
 
 
@@ -838,8 +851,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "compare":
-            return _cmd_compare(argv[1:])
         args = build_parser().parse_args(argv)
         return int(args.func(args))
     except (ValueError, TypeError, ImportError, OSError, RuntimeError) as err:
@@ -851,6 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{_PROG}: interrupted", file=sys.stderr)
         return 130
+
 
 if __name__ == "__main__":
     sys.exit(main())

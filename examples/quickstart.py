@@ -27,12 +27,14 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# zoo (the demo models and data) lives beside the benchmarks, not in the covinit package:
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
 import torch
+import zoo
 from torch import nn
 
 import covinit
-from covinit import zoo
 from covinit.strategies import get_strategy
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

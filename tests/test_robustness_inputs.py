@@ -318,7 +318,7 @@ def test_module_called_twice_per_forward_summarises_both_calls_and_initializes()
 @pytest.mark.slow
 def test_smollm2_tied_lm_head_refuses_residual_and_accepts_input_pca():
     """The real case: SmolLM2's ``lm_head.weight`` is ``model.embed_tokens.weight``."""
-    from covinit import zoo
+    import zoo
 
     model, tokenizer = zoo.load_smollm2()
     targets = ["lm_head", "model.layers.0.self_attn.q_proj"]

@@ -337,7 +337,7 @@ def test_other_lora_variants_stay_refused_with_their_name():
 # ------------------------------------------------------------------ real MiniLM
 @pytest.mark.slow
 def test_minilm_trained_adapter_is_refused_and_statistics_only_is_exact():
-    zoo = pytest.importorskip("covinit.zoo")
+    zoo = pytest.importorskip("zoo")
     try:
         base, tokenizer = zoo.load_minilm()
     except ImportError as err:

@@ -1,4 +1,5 @@
-"""Tests for covinit.zoo: real data splits, file readers, dataloaders, model loaders, cache."""
+"""Tests for benchmarks/zoo.py (the demo models and data): real data splits, model loaders,
+the SmolLM2 cache.  The generic file readers and dataloaders are tested in test_data.py."""
 
 from __future__ import annotations
 
@@ -11,24 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from covinit import zoo
+import zoo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 N_LABELLED = 12_752  # 7,403 fresh + 5,405 rotten, minus 56 duplicate snippets
 
 
 @pytest.fixture(scope="module")
 def splits() -> dict[str, list[tuple[str, int]]]:
     return zoo.rotten_tomatoes(seed=0)
-
-
-@pytest.fixture(scope="module")
-def bert_tokenizer():
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(zoo._minilm_path())
 
 
 # --------------------------------------------------------------------------- Rotten Tomatoes
@@ -112,154 +107,6 @@ def test_hamlet_bad_fraction(frac):
         zoo.hamlet(frac)
 
 
-# --------------------------------------------------------------------------- user files
-
-
-def test_read_txt(tmp_path):
-    f = tmp_path / "a.txt"
-    f.write_text("first line\n\n  \nsecond line\r\nthird\n", encoding="utf-8")
-    assert zoo.read_text_dataset(f) == ["first line", "second line", "third"]
-    with pytest.raises(ValueError, match="text_column"):
-        zoo.read_text_dataset(f, text_column="x")
-
-
-def test_read_jsonl(tmp_path):
-    f = tmp_path / "a.jsonl"
-    rows = [{"text": "hello", "label": 1}, {"text": "world", "label": 0}]
-    f.write_text("\n".join(json.dumps(r) for r in rows) + '\n\n"bare string"\n')
-    assert zoo.read_text_dataset(f) == ["hello", "world", "bare string"]
-    g = tmp_path / "b.jsonl"
-    g.write_text(json.dumps({"review": "x", "stars": 3}) + "\n")
-    assert zoo.read_text_dataset(g, text_column="review") == ["x"]
-    with pytest.raises(ValueError, match=r"b\.jsonl:1: no field 'text'; fields: review, stars"):
-        zoo.read_text_dataset(g)
-    with pytest.raises(ValueError, match="must be a string"):
-        zoo.read_text_dataset(g, text_column="stars")
-    bad = tmp_path / "c.jsonl"
-    bad.write_text('{"text": "ok"}\n{"text": oops}\n')
-    with pytest.raises(ValueError, match=r"c\.jsonl:2: not valid JSON"):
-        zoo.read_text_dataset(bad)
-    arr = tmp_path / "d.jsonl"
-    arr.write_text("[1, 2]\n")
-    with pytest.raises(ValueError, match="expected a JSON object"):
-        zoo.read_text_dataset(arr)
-
-
-def test_read_csv_and_tsv(tmp_path):
-    f = tmp_path / "a.csv"
-    f.write_text('id,text\n1,"a, quoted\nmultiline text"\n2,plain\n3,\n', encoding="utf-8")
-    assert zoo.read_text_dataset(f) == ["a, quoted\nmultiline text", "plain"]
-    with pytest.raises(ValueError, match="no column 'body'; columns: id, text"):
-        zoo.read_text_dataset(f, text_column="body")
-    t = tmp_path / "a.tsv"
-    t.write_text("sentence\tlabel\nsome words\t1\n")
-    assert zoo.read_text_dataset(t, text_column="sentence") == ["some words"]
-
-
-def test_read_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        zoo.read_text_dataset(tmp_path / "missing.txt")
-    other = tmp_path / "a.parquet"
-    other.write_bytes(b"x")
-    with pytest.raises(ValueError, match=r"unsupported file type '\.parquet'.*\.txt"):
-        zoo.read_text_dataset(other)
-    empty = tmp_path / "e.txt"
-    empty.write_text("\n\n")
-    with pytest.raises(ValueError, match="contains no text"):
-        zoo.read_text_dataset(empty)
-    binary = tmp_path / "b.txt"
-    binary.write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(ValueError, match="not UTF-8"):
-        zoo.read_text_dataset(binary)
-
-
-# --------------------------------------------------------------------------- dataloaders
-
-
-def test_text_classification_loader_shapes_and_masks(bert_tokenizer, splits):
-    examples = splits["train"][:70]
-    loader = zoo.text_classification_loader(bert_tokenizer, examples, batch_size=32,
-                                             max_length=24)
-    batches = list(loader)
-    assert [len(b["labels"]) for b in batches] == [32, 32, 6]
-    seen = []
-    for b in batches:
-        assert set(b) == {"input_ids", "attention_mask", "labels"}
-        ids, mask = b["input_ids"], b["attention_mask"]
-        assert ids.shape == mask.shape and ids.dtype == mask.dtype == torch.long
-        assert ids.shape[1] <= 24
-        # Padding to the longest: some row fills the batch, padded positions hold [PAD].
-        assert mask.sum(1).max() == ids.shape[1]
-        assert torch.all(ids[mask == 0] == bert_tokenizer.pad_token_id)
-        assert torch.all(ids[mask == 1] != bert_tokenizer.pad_token_id)
-        seen += b["labels"].tolist()
-    assert seen == [label for _, label in examples]  # no shuffle: order kept
-    first = bert_tokenizer(examples[0][0], truncation=True, max_length=24)["input_ids"]
-    row = batches[0]["input_ids"][0][batches[0]["attention_mask"][0] == 1]
-    assert row.tolist() == first
-
-
-def test_text_classification_loader_shuffle_is_seeded(bert_tokenizer, splits):
-    examples = splits["train"][:64]
-
-    def order(seed):
-        loader = zoo.text_classification_loader(bert_tokenizer, examples, 16, 32,
-                                                shuffle=True, seed=seed)
-        return [tuple(b["input_ids"][:, 1].tolist()) for b in loader]
-
-    assert order(3) == order(3)
-    assert order(3) != order(4)
-    loader = zoo.text_classification_loader(bert_tokenizer, examples, 16, 32, shuffle=True,
-                                            seed=3, drop_last=True)
-    labels = sorted(label for b in loader for label in b["labels"].tolist())
-    assert labels == sorted(label for _, label in examples)
-
-
-def test_text_classification_loader_unlabelled_and_errors(bert_tokenizer):
-    loader = zoo.text_classification_loader(bert_tokenizer, ["a b c", "d"], 4, 8)
-    (batch,) = list(loader)
-    assert set(batch) == {"input_ids", "attention_mask"}
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
-    with pytest.raises(TypeError, match=r"examples\[1\]"):
-        zoo.text_classification_loader(bert_tokenizer, [("a", 1), "b"], 4, 8)
-    with pytest.raises(ValueError, match="empty"):
-        zoo.text_classification_loader(bert_tokenizer, [], 4, 8)
-    with pytest.raises(ValueError, match="batch_size"):
-        zoo.text_classification_loader(bert_tokenizer, ["a"], 0, 8)
-    with pytest.raises(ValueError, match="max_length"):
-        zoo.text_classification_loader(bert_tokenizer, ["a"], 2, 1)
-
-
-def test_causal_lm_loader_blocks(bert_tokenizer):
-    _, text = zoo.hamlet(0.05)
-    ids = bert_tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    seq_len, batch_size = 50, 8
-    loader = zoo.causal_lm_loader(bert_tokenizer, text, seq_len, batch_size)
-    n_blocks = len(ids) // seq_len
-    assert len(loader.dataset) == n_blocks
-    batches = list(loader)
-    flat = []
-    for b in batches:
-        assert set(b) == {"input_ids", "attention_mask", "labels"}
-        assert b["input_ids"].shape[1] == seq_len
-        assert torch.equal(b["labels"], b["input_ids"])
-        assert b["labels"].data_ptr() != b["input_ids"].data_ptr()  # safe to edit labels
-        assert torch.all(b["attention_mask"] == 1)
-        flat += b["input_ids"].flatten().tolist()
-    assert flat == ids[: n_blocks * seq_len]  # consecutive, non-overlapping blocks
-
-    def first_tokens(seed):
-        shuffled = zoo.causal_lm_loader(bert_tokenizer, text, seq_len, batch_size,
-                                        shuffle=True, seed=seed)
-        return [b["input_ids"][:, 0].tolist() for b in shuffled]
-
-    assert first_tokens(0) == first_tokens(0) != first_tokens(1)
-    with pytest.raises(ValueError, match="fewer than seq_len=50"):
-        zoo.causal_lm_loader(bert_tokenizer, "too short", seq_len, batch_size)
-    with pytest.raises(TypeError, match="text must be a str"):
-        zoo.causal_lm_loader(bert_tokenizer, ["a list"], seq_len, batch_size)
-
-
 # --------------------------------------------------------------------------- catalogues, errors
 
 
@@ -273,6 +120,22 @@ def test_catalogues():
     with pytest.raises(ValueError, match="valid names: rotten-tomatoes, hamlet"):
         zoo.DATASETS["imdb"]
     assert "imdb" not in zoo.DATASETS
+
+
+def test_generic_helpers_are_the_package_s():
+    """zoo re-exports covinit.data's readers and loaders: one implementation, in the package."""
+    import covinit.data
+
+    for name in ("read_text_dataset", "text_classification_loader", "causal_lm_loader",
+                 "quiet_transformers"):
+        assert getattr(zoo, name) is getattr(covinit.data, name)
+    assert not hasattr(zoo, "_read_jsonl") and not hasattr(zoo, "_check_loader_args")
+
+
+def test_package_paths():
+    assert (Path(zoo.minilm_path()) / "config.json").is_file()
+    gguf = zoo.smollm2_gguf_path()
+    assert gguf.suffix == ".gguf" and gguf.stat().st_size > 50_000_000
 
 
 def test_missing_data_package_message(monkeypatch):
@@ -300,7 +163,8 @@ def test_missing_model_package_message(monkeypatch):
 def test_zoo_imports_without_transformers():
     code = (
         "import sys; sys.modules['transformers'] = None\n"
-        "import covinit.zoo as z\n"
+        f"sys.path.insert(0, {str(BENCH)!r})\n"
+        "import zoo as z\n"
         "print(len(z.rotten_tomatoes(n_train=5)['train']))\n"
         "try:\n    z.load_minilm()\n"
         "except ImportError as e:\n    print('ERR', e)\n"

