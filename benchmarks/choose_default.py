@@ -1,25 +1,25 @@
 """Which init should ``covinit.calibrate`` use by default?  One written-down rule, applied to
-the finished ``compare_inits.py`` runs of every real task (validation only; test never
-enters the choice).
+every finished ``compare_inits.py`` configuration (task × regime) under
+``benchmarks/results/*/runs.csv`` (validation only; test never enters the choice).
 
-Per task and method, at the method's chosen rate: the *paired* difference of final
-validation loss against Kaiming over the seeds both ran (a seed fixes data order and random
-draws), relative to Kaiming's mean loss.  A method **wins** a task when
-``mean + std < 0`` of those differences (better by more than the seed-to-seed spread) and
-**loses** it when ``mean − std > 0``.
+Per configuration and method, the *paired* differences of final validation loss against
+Kaiming over the seeds both ran (a seed fixes data order, head and random draws), with a 95%
+paired-t interval (``compare_inits.paired_interval``), twice: at **Kaiming's chosen rate**
+(the drop-in question: a user keeps the rate their recipe was tuned with) and at the
+method's **own** chosen rate.
 
-The default is the covariance-informed covinit strategy that ran on every task, loses none,
-and wins the most (ties: lowest mean relative difference).  If none wins a task, ``kaiming``
-stays the default: a data pass and a retuned learning rate are not worth a gain the seeds
-cannot tell from noise.
+- A method **wins** a configuration when the interval at Kaiming's rate lies below 0.
+- It **loses** one when either interval lies above 0.
 
-The table also shows each method's final validation loss at *Kaiming's* chosen rate (sweep
-seed), relative to Kaiming — what a user who switches init but keeps a Kaiming-tuned rate gets.
+The default is the covariance-informed covinit strategy that ran on every configuration,
+loses none, and wins the most (ties: lowest mean relative Δ at Kaiming's rate).  With no
+winner, ``kaiming`` stays the default: a data pass is not worth a gain the seeds cannot tell
+from noise.
 
 Usage::
 
-    python benchmarks/choose_default.py                 # minilm-rt and smollm2-hamlet
-    python benchmarks/choose_default.py --tasks minilm-rt --out /tmp/default.md
+    python benchmarks/choose_default.py                       # every results folder
+    python benchmarks/choose_default.py --only minilm-rt-base --out /tmp/default.md
 """
 
 from __future__ import annotations
@@ -35,38 +35,48 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compare_inits
-from _common import command_line, mean_std, read_rows
+from _common import command_line, read_rows
 
-REAL_TASKS = ("minilm-rt", "smollm2-hamlet")
 REFERENCE = "kaiming"
 
 
-def task_stats(task_name: str, results: Path) -> dict[str, dict[str, Any]]:
-    """``compare_inits.summarize`` over ``results/<task>/runs.csv`` with the task's full
-    settings (the rows of other configurations are ignored)."""
-    task = compare_inits.get_task(task_name)
-    s = dict(task.full)
-    cfg = compare_inits.config_id(task_name, s)
-    rows = [r for r in read_rows(results / task_name / "runs.csv") if r["config"] == cfg]
-    methods = compare_inits.choose_methods(s["strategies"])
-    stats = compare_inits.summarize(rows, methods, s, [s["seeds"][0]])
-    return {k: v for k, v in stats.items() if "rows" in v}
+def folder_stats(csv_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{"task/regime": compare_inits.summarize(...)}`` for each configuration in a runs.csv
+    written by the interval-era ``compare_inits`` (rows with a ``regime`` column)."""
+    rows = [r for r in read_rows(csv_path) if r.get("regime")]
+    out = {}
+    for cfg in sorted({r["config"] for r in rows}):
+        mine = [r for r in rows if r["config"] == cfg]
+        ref_rates: dict[int, set[float]] = {}
+        for r in mine:
+            if r["method"] == REFERENCE:
+                ref_rates.setdefault(int(r["seed"]), set()).add(float(r["lr"]))
+        sweep = sorted(seed for seed, rates in ref_rates.items() if len(rates) > 1)
+        if not sweep:
+            continue
+        labels = list(dict.fromkeys(r["method"] for r in mine))
+        methods = [compare_inits.parse_method(label) for label in labels]
+        stats = compare_inits.summarize(mine, methods, {"steps": int(mine[0]["steps"])}, sweep)
+        out[f"{mine[0]['task']}/{mine[0]['regime']}"] = {
+            k: v for k, v in stats.items() if "rows" in v}
+    return out
 
 
 def verdicts(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method: relative paired Δ (mean, std, n), win/lose, and the loss at Kaiming's rate."""
+    """Per method: relative paired Δ intervals at Kaiming's rate and at its own, win/lose."""
     ref = stats[REFERENCE]
-    ref_mean = mean_std(ref["final_val"])[0]
-    ref_at = mean_std(ref.get("at_ref_lr", []))[0]
+    norm = sum(ref["at_ref"]["final_val"]) / max(1, len(ref["at_ref"]["final_val"]))
     out = {}
     for label, st in stats.items():
-        delta = [d / ref_mean for d in compare_inits.paired_delta(st, ref, "final_val")]
-        mu, sd = mean_std(delta) if label != REFERENCE else (0.0, 0.0)
-        at = mean_std(st.get("at_ref_lr", []))[0]
-        out[label] = {"rel": mu, "sd": sd, "n": len(delta),
-                      "win": label != REFERENCE and len(delta) > 1 and mu + sd < 0,
-                      "lose": label != REFERENCE and len(delta) > 1 and mu - sd > 0,
-                      "at_ref": at / ref_at - 1 if math.isfinite(at) else math.nan,
+        at = [d / norm for d in compare_inits.paired_delta(st["at_ref"], ref["at_ref"],
+                                                           "final_val")]
+        own = [d / norm for d in compare_inits.paired_delta(st, ref, "final_val")]
+        ci_at, ci_own = compare_inits.paired_interval(at), compare_inits.paired_interval(own)
+        is_ref = label == REFERENCE
+        out[label] = {"at": ci_at, "own": ci_own, "n_at": len(at), "n_own": len(own),
+                      "rel": ci_at[0] if not is_ref else 0.0,
+                      "win": not is_ref and ci_at[2] < 0,
+                      "lose": not is_ref and (ci_at[1] > 0 or ci_own[1] > 0),
                       "data": st["method"].needs_calibration,
                       "family": st["method"].family}
     return out
@@ -86,15 +96,24 @@ def choose(per_task: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, str]:
     winners = [c for c in sorted(candidates) if c[3] > 0]
     if winners:
         _, rel, label, wins = winners[0]
-        return label, (f"`{label}` wins {wins} of {len(tasks)} task(s) beyond the seed spread, "
-                       f"loses none, mean relative Δ {100 * rel:+.2f} %")
+        return label, (f"`{label}` wins {wins} of {len(tasks)} configuration(s) (95% interval "
+                       f"at Kaiming's rate below 0), loses none, mean relative Δ "
+                       f"{100 * rel:+.2f} %")
     best = sorted(candidates)[0] if candidates else None
-    why = ("no covariance-informed covinit strategy beats Kaiming by more than the "
-           "seed-to-seed spread on any task")
+    why = ("no covariance-informed covinit strategy's 95% interval at Kaiming's rate lies "
+           "below 0 on any configuration without losing one")
     if best:
         why += (f" (closest on average: `{best[2]}`, mean relative Δ {100 * best[1]:+.2f} %, "
                 "within noise)")
     return REFERENCE, why + "; `kaiming` stays the default"
+
+
+def _cell(ci: tuple[float, float, float], n: int) -> str:
+    if not math.isfinite(ci[0]):
+        return "–"
+    if not math.isfinite(ci[1]):
+        return f"{100 * ci[0]:+.2f} % ({n})"
+    return f"{100 * ci[0]:+.2f} % [{100 * ci[1]:+.2f}, {100 * ci[2]:+.2f}] ({n})"
 
 
 def report(per_task: dict[str, dict[str, dict[str, Any]]], default: str, why: str,
@@ -103,16 +122,18 @@ def report(per_task: dict[str, dict[str, dict[str, Any]]], default: str, why: st
     labels = sorted(set().union(*per_task.values()),
                     key=lambda m: sum(per_task[t].get(m, {}).get("rel", math.inf)
                                       for t in tasks))
-    head = ("| method | " + " | ".join(f"{t}: Δ val vs Kaiming (paired, rel.) | {t}: at "
-                                       "Kaiming's lr" for t in tasks) + " |")
+    head = ("| method | " + " | ".join(f"{t}: Δ at Kaiming's lr | {t}: Δ at own lr"
+                                       for t in tasks) + " |")
     lines = ["# Default strategy of `covinit.calibrate`", "",
              f"- Command: `{command_line(['benchmarks/choose_default.py', *argv])}`",
-             f"- Written {time.strftime('%Y-%m-%d %H:%M:%S')} from "
-             + ", ".join(f"`benchmarks/results/{t}/runs.csv`" for t in tasks),
-             "- Rule (validation only): a method wins a task when mean + std of its paired "
-             "relative Δ final validation loss vs Kaiming is < 0, loses it when mean − std "
-             "> 0; the default is the covariance-informed covinit strategy that loses no "
-             "task and wins the most; with no winner, `kaiming`.", "",
+             f"- Written {time.strftime('%Y-%m-%d %H:%M:%S')} from the runs.csv of: "
+             + ", ".join(f"`{t}`" for t in tasks),
+             "- Rule (validation only): paired Δ final validation loss vs Kaiming, relative to "
+             "Kaiming's mean, 95% paired-t interval over seeds. A method wins a configuration "
+             "when the interval at Kaiming's rate is below 0, loses it when the interval at "
+             "Kaiming's rate or at its own rate is above 0; the default is the "
+             "covariance-informed covinit strategy that ran everywhere, loses nothing and wins "
+             "the most; with no winner, `kaiming`.", "",
              f"**Default: `{default}`** — {why}.", "", head,
              "|" + "---|" * (head.count("|") - 1)]
     for label in labels:
@@ -121,12 +142,11 @@ def report(per_task: dict[str, dict[str, dict[str, Any]]], default: str, why: st
             v = per_task[t].get(label)
             if v is None:
                 cells += ["–", "–"]
-                continue
-            mark = " **win**" if v["win"] else " *lose*" if v["lose"] else ""
-            delta = ("ref." if label == REFERENCE else
-                     f"{100 * v['rel']:+.2f} ± {100 * v['sd']:.2f} % ({v['n']}){mark}")
-            at = "–" if not math.isfinite(v["at_ref"]) else f"{100 * v['at_ref']:+.1f} %"
-            cells += [delta, at]
+            elif label == REFERENCE:
+                cells += ["ref.", "ref."]
+            else:
+                mark = " **win**" if v["win"] else " *lose*" if v["lose"] else ""
+                cells += [_cell(v["at"], v["n_at"]) + mark, _cell(v["own"], v["n_own"])]
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -134,19 +154,23 @@ def report(per_task: dict[str, dict[str, dict[str, Any]]], default: str, why: st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--tasks", default=",".join(REAL_TASKS), help="comma-separated tasks")
     p.add_argument("--results", default=str(compare_inits.RESULTS),
-                   help="folder holding <task>/runs.csv")
+                   help="folder holding <task>-<regime>/runs.csv")
+    p.add_argument("--only", default=None, help="comma-separated result folder names")
     p.add_argument("--out", default=None, help="Markdown output (default: "
                    "<results>/default_strategy.md)")
     args = p.parse_args(argv)
     results = Path(args.results)
+    only = {x.strip() for x in args.only.split(",")} if args.only else None
     per_task = {}
-    for t in (t.strip() for t in args.tasks.split(",") if t.strip()):
-        stats = task_stats(t, results)
-        if REFERENCE not in stats:
-            p.error(f"task {t!r} has no finished {REFERENCE!r} runs in {results / t}")
-        per_task[t] = verdicts(stats)
+    for csv_path in sorted(results.glob("*/runs.csv")):
+        if only is not None and csv_path.parent.name not in only:
+            continue
+        for key, stats in folder_stats(csv_path).items():
+            if REFERENCE in stats:
+                per_task[key] = verdicts(stats)
+    if not per_task:
+        p.error(f"no finished interval-era configuration with {REFERENCE!r} runs in {results}")
     default, why = choose(per_task)
     text = report(per_task, default, why, sys.argv[1:] if argv is None else argv)
     out = Path(args.out) if args.out else results / "default_strategy.md"

@@ -107,23 +107,47 @@ PRIORITY = ["kaiming", "peft:true", "input-pca@empirical", "cov-svd@ledoit_wolf"
             "cov-svd@empirical", "input-whiten@empirical", "output-pca@empirical",
             "output-pca@spatpca", "two-sided@empirical", "cov-minor@ledoit_wolf",
             "cov-minor@empirical", "gaussian", "peft:gaussian", "pissa"]
-QUICK_METHODS = ["kaiming", "input-pca@empirical", "cov-svd@ledoit_wolf", "peft:pissa",
-                 "peft:corda-ipm"]
+def quick_methods() -> list[str]:
+    """``make demo``: Kaiming next to covinit's default strategy (or, while the default is
+    Kaiming, the drop-in candidate ``input-pca@empirical+matched``), at one rate."""
+    default = getattr(covinit, "DEFAULT_STRATEGY", "kaiming")
+    return ["kaiming", default if default != "kaiming" else "input-pca@empirical+matched"]
+
+
 FRACTIONS = (0.25, 0.5, 1.0)
 
 FIELDS = [
-    "task", "config", "method", "family", "strategy", "estimator", "preserves", "seed", "lr",
-    "steps", "status", "note", "calib_s", "init_s", "train_s", "base_val_loss",
-    "step0_val_loss", "final_val_loss", "final_val_metric", "test_loss", "test_metric",
-    "curve_steps", "curve_val_loss", "curve_val_metric", "train_loss", "finished",
+    "task", "regime", "config", "method", "family", "strategy", "estimator", "options",
+    "preserves", "seed", "lr", "s_lr", "steps", "status", "note", "calib_s", "init_s",
+    "train_s", "base_val_loss", "step0_val_loss", "final_val_loss", "final_val_metric",
+    "val_auc", "test_loss", "test_metric", "curve_steps", "curve_val_loss",
+    "curve_val_metric", "train_loss", "finished",
 ]
 #: Settings that change what a run measures; runs.csv rows are reused only on a match.
 CONFIG_KEYS = ("targets", "rank", "alpha", "steps", "batch_size", "max_length", "n_train",
-               "n_val", "n_test", "n_calib", "calib_batch_size", "folds", "eval_points",
-               "eva_max_passes")
+               "n_val", "n_val_curve", "n_test", "n_calib", "calib_batch_size", "folds",
+               "eval_points", "eva_max_passes", "heldout_fraction")
+#: Named regimes (DESIGN.md §9): overrides of a task's full settings.  ``epochs`` sets the
+#: steps from the training-set size; ``targets: "all"`` takes the task's ``all_targets``.
+REGIMES: dict[str, dict[str, Any]] = {
+    "base": {},
+    "low-data": {"n_train": 256, "epochs": 4},
+    "long": {"epochs": 3},
+    "r4": {"rank": 4, "alpha": 8.0},
+    "r32": {"rank": 32, "alpha": 64.0},
+    "all-linear": {"targets": "all"},
+}
 
 
 # ---------------------------------------------------------------------------- methods
+#: ``+NAME`` shorthands in a method label: the strategy option they set.
+LABEL_OPTIONS: dict[str, tuple[str, Any]] = {
+    "matched": ("scale", "matched"), "matched-unit": ("scale", "matched-unit"),
+    "unit": ("scale", "unit"), "kaiming": ("scale", "kaiming"), "stable": ("scale", "stable"),
+    "residual": ("residual", True), "center": ("center", True),
+}
+
+
 @dataclass(frozen=True)
 class Method:
     """One init to compare.
@@ -131,7 +155,7 @@ class Method:
     Attributes
     ----------
     label : str
-        ``"cov-svd@ledoit_wolf"``, ``"kaiming"``, ``"peft:eva"``.
+        ``"cov-svd@ledoit_wolf+matched"``, ``"kaiming"``, ``"peft:eva"``.
     family : {"covinit", "peft"}
     name : str
         covinit strategy name, or PEFT init (a key of :data:`PEFT_INITS`).
@@ -140,6 +164,8 @@ class Method:
     preserves : str
         ``"zero-delta"`` (ΔW = 0), ``"function"`` (residual base, same outputs) or
         ``"changes"``: the contract the step-0 loss is checked against.
+    options : tuple of (str, object)
+        Strategy options from the label (``+matched`` → ``("scale", "matched")``).
     """
 
     label: str
@@ -147,14 +173,85 @@ class Method:
     name: str
     estimator: str
     preserves: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def scale(self) -> Any:
+        """The ``scale=`` the strategy runs with (its own default when not in the label)."""
+        given = dict(self.options).get("scale")
+        if given is not None or self.family != "covinit":
+            return given
+        return "matched" if self.name in GRAD_MATCHED_DEFAULT else None
+
+    @property
+    def needs_gradient(self) -> bool:
+        """Needs the calibration's gradient side: a gradient strategy, or ``scale="matched"``
+        on an init whose B ≠ 0 (only B = 0 inits have a closed form without G)."""
+        if self.family != "covinit":
+            return False
+        needs = get_strategy(self.name).tags.get("needs") or ()
+        return "gradient" in needs or (self.scale == "matched"
+                                       and self.name not in ("input-pca", "input-whiten"))
 
     @property
     def needs_calibration(self) -> bool:
-        return self.family == "covinit" and bool(get_strategy(self.name).tags.get("needs"))
+        return self.family == "covinit" and (bool(get_strategy(self.name).tags.get("needs"))
+                                             or self.scale in ("matched", "matched-unit"))
+
+    @property
+    def needs_lr(self) -> bool:
+        """``scale="matched"`` with both factors non-zero (residual inits): the gain matches
+        the step's second-order term too, which depends on the rate, so each rate gets its
+        own init (``lr=`` = the run's rate)."""
+        if self.family != "covinit" or self.scale != "matched":
+            return False
+        tags = get_strategy(self.name).tags
+        residual = tags.get("preserves") == "function" or dict(self.options).get("residual")
+        return bool(residual) and "lr" in (tags.get("options") or ())
+
+    def init_options(self, lr: float | None) -> dict[str, Any]:
+        """Keyword options for ``covinit.initialize``."""
+        opts = dict(self.options)
+        if self.needs_lr and lr is not None:
+            opts["lr"] = lr
+        return opts
+
+
+#: Gradient strategies whose ``scale`` defaults to ``"matched"``.
+GRAD_MATCHED_DEFAULT = ("grad-svd", "grad-whiten", "kfac")
+
+
+def _parse_option(token: str, label: str, allowed: Sequence[str]) -> tuple[str, Any]:
+    if "=" in token:
+        key, _, raw = token.partition("=")
+        value: Any = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        if raw in ("true", "false"):
+            value = raw == "true"
+    elif token in LABEL_OPTIONS:
+        key, value = LABEL_OPTIONS[token]
+    else:
+        raise ValueError(f"unknown option {token!r} in {label!r}; allowed: "
+                         f"{', '.join('+' + k for k in LABEL_OPTIONS)} or +KEY=VALUE")
+    if key not in allowed:
+        raise ValueError(f"option {key!r} (from {token!r}) is not accepted by {label!r}; "
+                         f"its options: {sorted(allowed) or 'none'}")
+    return key, value
 
 
 def parse_method(label: str) -> Method:
-    """A :class:`Method` from its label (``ValueError`` listing what is allowed)."""
+    """A :class:`Method` from ``STRATEGY[@ESTIMATOR][+OPTION...]`` or ``peft:INIT``
+    (``ValueError`` listing what is allowed).
+
+    Options: ``+matched``, ``+matched-unit``, ``+unit``, ``+kaiming``, ``+stable`` (the
+    ``scale=`` option), ``+residual``, ``+center`` or ``+KEY=VALUE``; they are checked
+    against the strategy's accepted options and kept in the label in the given order.
+    """
     label = label.strip()
     if label.startswith("peft:"):
         name = label[5:]
@@ -162,10 +259,16 @@ def parse_method(label: str) -> Method:
             raise ValueError(f"unknown PEFT init {name!r} in {label!r}; allowed: "
                              f"{', '.join('peft:' + n for n in PEFT_INITS)}")
         return Method(label, "peft", name, "", PEFT_INITS[name][0])
-    name, _, est = label.partition("@")
+    head, *tokens = label.split("+")
+    name, _, est = head.partition("@")
     entry = get_strategy(name)  # ValueError with the valid names
-    needs = bool(entry.tags.get("needs"))
-    if needs:
+    allowed = tuple(entry.tags.get("options") or ())
+    options = tuple(_parse_option(tok, label, allowed) for tok in tokens)
+    if len({k for k, _ in options}) != len(options):
+        raise ValueError(f"an option is given twice in {label!r}")
+    probe = Method(label, "covinit", name, "", "", options)
+    uses_stats = bool(entry.tags.get("needs")) or probe.scale in ("matched", "matched-unit")
+    if uses_stats:
         est = est or "ledoit_wolf"
         if est not in covinit.estimators():
             raise ValueError(f"unknown estimator {est!r} in {label!r}; allowed: "
@@ -173,8 +276,9 @@ def parse_method(label: str) -> Method:
     elif est:
         raise ValueError(f"strategy {name!r} uses no calibration, so {label!r} takes no "
                          "@estimator")
-    return Method(f"{name}@{est}" if needs else name, "covinit", name, est if needs else "",
-                  str(entry.tags.get("preserves", "changes")))
+    canonical = (f"{name}@{est}" if uses_stats else name) + "".join("+" + x for x in tokens)
+    return Method(canonical, "covinit", name, est if uses_stats else "",
+                  str(entry.tags.get("preserves", "changes")), options)
 
 
 def full_methods() -> list[str]:
@@ -222,7 +326,7 @@ def choose_methods(spec: str | Sequence[str]) -> list[Method]:
     labels."""
     if isinstance(spec, str):
         named = {"full": full_methods, "lean": lean_methods, "core": core_methods,
-                 "quick": lambda: QUICK_METHODS}
+                 "quick": quick_methods}
         labels = named[spec]() if spec in named else [s for s in spec.split(",") if s.strip()]
     else:
         labels = list(spec)
@@ -269,8 +373,11 @@ def _eva_positions(batch: dict[str, torch.Tensor], config: Any) -> torch.Tensor:
 
 
 def prepare_covinit(method: Method, data: TaskData, s: dict[str, Any], seed: int,
-                    calibration: Any) -> tuple[nn.Module, float, str]:
-    """LoRA model for ``seed`` initialized by a covinit strategy; ``(model, init s, note)``."""
+                    calibration: Any, lr: float | None = None) -> tuple[nn.Module, float, str]:
+    """LoRA model for ``seed`` initialized by a covinit strategy; ``(model, init s, note)``.
+
+    ``lr``: the run's rate, passed as ``lr=`` where :attr:`Method.needs_lr`.
+    """
     model = covinit.add_lora(data.fresh_model(seed), s["targets"], rank=s["rank"],
                              alpha=s["alpha"])
     for name in data.head:
@@ -280,7 +387,8 @@ def prepare_covinit(method: Method, data: TaskData, s: dict[str, Any], seed: int
         warnings.simplefilter("always")
         info = covinit.initialize(model, calibration if method.needs_calibration else None,
                                   strategy=method.name,
-                                  estimator=method.estimator or "ledoit_wolf", seed=seed)
+                                  estimator=method.estimator or "ledoit_wolf", seed=seed,
+                                  **method.init_options(lr))
     init_s = time.perf_counter() - start
     fallbacks = sorted(n for n, i in info.items() if "fallback" in i)
     note = f"kaiming fallback on {fallbacks}" if fallbacks else ""
@@ -362,14 +470,29 @@ def eval_steps(steps: int, points: int) -> list[int]:
     return sorted(m for m in marks if 0 <= m <= steps)
 
 
+def curve_area(steps: Sequence[int], losses: Sequence[float]) -> float:
+    """Area under the validation-loss curve per step: the trapezoid rule over the evaluated
+    steps divided by the last step (a mean loss over training; lower = converged faster)."""
+    if len(steps) < 2 or steps[-1] <= steps[0]:
+        return math.nan
+    area = sum((steps[i + 1] - steps[i]) * (losses[i] + losses[i + 1]) / 2
+               for i in range(len(steps) - 1))
+    return area / (steps[-1] - steps[0])
+
+
 def train(model: nn.Module, data: TaskData, s: dict[str, Any], seed: int,
           lr: float) -> dict[str, Any]:
-    """AdamW on the trainable parameters for ``s["steps"]`` steps; curves and final metrics."""
+    """AdamW on the trainable parameters for ``s["steps"]`` steps; curves and final metrics.
+
+    The curve is evaluated on ``data.validation_curve`` (a fixed subset), the final
+    validation loss on the full ``data.validation``.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     marks = set(eval_steps(s["steps"], s["eval_points"]))
     curve_steps, curve_loss, curve_metric, train_loss = [], [], [], []
-    loss0, metric0 = data.evaluate(model, data.validation)
+    subset = data.validation_curve or data.validation
+    loss0, metric0 = data.evaluate(model, subset)
     curve_steps.append(0)
     curve_loss.append(loss0)
     curve_metric.append(metric0)
@@ -388,20 +511,21 @@ def train(model: nn.Module, data: TaskData, s: dict[str, Any], seed: int,
         optimizer.step()
         train_loss.append(loss.item())
         if step in marks:
-            v_loss, v_metric = data.evaluate(model, data.validation)
+            v_loss, v_metric = data.evaluate(model, subset)
             curve_steps.append(step)
             curve_loss.append(v_loss)
             curve_metric.append(v_metric)
     train_s = time.perf_counter() - start
     if status == "ok":
+        final_loss, final_metric = data.evaluate(model, data.validation)
         test_loss, test_metric = data.evaluate(model, data.test)
+        auc = curve_area(curve_steps, curve_loss)
     else:
-        test_loss = test_metric = math.nan
+        final_loss = final_metric = test_loss = test_metric = auc = math.nan
     model.eval()
     return {"status": status, "train_s": train_s, "step0_val_loss": loss0,
-            "final_val_loss": curve_loss[-1] if status == "ok" else math.nan,
-            "final_val_metric": curve_metric[-1] if status == "ok" else math.nan,
-            "test_loss": test_loss, "test_metric": test_metric,
+            "final_val_loss": final_loss, "final_val_metric": final_metric,
+            "val_auc": auc, "test_loss": test_loss, "test_metric": test_metric,
             "curve_steps": json.dumps(curve_steps),
             "curve_val_loss": json.dumps([round(x, 6) for x in curve_loss]),
             "curve_val_metric": json.dumps([round(x, 6) for x in curve_metric]),
@@ -411,7 +535,7 @@ def train(model: nn.Module, data: TaskData, s: dict[str, Any], seed: int,
 # ---------------------------------------------------------------------------- driver
 def config_id(task: str, s: dict[str, Any]) -> str:
     """Short hash of the settings that change what a run measures."""
-    blob = json.dumps({"task": task, **{k: s[k] for k in CONFIG_KEYS}}, sort_keys=True)
+    blob = json.dumps({"task": task, **{k: s.get(k) for k in CONFIG_KEYS}}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -447,12 +571,32 @@ def edge_extension(tried: Sequence[float], best: float, ratio: float) -> float |
     return None
 
 
+def sweep_seeds_of(s: dict[str, Any], sweep_all: bool = False) -> list[int]:
+    """The seeds the rate grid is swept on (the first ``s["sweep_seeds"]``, default 1)."""
+    seeds = list(s["seeds"])
+    return seeds if sweep_all else seeds[: max(1, int(s.get("sweep_seeds", 1)))]
+
+
 def run_all(task_name: str, s: dict[str, Any], methods: list[Method], out: Path,
-            sweep_all: bool, extend: int = 1) -> Path:
+            sweep_all: bool, extend: int = 2, regime: str = "base",
+            phases: Sequence[str] = ("dropin", "sweep", "seeds")) -> Path:
     """Run every (method, seed, lr) not yet in ``out/runs.csv``; return the CSV path.
 
-    ``extend``: how many times the rate grid may grow by one geometric step past an edge
-    on which a method's best rate lies.
+    Phases, in order (a run needed by several is done once; an interrupted call resumes):
+
+    ``dropin``
+        Kaiming's rate sweep on the sweep seeds (grown past an edge), then every method at
+        Kaiming's chosen rate on every seed: "can I keep my learning rate?".
+    ``sweep``
+        every method's own rate sweep on the sweep seeds (grown past an edge up to
+        ``extend`` times).
+    ``seeds``
+        every method at its own chosen rate on the other seeds.
+
+    Calibration: covinit's statistics pass is shared by every data-driven method; with a
+    gradient side (some method needs it) it runs once per seed, because the gradient
+    depends on the seed's fresh head.  Methods with ``lr=`` (:attr:`Method.needs_lr`) get
+    one init per rate.
     """
     csv_path = out / "runs.csv"
     cfg = config_id(task_name, s)
@@ -460,69 +604,97 @@ def run_all(task_name: str, s: dict[str, Any], methods: list[Method], out: Path,
     have = {(r["method"], int(r["seed"]), float(r["lr"])) for r in done}
     failed = {r["method"] for r in done if r["status"] == "failed"}
     seeds, lrs = list(s["seeds"]), [float(x) for x in s["lrs"]]
-    sweep_seeds = seeds if sweep_all else seeds[:1]
-
-    print(f"[{task_name}] building model and data ...", flush=True)
-    data = get_task(task_name).build(s)
-    print(f"[{task_name}] {data.sizes}", flush=True)
-    calibration, calib_s = None, 0.0
+    sweep_seeds = sweep_seeds_of(s, sweep_all)
+    ratio = (max(lrs) / min(lrs)) ** (1 / (len(lrs) - 1)) if len(lrs) > 1 else None
+    gradient = any(m.needs_gradient for m in methods)
+    sides = ("input", "output", "gradient") if gradient else ("input", "output")
+    scaling = float(s["alpha"]) / int(s["rank"])
+    data: TaskData | None = None
+    calibrations: dict[int, tuple[Any, float]] = {}
     base_loss: dict[int, float] = {}
 
-    def calibrate_once() -> tuple[Any, float]:
-        nonlocal calibration, calib_s
-        if calibration is None:
-            start = time.perf_counter()
-            calibration = covinit.calibrate(data.base, data.calibration, targets=s["targets"],
-                                            folds=s["folds"], show_progress=False)
-            calib_s = time.perf_counter() - start
-            print(f"[{task_name}] covinit.calibrate: {len(calibration.layer_names)} layers, "
-                  f"{calib_s:.1f} s", flush=True)
-        return calibration, calib_s
+    def task_data() -> TaskData:
+        nonlocal data
+        if data is None:  # built lazily: a finished configuration loads no model
+            print(f"[{task_name}/{regime}] building model and data ...", flush=True)
+            data = get_task(task_name).build(s)
+            print(f"[{task_name}/{regime}] {data.sizes}", flush=True)
+        return data
 
-    def run_group(method: Method, seed: int, todo: list[float]) -> None:
+    def calibrate_for(seed: int) -> tuple[Any, float]:
+        key = seed if gradient else -1  # activations do not depend on the head's seed
+        if key not in calibrations:
+            d = task_data()
+            model = d.fresh_model(seed) if gradient else d.base
+            start = time.perf_counter()
+            cal = covinit.calibrate(model, d.calibration, targets=s["targets"], sides=sides,
+                                    folds=s["folds"], show_progress=False)
+            calibrations[key] = (cal, time.perf_counter() - start)
+            print(f"[{task_name}/{regime}] covinit.calibrate (sides {sides}, seed "
+                  f"{seed if gradient else 'any'}): {len(cal.layer_names)} layers, "
+                  f"{calibrations[key][1]:.1f} s", flush=True)
+        return calibrations[key]
+
+    def record_failure(row: dict[str, Any], todo: list[float], e: Exception) -> None:
+        msg = f"{type(e).__name__}: {e}".replace("\n", " ")[:400]
+        print(f"  {row['method']} seed {row['seed']}: FAILED {msg}", flush=True)
+        for lr in todo:
+            append_row(csv_path, {**row, "lr": lr, "status": "failed", "note": msg,
+                                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, FIELDS)
+            done.append({k: str(v) for k, v in {**row, "lr": lr, "status": "failed"}.items()})
+        failed.add(row["method"])
+
+    def prepare(method: Method, seed: int, lr: float | None) -> tuple[nn.Module, float, float,
+                                                                        str]:
+        d = task_data()
+        if method.family == "covinit":
+            cal, c_s = calibrate_for(seed) if method.needs_calibration else (None, 0.0)
+            model, init_s, note = prepare_covinit(method, d, s, seed, cal, lr)
+            if method.needs_calibration and gradient and not method.needs_gradient:
+                note = (note + "; " if note else "") + "calibration had a gradient side"
+            return model, c_s, init_s, note
+        model, init_s, note = prepare_peft(method, d, s, seed)
+        if method.name in PEFT_DATA_PASS:  # PEFT's data pass is its calibration
+            return model, init_s, 0.0, note
+        return model, 0.0, init_s, note
+
+    def run_group(method: Method, seed: int, todo: Sequence[float]) -> None:
         todo = [lr for lr in todo if (method.label, seed, lr) not in have]
         if not todo or method.label in failed:
             return
+        d = task_data()
         if seed not in base_loss:
-            base_loss[seed] = data.evaluate(data.fresh_model(seed), data.validation)[0]
-        row = {"task": task_name, "config": cfg, "method": method.label,
-               "family": method.family, "strategy": method.name, "estimator": method.estimator,
+            base_loss[seed] = d.evaluate(d.fresh_model(seed), d.validation_curve or [])[0]
+        row = {"task": task_name, "regime": regime, "config": cfg, "method": method.label,
+               "family": method.family, "strategy": method.name,
+               "estimator": method.estimator, "options": json.dumps(dict(method.options)),
                "preserves": method.preserves, "seed": seed, "steps": s["steps"],
                "base_val_loss": base_loss[seed]}
-        try:
-            if method.family == "covinit":
-                cal, c_s = calibrate_once() if method.needs_calibration else (None, 0.0)
-                model, init_s, note = prepare_covinit(method, data, s, seed, cal)
-            else:
-                c_s = 0.0
-                model, init_s, note = prepare_peft(method, data, s, seed)
-                if method.name in PEFT_DATA_PASS:  # PEFT's data pass is its calibration
-                    c_s, init_s = init_s, 0.0
-        except Exception as e:  # record why it could not run, keep going
-            msg = f"{type(e).__name__}: {e}".replace("\n", " ")[:400]
-            print(f"  {method.label} seed {seed}: FAILED {msg}", flush=True)
-            for lr in todo:
-                append_row(csv_path, {**row, "lr": lr, "status": "failed", "note": msg,
-                                      "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, FIELDS)
-            failed.add(method.label)
-            return
+        shared = None
         for lr in todo:
-            result = train(copy.deepcopy(model), data, s, seed, lr)
-            full = {**row, **result, "lr": lr, "note": note, "calib_s": round(c_s, 3),
-                    "init_s": round(init_s, 3), "train_s": round(result["train_s"], 2),
+            try:
+                if shared is None or method.needs_lr:
+                    shared = prepare(method, seed, lr)
+            except Exception as e:  # record why it could not run, keep going
+                record_failure(row, [x for x in todo if (method.label, seed, x) not in have],
+                               e)
+                return
+            model, c_s, init_s, note = shared
+            result = train(copy.deepcopy(model), d, s, seed, lr)
+            full = {**row, **result, "lr": lr, "s_lr": scaling * lr, "note": note,
+                    "calib_s": round(c_s, 3), "init_s": round(init_s, 3),
+                    "train_s": round(result["train_s"], 2),
                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
             append_row(csv_path, full, FIELDS)
             have.add((method.label, seed, lr))
             done.append({k: str(v) for k, v in full.items()})
-            print(f"  {method.label:<24} seed {seed} lr {lr:g}: val loss "
-                  f"{result['step0_val_loss']:.4f} -> {result['final_val_loss']:.4f}, test "
-                  f"{data.metric} {result['test_metric']:.4f} ({result['status']}, "
-                  f"{result['train_s']:.0f} s)", flush=True)
+            print(f"  {method.label:<32} seed {seed} lr {lr:g}: val loss "
+                  f"{result['step0_val_loss']:.4f} -> {result['final_val_loss']:.4f}, AUC "
+                  f"{result['val_auc']:.4f}, test {d.metric} {result['test_metric']:.4f} "
+                  f"({result['status']}, {result['train_s']:.0f} s)", flush=True)
 
-    # Phase 1: the learning-rate sweep on the sweep seeds, every method (so a partial run
-    # already compares all methods); phase 2: the other seeds at each method's chosen rate.
-    ratio = (max(lrs) / min(lrs)) ** (1 / (len(lrs) - 1)) if len(lrs) > 1 else None
-    for method in methods:
+    def sweep(method: Method) -> float | None:
+        """Grid on the sweep seeds, grown past an edge; the chosen rate."""
         for seed in sweep_seeds:
             run_group(method, seed, lrs)
         for _ in range(extend if ratio else 0):
@@ -532,17 +704,28 @@ def run_all(task_name: str, s: dict[str, Any], methods: list[Method], out: Path,
             tried = sorted({float(r["lr"]) for r in rows if int(r["seed"]) in sweep_seeds})
             best = select_lr(rows, sweep_seeds)
             nxt = None if best is None else edge_extension(tried, best, ratio)
-            if nxt is None or any(math.isclose(nxt, t) for t in tried):
+            if nxt is None or any(math.isclose(nxt, x) for x in tried):
                 break
             for seed in sweep_seeds:
                 run_group(method, seed, [nxt])
-    for method in methods:
-        rows = [r for r in done if r["method"] == method.label]
-        best = select_lr(rows, sweep_seeds)
-        if best is None:
-            continue
-        for seed in seeds:
-            if seed not in sweep_seeds:
+        return select_lr([r for r in done if r["method"] == method.label], sweep_seeds)
+
+    ref = next((m for m in methods if m.label in ("kaiming", "peft:true")), None)
+    if "dropin" in phases and ref is not None:
+        ref_lr = sweep(ref)
+        if ref_lr is not None:
+            for seed in seeds:
+                for method in methods:
+                    run_group(method, seed, [ref_lr])
+    if "sweep" in phases:
+        for method in methods:
+            sweep(method)
+    if "seeds" in phases:
+        for method in methods:
+            best = select_lr([r for r in done if r["method"] == method.label], sweep_seeds)
+            if best is None:
+                continue
+            for seed in seeds:
                 run_group(method, seed, [best])
     return csv_path
 
@@ -600,6 +783,7 @@ def summarize(rows: list[dict[str, Any]], methods: list[Method], s: dict[str, An
             "base": [_float(r, "base_val_loss") for r in at],
             "val_at": {f: [_at(r, round(steps * f)) for r in at] for f in FRACTIONS},
             "final_val": [_float(r, "final_val_loss") for r in at],
+            "auc": [_float(r, "val_auc") for r in at],
             "test_loss": [_float(r, "test_loss") for r in at],
             "test_metric": [_float(r, "test_metric") for r in at],
             "diverged": sum(r["status"] != "ok" for r in at),
@@ -608,21 +792,27 @@ def summarize(rows: list[dict[str, Any]], methods: list[Method], s: dict[str, An
     ref = stats[ref_label] if ref_label else None
     target = None
     if ref:
-        target = mean_std(ref["final_val"])[0]
+        # Steps-to-reach compares curves, so the target is Kaiming's final *curve* loss
+        # (the subset the curve is evaluated on), not the full-set final loss.
+        target = mean_std([_curve(r)[1][-1] for r in ref["rows"]])[0]
         for st in stats.values():
             if "rows" in st:
                 st["reach"] = [steps_to_reach(r, target) for r in st["rows"]]
     for st in stats.values():
         st["ref_loss"] = target
     if ref:
-        # A user who tuned the rate for Kaiming and switches init keeps that rate: how does
-        # each method do there (sweep seeds only; empty where Kaiming's lr* came from its own
-        # grid extension and the method never ran at it)?
+        # A user who tuned the rate for Kaiming and switches init keeps that rate: each
+        # method's runs at Kaiming's lr*, every seed it has there.
         for label, st in stats.items():
-            at_ref = [_final_loss(r) for r in rows if r["method"] == label
-                      and math.isclose(float(r["lr"]), ref["lr"])
-                      and int(r["seed"]) in sweep_seeds and r["status"] != "failed"]
-            st["at_ref_lr"] = at_ref
+            at_ref = sorted((r for r in rows if r["method"] == label
+                             and math.isclose(float(r["lr"]), ref["lr"])
+                             and r["status"] != "failed"), key=lambda r: int(r["seed"]))
+            st["ref_lr"] = ref["lr"]
+            st["at_ref"] = {"seeds": [int(r["seed"]) for r in at_ref],
+                            "final_val": [_final_loss(r) for r in at_ref],
+                            "auc": [_float(r, "val_auc") for r in at_ref]}
+            st["at_ref_lr"] = [_final_loss(r) for r in at_ref
+                               if int(r["seed"]) in sweep_seeds]
     return stats
 
 
@@ -631,47 +821,34 @@ def _mean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if len(finite) == len(values) and finite else math.nan
 
 
-def targets_report(stats: dict[str, dict[str, Any]], s: dict[str, Any],
-                   higher_is_better: bool) -> list[str]:
-    """The issue's three targets for the best covinit method (chosen on validation)."""
-    ok = {k: v for k, v in stats.items() if "rows" in v}
-    # Only the covariance-informed strategies: kaiming/gaussian/pissa use no data.
-    cov = {k: v for k, v in ok.items() if v["method"].needs_calibration}
-    ref_label = reference_label(stats)
-    if not cov or ref_label is None:
-        return ["- not evaluated: needs the Kaiming baseline and a covinit strategy"]
-    ref = ok[ref_label]
-    best_label = min(cov, key=lambda k: _mean(cov[k]["final_val"]))
-    best = cov[best_label]
-    lines = [f"Best covariance-informed covinit method by mean final **validation** loss: "
-             f"`{best_label}` (lr {best['lr']:g}); reference `{ref_label}`"
-             f" final validation loss {best['ref_loss']:.4f}."]
-    reach = best.get("reach", [])
-    half = 0.5 * int(s["steps"])
-    met1 = bool(reach) and all(r is not None and r <= half for r in reach)
-    lines.append(f"1. Reaches Kaiming's final validation loss in ≤ 50 % of the steps "
-                 f"({half:g}) on every seed: **{'met' if met1 else 'not met'}** "
-                 f"(steps per seed: {reach}; evaluated every "
-                 f"{int(s['steps']) // int(s['eval_points'])} steps).")
-    peft = {k: ok[k] for k in PEFT_DATA_DRIVEN if k in ok}
-    mine = _mean(best["test_metric"])
-    if peft:
-        pick = max if higher_is_better else min
-        best_peft = pick(peft, key=lambda k: _mean(peft[k]["test_metric"]))
-        theirs = _mean(peft[best_peft]["test_metric"])
-        met2 = mine >= theirs if higher_is_better else mine <= theirs
-        lines.append(f"2. Final test metric ≥ the best PEFT data-driven init "
-                     f"(`{best_peft}`, {theirs:.4f}): {mine:.4f} → "
-                     f"**{'met' if met2 else 'not met'}**.")
-    else:
-        lines.append("2. Final test metric vs PEFT data-driven inits: not evaluated (none ran).")
-    if len(best["test_metric"]) > 1 and len(ref["test_metric"]) > 1:
-        sd_mine, sd_ref = mean_std(best["test_metric"])[1], mean_std(ref["test_metric"])[1]
-        lines.append(f"3. Seed-to-seed std of the test metric below Kaiming's: {sd_mine:.4f} "
-                     f"vs {sd_ref:.4f} → **{'met' if sd_mine < sd_ref else 'not met'}**.")
-    else:
-        lines.append("3. Seed-to-seed std: not evaluated (needs ≥ 2 seeds at the chosen rate).")
-    return lines
+def paired_interval(deltas: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the paired-t confidence interval of the mean difference.
+
+    ``mean ± t_{(1+level)/2, n−1} · sd / √n`` over the per-seed differences (``sd`` with
+    ddof = 1); NaN bounds for fewer than two differences.
+    """
+    from scipy.stats import t as student_t
+
+    vals = [float(d) for d in deltas]
+    n = len(vals)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mean, sd = mean_std(vals)
+    if n < 2 or not math.isfinite(sd):
+        return mean, math.nan, math.nan
+    half = float(student_t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def fmt_interval(deltas: Sequence[float], digits: int = 4) -> str:
+    """``"+0.0123 [−0.0010, +0.0256] (5)"``; a bold ``**`` marks an interval clear of 0."""
+    if not deltas:
+        return "–"
+    mean, lo, hi = paired_interval(deltas)
+    if not math.isfinite(lo):
+        return f"{mean:+.{digits}f} ({len(deltas)})"
+    text = f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] ({len(deltas)})"
+    return f"**{text}**" if hi < 0 or lo > 0 else text
 
 
 def paired_delta(st: dict[str, Any], ref: dict[str, Any], key: str) -> list[float]:
@@ -755,127 +932,161 @@ def plot(stats: dict[str, dict[str, Any]], path: Path, title: str, metric: str) 
     plt.close(fig)
 
 
+def plot_lr_sensitivity(rows: list[dict[str, Any]], methods: list[Method], path: Path,
+                        sweep_seeds: Sequence[int], title: str) -> None:
+    """Final validation loss against the rate, one line per method: mean ± std over the
+    sweep seeds (diverged runs drawn at the top of the axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    cmap = plt.get_cmap("tab10")
+    finite = [_float(r, "final_val_loss") for r in rows if r["status"] == "ok"]
+    if not finite:
+        plt.close(fig)
+        return
+    for i, m in enumerate(methods):
+        by_lr: dict[float, list[float]] = {}
+        for r in rows:
+            if r["method"] == m.label and int(r["seed"]) in sweep_seeds and r["status"] != "failed":
+                by_lr.setdefault(float(r["lr"]), []).append(_final_loss(r))
+        if not by_lr:
+            continue
+        lrs = sorted(by_lr)
+        stats = [mean_std([v for v in by_lr[x] if math.isfinite(v)]) for x in lrs]
+        mu = [m_ if math.isfinite(m_) else max(finite) for m_, _ in stats]
+        sd = [s_ if math.isfinite(s_) else 0.0 for _, s_ in stats]
+        ax.errorbar(lrs, mu, yerr=sd, marker="o", capsize=3, color=cmap(i % 10),
+                    linestyle="--" if m.family == "peft" else "-", label=m.label)
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel="final validation loss",
+           title=f"{title}\nmean ± std over sweep seeds {list(sweep_seeds)}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out: Path,
-                  sweep_all: bool, started: dict[str, str], quick: bool) -> Path:
-    """``summary.md`` and ``learning_curves.png`` from every matching row of runs.csv."""
+                  sweep_all: bool, started: dict[str, str], quick: bool,
+                  regime: str = "base") -> Path:
+    """``summary.md``, ``learning_curves.png`` and ``lr_sensitivity.png`` from every matching
+    row of runs.csv."""
     task = get_task(task_name)
     cfg = config_id(task_name, s)
     rows = [r for r in read_rows(out / "runs.csv") if r["config"] == cfg]
     seeds = list(s["seeds"])
-    sweep_seeds = seeds if sweep_all else seeds[:1]
+    sweep_seeds = sweep_seeds_of(s, sweep_all)
     stats = summarize(rows, methods, s, sweep_seeds)
     ref_label = reference_label(stats)
     ref = stats[ref_label] if ref_label else None
-    data_line = started.get("sizes", "")
-    higher = started.get("higher_is_better", "1") == "1"
     metric = started.get("metric", "metric")
     steps = int(s["steps"])
-    plot(stats, out / "learning_curves.png",
-         f"{task.description}: LoRA r={s['rank']}, {steps} steps (lr chosen on validation)",
-         metric)
+    scaling = float(s["alpha"]) / int(s["rank"])
+    what = f"{task.description} [{regime}]: LoRA r={s['rank']}, {steps} steps"
+    plot(stats, out / "learning_curves.png", what + " (lr chosen on validation)", metric)
+    plot_lr_sensitivity(rows, methods, out / "lr_sensitivity.png", sweep_seeds, what)
 
-    head = (f"| method | preserves | lr* | seeds | calib s | init s | step-0 val loss "
-            f"(base) | val loss @25% | @50% | @100% | Δ final val vs Kaiming (paired) | "
-            f"final val at Kaiming's lr* | steps to Kaiming final | test loss | "
-            f"test {metric} |")
-    lines = [f"# compare_inits: {task_name}{' (quick)' if quick else ''}", "",
-             f"{task.description}.  {data_line}.", "",
+    head_ref = ("| method | Δ final val [95% CI] (n) | Δ val AUC [95% CI] (n) | final val |")
+    head_own = ("| method | lr* | s·lr* | seeds | Δ final val [95% CI] (n) | Δ val AUC [95% CI] "
+                f"(n) | final val | steps to Kaiming's final | test {metric} | calib s | "
+                "init s |")
+    ref_lr = f"{ref['lr']:g}" if ref else "–"
+    lines = [f"# compare_inits: {task_name} / {regime}{' (quick)' if quick else ''}", "",
+             f"{task.description}.  {started.get('sizes', '')}.", "",
              f"- Command: `{started['command']}`",
              f"- Started {started['time']}, summary written {time.strftime('%Y-%m-%d %H:%M:%S')}",
-             f"- Machine: {machine()}",
-             (f"- Load average when this summary was rewritten: {load_average()} (not "
-              "the runs' load; runs.csv dates every run)"
-              if started.get("summary_only") else
-              f"- Load average at start / end: {started['load']} / {load_average()} "
-              "(2 cores shared with other jobs: seconds are inflated accordingly)"),
-             f"- Settings: targets {s['targets']}, rank {s['rank']}, α {s['alpha']:g}, "
-             f"{steps} steps × batch {s['batch_size']}, AdamW (no weight decay), lr grid "
-             f"{s['lrs']}, seeds {seeds}, calibration {s['n_calib']} examples "
-             f"(batch {s['calib_batch_size']}, {s['folds']} folds for spatpca), validation "
-             f"every {steps // int(s['eval_points'])} steps; config id `{cfg}`.",
-             "- Protocol: the lr grid grows by one step (same ratio) past an edge on which a "
-             "method's best rate lies; "
-             f"lr* = lowest final validation loss on seed(s) {sweep_seeds}; other "
-             "seeds run at lr*; test is reported at lr* only (never used for selection). "
-             "Mean ± sample std over the seeds at lr*.", "", head,
-             "|" + "---|" * (head.count("|") - 1)]
+             f"- Machine: {machine()}; load average now {load_average()} (2 shared cores: "
+             "seconds are inflated accordingly; runs.csv dates every run)",
+             f"- Settings: regime `{regime}`, targets {s['targets']}, rank {s['rank']}, α "
+             f"{s['alpha']:g} (s = α/r = {scaling:g}), {steps} steps × batch "
+             f"{s['batch_size']}, AdamW (no weight decay), ×2 lr grid {s['lrs']} (grown past "
+             f"an edge), sweep seeds {sweep_seeds}, seeds {seeds}, calibration "
+             f"{s['n_calib']} examples; validation curve every {steps // int(s['eval_points'])}"
+             f" steps on {s.get('n_val_curve', s['n_val'])} examples, final on all; config id "
+             f"`{cfg}`.",
+             "- Statistics: Δ = method − Kaiming per seed (paired: a seed fixes the data order,"
+             " head and dropout for every method); 95% interval = paired t over seeds "
+             "(mean ± t₀.₉₇₅,ₙ₋₁·sd/√n); **bold** when it excludes 0. AUC = area under the "
+             "validation-loss curve / steps (a mean loss over training).", ""]
+    if ref:
+        lines += [f"## Can I keep my learning rate? (every method at Kaiming's lr* = {ref_lr}, "
+                  f"s·lr = {scaling * ref['lr']:g})", "", head_ref,
+                  "|" + "---|" * (head_ref.count("|") - 1)]
+        for label, st in stats.items():
+            if "at_ref" not in st:
+                continue
+            a = st["at_ref"]
+            dv = [] if label == ref_label else paired_delta(a, ref["at_ref"], "final_val")
+            da = [] if label == ref_label else paired_delta(a, ref["at_ref"], "auc")
+            lines.append(f"| `{label}` | {'ref.' if label == ref_label else fmt_interval(dv)} | "
+                         f"{'ref.' if label == ref_label else fmt_interval(da)} | "
+                         f"{fmt_mean_std(a['final_val'])} |")
+        lines.append("")
+    lines += ["## Which init is best at its own tuned rate?", "", head_own,
+              "|" + "---|" * (head_own.count("|") - 1)]
     for label, st in stats.items():
-        m = st["method"]
         if "failed" in st:
-            lines.append(f"| `{label}` | {m.preserves} | – | – | – | – | – | – | – | – | – | – | "
-                         f"– | – | failed: {st['failed'][:150]} |")
+            lines.append(f"| `{label}` | failed: {st['failed'][:150]} |" + " – |" * 9)
             continue
         reach = st.get("reach", [])
         got = [r for r in reach if r is not None]
-        reach_s = ("–" if not reach else
-                   f"{sum(got) / len(got):.0f} ({100 * sum(got) / len(got) / steps:.0f} %)"
-                   + ("" if len(got) == len(reach) else f", {len(got)}/{len(reach)} seeds")
-                   if got else f"not reached (0/{len(reach)})")
+        reach_s = (f"{sum(got) / len(got):.0f} ({len(got)}/{len(reach)} seeds)" if got else
+                   f"not reached (0/{len(reach)})" if reach else "–")
+        own = ref is not None and label != ref_label
+        dv = paired_delta(st, ref, "final_val") if own else []
+        da = paired_delta(st, ref, "auc") if own else []
         div = f" ({st['diverged']} diverged)" if st["diverged"] else ""
-        delta = paired_delta(st, ref, "final_val") if ref and label != ref_label else []
-        delta_s = f"{fmt_mean_std(delta)} ({len(delta)})" if delta else "–"
         lines.append(
-            f"| `{label}` | {m.preserves} | {st['lr']:g} | {len(st['seeds'])}{div} | "
-            f"{_mean(st['calib_s']):.1f} | {_mean(st['init_s']):.2f} | "
-            f"{_mean(st['step0']):.4f} ({_mean(st['base']):.4f}) | "
-            f"{fmt_mean_std(st['val_at'][0.25])} | {fmt_mean_std(st['val_at'][0.5])} | "
-            f"{fmt_mean_std(st['val_at'][1.0])} | {delta_s} | "
-            f"{fmt_mean_std(st.get('at_ref_lr', []))} | {reach_s} | "
-            f"{fmt_mean_std(st['test_loss'])} | "
-            f"{fmt_mean_std(st['test_metric'])} |")
+            f"| `{label}` | {st['lr']:g} | {scaling * st['lr']:g} | {len(st['seeds'])}{div} | "
+            f"{fmt_interval(dv) if own else 'ref.'} | {fmt_interval(da) if own else 'ref.'} | "
+            f"{fmt_mean_std(st['final_val'])} | {reach_s} | {fmt_mean_std(st['test_metric'])} | "
+            f"{_mean(st['calib_s']):.1f} | {_mean(st['init_s']):.2f} |")
     missing = [m.label for m in methods if m.label not in stats]
     train_s = [_float(r, "train_s") for r in rows if r["status"] == "ok"]
-    finished = sorted(r["finished"] for r in rows) or ["–"]
-    lines += ["", "## Targets (issue 6)", "", *targets_report(stats, s, higher), ""]
-    twins = []
-    for ours, theirs in (("kaiming", "peft:true"), ("gaussian", "peft:gaussian"),
-                         ("pissa", "peft:pissa")):
-        a, b = stats.get(ours, {}), stats.get(theirs, {})
-        if "final_val" in a and "final_val" in b:
-            gap = abs(_mean(a["final_val"]) - _mean(b["final_val"]))
-            twins.append(f"`{ours}` vs `{theirs}` {gap:.4f}")
-    if twins:
-        lines += ["Noise scale: the same algorithm run by covinit and by PEFT (different "
-                  "random draws where it has any) differs in mean final validation loss by "
-                  + ", ".join(twins) + "; smaller gaps between methods are not evidence.", ""]
+    lines += ["", "## Which is least sensitive to the rate?", "",
+              "See `lr_sensitivity.png`: final validation loss against the rate, mean ± std "
+              "over the sweep seeds.", ""]
     if missing:
         lines += [f"Not run yet (resume with the same command): {', '.join(missing)}.", ""]
     lines += [
         "## Notes", "",
-        "- `calib s`: covinit's one calibration pass (shared by all its data-driven "
-        "strategies, counted for each) or PEFT's own pre-processing (EVA's incremental SVD "
-        "until convergence, CorDA's covariance pass at batch size 1, LoRA-GA's gradients). "
-        "`init s`: covinit's estimator + strategy time (spatpca's cross-validation is here).",
-        "- `step-0 val loss (base)`: validation loss right after init vs the base model's; "
-        "equal where the init preserves the model (`zero-delta` or `function`).",
-        "- `input-pca` / `output-pca` run with `empirical` and `spatpca` only: shrinkage "
-        "towards μI leaves eigenvectors unchanged, so `ledoit_wolf` gives the same factors "
-        "as `empirical`.",
-        "- EVA runs with `rho=1` (every layer keeps rank r, as all other methods) and "
-        f"`use_label_mask={metric == 'perplexity'}` (token-level labels only for the LM);"
-        f" it may cycle the calibration data at most {s['eva_max_passes']} times.",
-        "- `final val at Kaiming's lr*`: the method's final validation loss on the sweep "
-        "seed(s) at the rate chosen for Kaiming — what a user who keeps a Kaiming-tuned "
-        "rate would see.",
-        "- Steps-to-reach is measured at the validation points only (resolution "
-        f"{steps // int(s['eval_points'])} steps).",
-        f"- Runs so far: {len(rows)}, finished between {finished[0]} and {finished[-1]}; "
-        f"training time per run {fmt_mean_std(train_s, 0)} s, "
-        f"{sum(train_s) / 60:.0f} min in all (plus evaluation and model copies; measured "
-        "under the load above).",
+        "- Labels: `STRATEGY@ESTIMATOR+OPTION` (covinit; `+matched`: `scale=\"matched\"`); "
+        "`grad-svd`, `grad-whiten`, `kfac` default to `scale=\"matched\"`; `lora-ga` is "
+        "covinit's faithful LoRA-GA (the paper's stable scale), `peft:lora_ga` is PEFT's port "
+        "(singular values in B): two different inits.",
+        "- Residual strategies with `+matched` take `lr=` = the run's rate: one init per rate.",
+        "- With a gradient side in the shared calibration (once per seed: the gradient depends "
+        "on the seed's fresh head), `input-pca`/`input-whiten` `+matched` use the exact "
+        "gradient-based gain, not the closed form.",
+        "- `calib s`: covinit's calibration pass (shared, counted for each method) or PEFT's "
+        "own pre-processing; `init s`: estimator + strategy.",
+        f"- Steps to Kaiming's final: first curve point at or below Kaiming's mean final curve "
+        f"loss (resolution {steps // int(s['eval_points'])} steps).",
+        f"- Runs so far: {len(rows)}; training time per run {fmt_mean_std(train_s, 0)} s, "
+        f"{sum(train_s) / 3600:.1f} h in all (plus evaluation).",
     ]
     if task.budget and not quick:
         lines.append(f"- {task.budget}")
     if quick:
-        lines.append("- Quick mode is a smoke run (few steps, one seed, a few methods): its "
-                     "numbers show the pipeline works, they are not evidence for or against "
-                     "any init.")
-    if task_name == "smollm2-hamlet":
-        lines.append("- SmolLM2's base weights are dequantized Q4_1: they carry 4-bit "
-                     "quantization noise.")
+        lines += ["- Quick mode is a smoke run (few steps, one seed, one rate): it shows the "
+                  "pipeline, not evidence.", f"- {full_benchmark_line()}"]
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def full_benchmark_line() -> str:
+    """What the full benchmark found: the ``**Default`` line of
+    ``benchmarks/results/default_strategy.md`` (written by ``choose_default.py``)."""
+    path = RESULTS / "default_strategy.md"
+    found = next((ln for ln in path.read_text(encoding="utf-8").splitlines()
+                  if ln.startswith("**Default")), None) if path.is_file() else None
+    return ("The full benchmark (benchmarks/results/default_strategy.md): " + found if found
+            else "The full benchmark has not chosen a default yet (benchmarks/choose_default.py).")
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -902,7 +1113,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--eval-points", type=int, default=None,
                    help="validation evaluations during training (besides step 0)")
-    p.add_argument("--extend-lr-grid", type=int, default=1,
+    p.add_argument("--regime", default="base", choices=list(REGIMES),
+                   help="named configuration (see REGIMES): low-data, long, r4, r32, "
+                        "all-linear")
+    p.add_argument("--phases", default="dropin,sweep,seeds",
+                   help="comma-separated subset, run in this order: dropin (every method at "
+                        "Kaiming's rate, all seeds), sweep (own rate grids), seeds (own rate, "
+                        "all seeds)")
+    p.add_argument("--sweep-seeds", type=int, default=None,
+                   help="how many of the first seeds sweep the rate grid")
+    p.add_argument("--extend-lr-grid", type=int, default=2,
                    help="times a method's rate grid may grow by one step past an edge where "
                         "its best rate lies (0: never)")
     p.add_argument("--sweep-all-seeds", action="store_true",
@@ -929,7 +1149,14 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
              "batch_size": args.batch_size, "lrs": args.lrs and floats(args.lrs),
              "seeds": args.seeds and ints(args.seeds), "n_calib": args.n_calib,
              "n_train": args.n_train, "eval_points": args.eval_points,
-             "strategies": args.strategies}
+             "strategies": args.strategies, "sweep_seeds": args.sweep_seeds}
+    regime = dict(REGIMES[getattr(args, "regime", "base")]) if not args.quick else {}
+    if regime.get("targets") == "all":
+        regime["targets"] = list(s.get("all_targets", s["targets"]))
+    epochs = regime.pop("epochs", None)
+    s.update(regime)
+    if epochs is not None:  # steps from the (regime's) training-set size
+        s["steps"] = max(1, round(epochs * int(s["n_train"]) / int(s["batch_size"])))
     s.update({k: v for k, v in given.items() if v is not None})
     for key in ("rank", "steps", "batch_size", "n_calib", "eval_points"):
         if int(s[key]) < 1:
@@ -947,7 +1174,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, task in TASKS.items():
             print(f"{name:<16} {task.description}")
         print("\nmethods (full list):", ", ".join(full_methods()))
-        print("quick list:", ", ".join(QUICK_METHODS))
+        print("quick list:", ", ".join(quick_methods()))
+        print("regimes:", ", ".join(REGIMES))
         return 0
     try:
         s = settings_from(args)
@@ -962,7 +1190,8 @@ def main(argv: list[str] | None = None) -> int:
     # warning concerns PEFT's code, not the benchmark, and would repeat in every run's output.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                             category=FutureWarning)
-    out = Path(args.out) if args.out else RESULTS / args.task / ("quick" if args.quick else "")
+    out = (Path(args.out) if args.out else RESULTS / args.task / "quick" if args.quick
+           else RESULTS / f"{args.task}-{args.regime}")
     out.mkdir(parents=True, exist_ok=True)
     script = "benchmarks/compare_inits.py"
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--summary-only"]
@@ -975,11 +1204,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     task = get_task(args.task)
     if not args.summary_only:
-        run_all(args.task, s, methods, out, args.sweep_all_seeds, args.extend_lr_grid)
+        phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+        unknown = set(phases) - {"dropin", "sweep", "seeds"}
+        if unknown:
+            parser.error(f"unknown phases {sorted(unknown)}; allowed: dropin, sweep, seeds")
+        run_all(args.task, s, methods, out, args.sweep_all_seeds, args.extend_lr_grid,
+                args.regime, phases)
     # Facts the summary needs from the task without rebuilding it.
     data_facts = _task_facts(args.task, s)
     started.update(data_facts)
-    path = write_summary(args.task, s, methods, out, args.sweep_all_seeds, started, args.quick)
+    path = write_summary(args.task, s, methods, out, args.sweep_all_seeds, started, args.quick,
+                         args.regime)
     print(f"[{task.name}] wrote {out / 'runs.csv'}, {path}, {out / 'learning_curves.png'} "
           f"in {time.perf_counter() - t0:.0f} s")
     print(path.read_text(encoding="utf-8"))
@@ -988,14 +1223,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _task_facts(task_name: str, s: dict[str, Any]) -> dict[str, str]:
     """Metric name, its direction and the data-size line (cheap: no model is loaded)."""
-    metric = {"smollm2-hamlet": "perplexity"}.get(task_name, "accuracy")
+    metric = "perplexity" if task_name.startswith("smollm2") else "accuracy"
     sizes = {
         "minilm-rt": (f"Rotten Tomatoes (fixed split, seed 0): {s['n_train']} train, "
                       f"{s['n_val']} validation, {s['n_test']} test; the first {s['n_calib']} "
                       f"train examples calibrate; max_length {s['max_length']}"),
         "smollm2-hamlet": (f"Hamlet: up to {s['n_train']} train blocks of {s['max_length']} "
                            f"tokens, {s['n_val']} validation / {s['n_test']} test blocks from "
-                           f"the held-out last 10 %; {s['n_calib']} calibration blocks"),
+                           f"the held-out end of the play; {s['n_calib']} calibration blocks"),
     }.get(task_name, f"{s['n_train']} train, {s['n_val']} validation, {s['n_test']} test, "
                      f"{s['n_calib']} calibration examples")
     return {"metric": metric, "higher_is_better": "0" if metric == "perplexity" else "1",

@@ -14,6 +14,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -54,7 +55,8 @@ def test_compare_inits_tiny_every_method(tmp_path: Path) -> None:
     assert (out / "learning_curves.png").stat().st_size > 10_000
     summary = (out / "summary.md").read_text(encoding="utf-8")
     assert "python benchmarks/compare_inits.py --task tiny" in summary
-    assert "Load average" in summary
+    assert "load average" in summary
+    assert (out / "lr_sensitivity.png").stat().st_size > 10_000
     for label in methods:
         assert f"| `{label}` |" in summary
 
@@ -84,7 +86,8 @@ def test_compare_inits_tiny_every_method(tmp_path: Path) -> None:
 def test_compare_inits_extra_seed_runs_at_chosen_lr(tmp_path: Path) -> None:
     out = tmp_path / "tiny"
     argv = ["--task", "tiny", "--quick", "--strategies", "kaiming,input-pca@empirical",
-            "--steps", "4", "--lrs", "0.001,0.03", "--seeds", "0,1", "--out", str(out)]
+            "--steps", "4", "--lrs", "0.001,0.03", "--seeds", "0,1", "--sweep-seeds", "1",
+            "--extend-lr-grid", "1", "--phases", "sweep,seeds", "--out", str(out)]
     assert compare_inits.main(argv) == 0
     rows = _rows(out / "runs.csv")
     for method in ("kaiming", "input-pca@empirical"):
@@ -130,25 +133,123 @@ def test_paired_delta_matches_seeds() -> None:
     assert got == pytest.approx([-0.05, -0.05])
 
 
-def _verdict(rel: float, sd: float, data: bool = True, family: str = "covinit") -> dict:
-    return {"rel": rel, "sd": sd, "n": 3, "win": rel + sd < 0, "lose": rel - sd > 0,
-            "at_ref": 0.0, "data": data, "family": family}
+def _verdict(rel: float, lo: float, hi: float, data: bool = True,
+             family: str = "covinit") -> dict:
+    return {"rel": rel, "at": (rel, lo, hi), "own": (rel, lo, hi), "n_at": 5, "n_own": 5,
+            "win": hi < 0, "lose": lo > 0, "data": data, "family": family}
 
 
 def test_choose_default_rule() -> None:
-    kaiming = _verdict(0.0, 0.0, data=False) | {"win": False, "lose": False}
+    kaiming = _verdict(0.0, 0.0, 0.0, data=False) | {"win": False, "lose": False}
     # a wins t1 and loses nothing; b wins nothing; c wins t1 but loses t2; a PEFT method
     # never becomes covinit's default, however good.
     per_task = {
-        "t1": {"kaiming": kaiming, "a": _verdict(-0.02, 0.01), "b": _verdict(-0.01, 0.02),
-               "c": _verdict(-0.05, 0.01), "peft:x": _verdict(-0.09, 0.01, family="peft")},
-        "t2": {"kaiming": kaiming, "a": _verdict(0.001, 0.01), "b": _verdict(-0.002, 0.01),
-               "c": _verdict(0.03, 0.01), "peft:x": _verdict(-0.09, 0.01, family="peft")},
+        "t1": {"kaiming": kaiming, "a": _verdict(-0.02, -0.03, -0.01),
+               "b": _verdict(-0.01, -0.03, 0.01), "c": _verdict(-0.05, -0.06, -0.04),
+               "peft:x": _verdict(-0.09, -0.1, -0.08, family="peft")},
+        "t2": {"kaiming": kaiming, "a": _verdict(0.001, -0.01, 0.01),
+               "b": _verdict(-0.002, -0.01, 0.01), "c": _verdict(0.03, 0.02, 0.04),
+               "peft:x": _verdict(-0.09, -0.1, -0.08, family="peft")},
     }
     assert choose_default.choose(per_task)[0] == "a"
-    per_task["t1"]["a"] = _verdict(-0.02, 0.03)  # now within noise: nobody wins
+    per_task["t1"]["a"] = _verdict(-0.02, -0.05, 0.01)  # interval holds 0: nobody wins
     label, why = choose_default.choose(per_task)
     assert label == "kaiming" and "closest on average" in why
+
+
+def test_paired_interval_matches_scipy_paired_t() -> None:
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 5, 9):
+        a, b = rng.normal(0.5, 0.1, n), rng.normal(0.52, 0.1, n)
+        mean, lo, hi = compare_inits.paired_interval(list(a - b))
+        ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+        assert mean == pytest.approx(float(np.mean(a - b)), rel=1e-12)
+        assert (lo, hi) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    mean, lo, hi = compare_inits.paired_interval([0.1])
+    assert mean == 0.1 and math.isnan(lo) and math.isnan(hi)
+    assert "**" in compare_inits.fmt_interval([-0.1, -0.11, -0.12])  # clear of 0: bold
+    assert "**" not in compare_inits.fmt_interval([-0.1, 0.1, 0.0])
+
+
+def test_curve_area_is_the_trapezoid_mean() -> None:
+    steps, losses = [0, 4, 8, 16, 32], [0.7, 0.65, 0.6, 0.5, 0.45]
+    want = np.trapezoid(losses, steps) / 32
+    assert compare_inits.curve_area(steps, losses) == pytest.approx(want, rel=1e-12)
+    assert compare_inits.curve_area([0, 10], [1.0, 1.0]) == pytest.approx(1.0)
+    assert math.isnan(compare_inits.curve_area([0], [0.3]))
+
+
+def test_method_labels_carry_options() -> None:
+    m = compare_inits.parse_method("cov-svd@ledoit_wolf+matched")
+    assert (m.name, m.estimator, dict(m.options)) == ("cov-svd", "ledoit_wolf",
+                                                       {"scale": "matched"})
+    assert m.needs_lr and m.needs_gradient and m.init_options(2e-3) == {"scale": "matched",
+                                                                       "lr": 2e-3}
+    m = compare_inits.parse_method("input-pca@empirical+matched")
+    assert not m.needs_lr and not m.needs_gradient and m.init_options(1e-3) == {
+        "scale": "matched"}
+    assert compare_inits.parse_method("output-pca@empirical+matched").needs_gradient
+    m = compare_inits.parse_method("kfac")  # matched by default, B = 0: no lr
+    assert m.label == "kfac@ledoit_wolf" and m.needs_gradient and not m.needs_lr
+    assert compare_inits.parse_method("grad-svd+residual").needs_lr
+    m = compare_inits.parse_method("pissa+matched")  # data-free strategy made data-driven
+    assert m.needs_calibration and m.needs_gradient and m.estimator == "ledoit_wolf"
+    assert compare_inits.parse_method("cov-svd+power=1").options == (("power", 1),)
+    assert not compare_inits.parse_method("lora-ga").needs_lr  # stable scale
+    with pytest.raises(ValueError, match="not accepted"):
+        compare_inits.parse_method("kaiming+matched")
+    with pytest.raises(ValueError, match="unknown option"):
+        compare_inits.parse_method("input-pca+fast")
+    with pytest.raises(ValueError, match="twice"):
+        compare_inits.parse_method("input-pca+matched+unit")
+
+
+def test_regimes_set_steps_and_targets() -> None:
+    args = compare_inits.build_parser().parse_args(["--task", "tiny", "--regime", "low-data"])
+    s = compare_inits.settings_from(args)
+    assert s["n_train"] == 256 and s["steps"] == 4 * 256 // s["batch_size"]
+    args = compare_inits.build_parser().parse_args(["--task", "minilm-rt", "--regime",
+                                                    "all-linear"])
+    s = compare_inits.settings_from(args)
+    assert "intermediate.dense" in s["targets"] and "output.dense" in s["targets"]
+    args = compare_inits.build_parser().parse_args(["--task", "minilm-rt", "--regime", "r32"])
+    assert compare_inits.settings_from(args)["rank"] == 32
+
+
+def test_dropin_phase_resumes_a_partial_csv(tmp_path: Path) -> None:
+    """Gradient and matched methods end to end on the tiny task; a CSV cut after a few rows
+    continues where it stopped, and the rows it keeps are not run again."""
+    out = tmp_path / "tiny"
+    methods = "kaiming,kfac@ledoit_wolf,cov-svd@ledoit_wolf+matched,input-pca@empirical+matched"
+    argv = ["--task", "tiny", "--strategies", methods, "--steps", "3", "--lrs", "0.01,0.02,0.04",
+            "--seeds", "0,1,2", "--sweep-seeds", "2", "--phases", "dropin",
+            "--extend-lr-grid", "0", "--out", str(out)]
+    assert compare_inits.main(argv) == 0
+    rows = _rows(out / "runs.csv")
+    assert all(r["status"] == "ok" for r in rows), [r["note"] for r in rows]
+    ref_lr = compare_inits.select_lr([r for r in rows if r["method"] == "kaiming"], [0, 1])
+    at_ref = {(r["method"], r["seed"]) for r in rows if float(r["lr"]) == ref_lr}
+    assert at_ref == {(m, str(s)) for m in methods.split(",") for s in range(3)
+                      for m in [compare_inits.parse_method(m).label]}
+    for r in rows:
+        assert float(r["s_lr"]) == pytest.approx(2.0 * float(r["lr"]))  # α/r = 8/4
+        assert 0 < float(r["val_auc"]) < 2
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert "Can I keep my learning rate?" in summary and "paired t" in summary
+    # Cut the CSV after 5 runs: the same command runs exactly the missing ones.
+    text = (out / "runs.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (out / "runs.csv").write_text("".join(text[:6]), encoding="utf-8")
+    assert compare_inits.main(argv) == 0
+    again = _rows(out / "runs.csv")
+    assert len(again) == len(rows)
+    assert again[:5] == rows[:5]
+    key = lambda r: (r["method"], r["seed"], r["lr"])
+    assert sorted(map(key, again)) == sorted(map(key, rows))
+    # Deterministic: a re-run row equals the original one.
+    first = {key(r): r["final_val_loss"] for r in rows}
+    assert all(_close(r["final_val_loss"], first[key(r)]) for r in again[5:])
 
 
 def test_synthetic_smallest_setting(tmp_path: Path) -> None:
