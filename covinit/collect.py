@@ -1,4 +1,5 @@
-"""Forward hooks that stream layer activations into exact float64 summaries (DESIGN.md §2).
+"""Forward hooks that stream layer activations into exact float64 summaries (README:
+"Calibration").
 
 The pieces, in the order :func:`covinit.calibrate` uses them:
 
@@ -30,11 +31,12 @@ reduce it once: a tensor is recognised by its storage pointer, shape, strides, d
 version counter while a weak reference shows it is still alive, so its memory cannot have
 been reused by another tensor.  No activation is hashed or copied for this.
 
-The "gradient" side (opt-in, DESIGN.md §8) runs forward + backward on each batch and keeps,
-per layer, the :class:`~covinit.stats.Moments` of ``δ = ∂L/∂y`` (d-dim rows over the kept
-positions) and the cross-moment ``G = Σ_t δ_t·x_tᵀ`` (d×k float64, a plain sum, merged by
-addition).  The forward hook passes the layer's output through an identity autograd node
-(:class:`_Tap`) whose backward sees ``δ``; the backward is run with
+The "gradient" side (opt-in; README: "Init strategies", the gradient strategies) runs
+forward + backward on each batch and keeps, per layer, the :class:`~covinit.stats.Moments`
+of ``δ = ∂L/∂y`` (d-dim rows over the kept positions) and the cross-moment
+``G = Σ_t δ_t·x_tᵀ`` (d×k float64, a plain sum, merged by addition).  The forward hook
+passes the layer's output through an identity autograd node (:class:`_Tap`) whose backward
+sees ``δ``; the backward is run with
 ``torch.autograd.grad(loss, [anchor])`` for one scalar leaf every tap hangs off, so no
 parameter's ``.grad`` is written (nor computed: autograd prunes the weight gradients) and no
 ``requires_grad`` flag is touched.
@@ -45,7 +47,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +61,9 @@ __all__ = [
     "GRADIENT",
     "PRECISIONS",
     "SIDES",
+    "CalibrationLike",
     "Collector",
+    "GradientCalibrationLike",
     "StreamResult",
     "batch_masks",
     "call_model",
@@ -77,6 +81,50 @@ GRADIENT = "gradient"
 #: Every side a :class:`Collector` / :class:`~covinit.Calibration` can hold, in order.
 ALL_SIDES = (*SIDES, GRADIENT)
 PRECISIONS = ("float64", "mixed")
+
+
+
+@runtime_checkable
+class CalibrationLike(Protocol):
+    """What :func:`covinit.initialize` reads from a calibration: :class:`covinit.Calibration`
+    is one, and so is any object with these members (e.g. a test's reference statistics).
+
+    It lives here, below both :mod:`covinit.calibration` (which calls ``initialize``) and
+    :mod:`covinit.initialize` (which reads calibrations), so neither imports the other's
+    module for it.  ``initialize`` also reads, where present, ``sides`` (default
+    :data:`SIDES`) and ``sketch(layer, side)`` (a :class:`~covinit.sketch.Sketch` or None);
+    the gradient strategies need :class:`GradientCalibrationLike`.
+    """
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Calibrated layers, in module order."""
+        ...
+
+    def moments(self, layer: str, side: str = "input") -> Moments | None:
+        """Exact summary of ``layer``'s ``side`` rows (width k for "input", d otherwise), or
+        None where that side was not collected."""
+        ...
+
+    def folds(self, layer: str, side: str = "input") -> list[Moments] | None:
+        """Per-fold summaries whose in-order merge is :meth:`moments`, or None."""
+        ...
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` when ``model``'s linear layers are not the calibrated ones."""
+        ...
+
+
+@runtime_checkable
+class GradientCalibrationLike(CalibrationLike, Protocol):
+    """A :class:`CalibrationLike` that may hold the gradient side (``"gradient" in sides``)."""
+
+    sides: tuple[str, ...]
+
+    def gradient(self, layer: str) -> Tensor:
+        """``G = Σ δ·xᵀ``, shape (d, k), float64, of ``layer``."""
+        ...
+
 
 # A batch whose mean sits further than sqrt(_DRIFT) standard deviations from the stream's
 # centre (in any feature) triggers a re-centre: the cancellation in s2 − nδδᵀ then costs at
@@ -992,6 +1040,11 @@ class Collector:
     def _see_encoder_output(self, module: nn.Module, args: Any, output: Any) -> None:
         hidden = output if isinstance(output, Tensor) else output[0]
         self._encoder_out = (hidden.data_ptr(), tuple(hidden.shape))
+
+    def width(self, name: str, side: str) -> int:
+        """Width of layer ``name``'s ``side`` rows: k for "input", d for "output" and
+        "gradient"."""
+        return self._streams[name, side].k
 
     def calls(self, name: str) -> int:
         """How many times layer ``name`` was called so far."""

@@ -1,4 +1,4 @@
-"""Merge per-rank calibration summaries once, at the end (DESIGN.md §2).
+"""Merge per-rank calibration summaries once, at the end (README: "Calibration").
 
 Each rank of a ``torch.distributed`` job hooks its own shard of the data and keeps its own
 :class:`~covinit.stats.Moments`; nothing is communicated inside the hooks.  At the end every
