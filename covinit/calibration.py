@@ -8,6 +8,37 @@ statistics are never applied to another model.  Calibrations are saved as safete
 JSON metadata (never pickle) with a SHA-256 of every tensor, so truncated or edited files
 are refused on load.
 
+:func:`calibrate` runs in named stages: resolve the arguments into a plan (layers, adapters,
+limits) → build the collector (memory checked before any batch) → one pass over the data
+(hooks, modes, flags, ranks' agreement and merge) → check the pass (never-called or fully
+masked layers) → build the :class:`Calibration` → initialize the adapters.
+:meth:`Calibration.load` reads the file → verifies its checksums → rebuilds the statistics.
+
+Notes
+-----
+Which adapters :func:`calibrate` re-initializes (README: "Calibration").  Adapters that are
+no longer at their initial state are refused unless ``overwrite=True``: re-initializing them
+would silently throw their training away.  An adapter counts as initial when (1) its factors
+are still those covinit's last init wrote (a SHA-256 of A, B recorded in memory by
+:func:`covinit.initialize`), or, with no such record, (2) they still equal the step-0 factors
+of covinit's residual init recorded with the layer (``W0 = base + c·B0·A0``), or (3) the
+adapter adds nothing (``B·A = 0`` with the base untouched: PEFT's
+``init_lora_weights=True`` / ``"gaussian"``, loralib, ``add_lora``).  Anything else (trained,
+loaded from a trained adapter, PEFT's random ``init_lora_weights=False``) is treated as
+trained.
+
+PEFT LoRA layers covinit does not initialize (embedding adapters,
+``target_modules=["embed_tokens", ...]``, and convolutions) keep PEFT's own init
+(embeddings: ``A = 0``, ``B ~ N(0, 1)``, so ``ΔW = 0``), with one ``UserWarning`` per call
+naming them (see :func:`covinit.adapters.find_skipped_adapters` for why).
+
+The model runs in eval mode (set by flag: loralib's ``train()``/``eval()`` would merge
+``B·A`` into the weight) under ``torch.no_grad()`` (with the gradient side: with gradients
+enabled, and a backward pass that writes no parameter's ``.grad``); its train/eval modes and
+``requires_grad`` flags are restored and every hook is removed afterwards, also when an
+exception (or ``KeyboardInterrupt``) escapes.  Under an initialized ``torch.distributed``
+group each rank reads its own shard and the summaries are merged once at the end.
+
 Example
 -------
 >>> import torch
@@ -28,28 +59,50 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from covinit import distributed
+from covinit.adapters import (
+    LoRAAdapter,
+    check_original_base,
+    find_adapters,
+    find_linear_layers,
+    find_skipped_adapters,
+    is_inert,
+    matches_initialized,
+    model_fingerprint,
+)
 from covinit.collect import (
     ALL_SIDES,
     GRADIENT,
     PRECISIONS,
     SIDES,
+    CalibrationLike,
     Collector,
+    GradientCalibrationLike,
     StreamResult,
     Targets,
     match_layers,
     move_to_device,
 )
+from covinit.export import residual_offset
+from covinit.initialize import initialize
 from covinit.sketch import Sketch
 from covinit.stats import Moments, require_float64, sum_in_order
 
-__all__ = ["DEFAULT_STRATEGY", "FORMAT", "Calibration", "calibrate"]
+__all__ = [
+    "DEFAULT_STRATEGY",
+    "FORMAT",
+    "Calibration",
+    "CalibrationLike",
+    "GradientCalibrationLike",
+    "calibrate",
+]
 
 #: What :func:`calibrate` initializes a LoRA model with when no ``strategy=`` is given.  Chosen
 #: by ``benchmarks/choose_default.py`` from the real-task benchmark (validation loss, paired
@@ -160,6 +213,19 @@ class Calibration:
                 f"{found.k} >= sketch_above); read it with .sketch({layer!r}, {side!r})")
         return found
 
+    def summary(self, layer: str, side: str = "input") -> Moments | Sketch | None:
+        """Whatever was kept of ``layer``'s ``side``: exact :class:`~covinit.stats.Moments`,
+        a bounded-memory :class:`~covinit.sketch.Sketch`, or ``None`` if that side was not
+        collected.  Both kinds carry the count ``n`` of kept positions.
+
+        Raises
+        ------
+        ValueError
+            As :meth:`moments`, for a layer or side that does not exist.
+        """
+        self._check_key(layer, side)
+        return self._stats.get((layer, side))
+
     def sketch(self, layer: str, side: str = "input") -> Sketch | None:
         """The bounded-memory sketch of ``layer``'s ``side``, or ``None`` if that side was
         collected exactly (or not at all)."""
@@ -177,7 +243,7 @@ class Calibration:
 
     def gradient(self, layer: str) -> Tensor:
         """The gradient–input cross-moment of ``layer``: ``G = Σ_t δ_t·x_tᵀ`` over the kept
-        positions, ``δ_t = ∂L/∂y_t`` (DESIGN.md §8).
+        positions, ``δ_t = ∂L/∂y_t`` (README: "Init strategies", the gradient strategies).
 
         A sum, not a mean: its count is ``moments(layer, "gradient").n``, and it is
         ``∂L/∂W`` of the summed batch losses.  ``δ`` is the gradient of the loss as computed
@@ -243,8 +309,6 @@ class Calibration:
         ValueError
             Naming the first layer that is missing, extra, or of another shape.
         """
-        from covinit.adapters import model_fingerprint
-
         mine: dict[str, list[int]] = self.fingerprint.get("layers", {})
         theirs: dict[str, list[int]] = model_fingerprint(model)["layers"]
         for name, shape in mine.items():
@@ -319,116 +383,166 @@ class Calibration:
             If the file is not a readable safetensors file, not a covinit calibration, was
             modified (checksum), or holds tensors of the wrong dtype or shape.
         """
-        from safetensors import safe_open
-
         path = Path(path)
-        try:
-            with safe_open(os.fspath(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except FileNotFoundError:
-            raise
-        except Exception as err:  # safetensors raises its own error types
-            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a covinit calibration file "
-                             f"(format {meta.get('format')!r}, expected {FORMAT!r})")
-        try:
-            header = json.loads(meta["covinit"])
-            version = header["format_version"]
-            shapes = {name: tuple(shape) for name, shape in header["layers"].items()}
-            sides = tuple(header["sides"])
-            n_folds = int(header["folds"])
-            shared = dict(header["shared_inputs"])
-            sketched = set(header.get("sketched", []))
-            digest = header["sha256"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}: malformed covinit metadata ({err})") from None
-        if version != _FORMAT_VERSION:
-            raise ValueError(f"{path}: calibration format version {version} is not supported "
-                             f"(this covinit reads version {_FORMAT_VERSION})")
-        if _digest(tensors) != digest:
-            raise ValueError(f"{path}: checksum mismatch; the file was modified or corrupted")
-        if header.get("header_sha256") != _header_digest(header):
-            raise ValueError(f"{path}: metadata checksum mismatch; the layers, fingerprint or "
-                             "other metadata were modified")
-        if any(s not in ALL_SIDES for s in sides):
-            raise ValueError(f"{path}: unknown sides {sides}")
-        expected: set[str] = set()
-        stats: dict[tuple[str, str], Moments] = {}
-        folds: dict[tuple[str, str], list[Moments]] = {}
-        gradients: dict[str, Tensor] = {}
-        gradient_folds: dict[str, list[Tensor]] = {}
-
-        def fields(prefix: str, keys: tuple[str, ...]) -> dict[str, Tensor]:
-            names = {f: f"{prefix}/{f}" for f in keys}
-            expected.update(names.values())
-            missing = [key for key in names.values() if key not in tensors]
-            if missing:
-                raise ValueError(f"{path}: missing tensor {missing[0]!r}")
-            return {f: tensors[key] for f, key in names.items()}
-
-        def read(prefix: str, width: int, sketch: bool = False) -> Moments | Sketch:
-            summary: Moments | Sketch
-            if sketch:
-                summary = Sketch.from_state(fields(prefix, Sketch.FIELDS))
-            else:
-                summary = Moments.from_state(fields(prefix, Moments.FIELDS))
-                if not all(bool(torch.isfinite(v).all()) for v in summary.state().values()):
-                    raise ValueError(f"{path}: {prefix} holds NaN/Inf values")
-            if summary.k != width:
-                raise ValueError(f"{path}: {prefix} has width {summary.k}, expected {width}")
-            return summary
-
-        def read_cross(prefix: str, shape: tuple[int, int]) -> Tensor:
-            cross = fields(prefix, ("cross",))["cross"]
-            if tuple(cross.shape) != shape:
-                raise ValueError(f"{path}: {prefix}/cross has shape {tuple(cross.shape)}, "
-                                 f"expected (d, k) = {shape}")
-            require_float64(prefix, {"cross": cross})
-            if not bool(torch.isfinite(cross).all()):
-                raise ValueError(f"{path}: {prefix}/cross holds NaN/Inf values")
-            return cross
-
-        for layer, (k, d) in shapes.items():
-            for side in sides:
-                source = shared.get(layer, layer) if side == "input" else layer
-                width = k if side == "input" else d
-                if source != layer:
-                    continue
-                if f"{layer}/{side}" in sketched:
-                    stats[layer, side] = read(f"{layer}/{side}/sketch", width, sketch=True)
-                    continue
-                stats[layer, side] = read(f"{layer}/{side}", width)
-                if n_folds:
-                    folds[layer, side] = [read(f"{layer}/{side}/fold{i}", width)
-                                          for i in range(n_folds)]
-                    if sum(f.n for f in folds[layer, side]) != stats[layer, side].n:
-                        raise ValueError(f"{path}: fold counts of {layer}/{side} do not add "
-                                         "up to the total")
-                if side == GRADIENT:
-                    gradients[layer] = read_cross(f"{layer}/{side}", (d, k))
-                    if n_folds:
-                        gradient_folds[layer] = [read_cross(f"{layer}/{side}/fold{i}", (d, k))
-                                                 for i in range(n_folds)]
-        for layer, owner in shared.items():
-            if (owner, "input") not in stats or shapes.get(layer, (None,))[0] != \
-                    shapes[owner][0]:
-                raise ValueError(f"{path}: layer {layer!r} shares the input of {owner!r}, "
-                                 "which is not stored with the same width")
-            stats[layer, "input"] = stats[owner, "input"]
-            if n_folds:
-                folds[layer, "input"] = folds[owner, "input"]
-        extra = sorted(set(tensors) - expected)
-        if extra:
-            raise ValueError(f"{path}: unexpected tensor {extra[0]!r}")
-        ordered = {(layer, side): stats[layer, side] for layer in shapes for side in sides}
-        cal = cls(ordered, shapes, header.get("fingerprint", {}), folds=folds or None,
-                  shared_inputs=shared, info=header.get("info", {}), gradients=gradients,
-                  gradient_folds=gradient_folds or None)
+        header, tensors = _read_file(path)
+        _verify_checksums(path, header, tensors)
+        cal = cls(**_Rebuild(path, header, tensors).arguments())
         if model is not None:
             cal.check_model(model)
         return cal
+
+
+# ---------------------------------------------------------------------- file reading
+_Summary = TypeVar("_Summary", Moments, Sketch)
+
+
+@dataclass(frozen=True)
+class _Header:
+    """The JSON metadata of a calibration file (see :meth:`Calibration.save`), parsed."""
+
+    raw: dict[str, Any]  # as stored: the metadata checksum covers it
+    shapes: dict[str, tuple[int, int]]  # layer -> (k, d)
+    sides: tuple[str, ...]
+    n_folds: int  # 0 without folds
+    shared: dict[str, str]  # layer -> owner of its input summary
+    sketched: frozenset[str]  # "{layer}/{side}" stored as sketches
+    digest: str  # SHA-256 of the tensors
+
+
+def _read_file(path: Path) -> tuple[_Header, dict[str, Tensor]]:
+    """Stage 1 of :meth:`Calibration.load`: the file's tensors and parsed metadata, after
+    checking that it is a covinit calibration of a version this code reads."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a covinit calibration file "
+                         f"(format {meta.get('format')!r}, expected {FORMAT!r})")
+    try:
+        raw = json.loads(meta["covinit"])
+        version = raw["format_version"]
+        header = _Header(
+            raw=raw, shapes={name: tuple(shape) for name, shape in raw["layers"].items()},
+            sides=tuple(raw["sides"]), n_folds=int(raw["folds"]),
+            shared=dict(raw["shared_inputs"]), sketched=frozenset(raw.get("sketched", [])),
+            digest=raw["sha256"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: malformed covinit metadata ({err})") from None
+    if version != _FORMAT_VERSION:
+        raise ValueError(f"{path}: calibration format version {version} is not supported "
+                         f"(this covinit reads version {_FORMAT_VERSION})")
+    return header, tensors
+
+
+def _verify_checksums(path: Path, header: _Header, tensors: Mapping[str, Tensor]) -> None:
+    """Stage 2 of :meth:`Calibration.load`: refuse edited tensors or metadata."""
+    if _digest(tensors) != header.digest:
+        raise ValueError(f"{path}: checksum mismatch; the file was modified or corrupted")
+    if header.raw.get("header_sha256") != _header_digest(header.raw):
+        raise ValueError(f"{path}: metadata checksum mismatch; the layers, fingerprint or "
+                         "other metadata were modified")
+    if any(s not in ALL_SIDES for s in header.sides):
+        raise ValueError(f"{path}: unknown sides {header.sides}")
+
+
+class _Rebuild:
+    """Stage 3 of :meth:`Calibration.load`: the statistics of a verified file, each tensor
+    checked for presence, width, dtype and finiteness, and none left over."""
+
+    def __init__(self, path: Path, header: _Header, tensors: Mapping[str, Tensor]) -> None:
+        self.path, self.header, self.tensors = path, header, tensors
+        self.expected: set[str] = set()  # every tensor name read so far
+        self.stats: dict[tuple[str, str], Moments | Sketch] = {}
+        self.folds: dict[tuple[str, str], list[Moments]] = {}
+        self.gradients: dict[str, Tensor] = {}
+        self.gradient_folds: dict[str, list[Tensor]] = {}
+
+    def arguments(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`Calibration` for the whole file."""
+        h = self.header
+        for layer, (k, d) in h.shapes.items():
+            for side in h.sides:
+                if side != "input" or h.shared.get(layer, layer) == layer:  # owners only
+                    self._side(layer, side, k, d)
+        self._alias_shared()
+        extra = sorted(set(self.tensors) - self.expected)
+        if extra:
+            raise ValueError(f"{self.path}: unexpected tensor {extra[0]!r}")
+        ordered = {(layer, side): self.stats[layer, side] for layer in h.shapes
+                   for side in h.sides}
+        return {"stats": ordered, "shapes": h.shapes,
+                "fingerprint": h.raw.get("fingerprint", {}), "folds": self.folds or None,
+                "shared_inputs": h.shared, "info": h.raw.get("info", {}),
+                "gradients": self.gradients, "gradient_folds": self.gradient_folds or None}
+
+    def _side(self, layer: str, side: str, k: int, d: int) -> None:
+        """Read one stored layer side: its summary, folds and (gradient side) ``G``."""
+        width = k if side == "input" else d
+        prefix, n_folds = f"{layer}/{side}", self.header.n_folds
+        if prefix in self.header.sketched:
+            sketch = Sketch.from_state(self._fields(f"{prefix}/sketch", Sketch.FIELDS))
+            self.stats[layer, side] = self._check_width(f"{prefix}/sketch", sketch, width)
+            return
+        self.stats[layer, side] = self._moments(prefix, width)
+        if n_folds:
+            self.folds[layer, side] = [self._moments(f"{prefix}/fold{i}", width)
+                                       for i in range(n_folds)]
+            if sum(f.n for f in self.folds[layer, side]) != self.stats[layer, side].n:
+                raise ValueError(f"{self.path}: fold counts of {prefix} do not add up to the "
+                                 "total")
+        if side == GRADIENT:
+            self.gradients[layer] = self._cross(prefix, (d, k))
+            if n_folds:
+                self.gradient_folds[layer] = [self._cross(f"{prefix}/fold{i}", (d, k))
+                                              for i in range(n_folds)]
+
+    def _alias_shared(self) -> None:
+        """Point every layer that shares an input summary at its owner's object."""
+        shapes = self.header.shapes
+        for layer, owner in self.header.shared.items():
+            if (owner, "input") not in self.stats or shapes.get(layer, (None,))[0] != \
+                    shapes[owner][0]:
+                raise ValueError(f"{self.path}: layer {layer!r} shares the input of {owner!r}, "
+                                 "which is not stored with the same width")
+            self.stats[layer, "input"] = self.stats[owner, "input"]
+            if self.header.n_folds:
+                self.folds[layer, "input"] = self.folds[owner, "input"]
+
+    def _fields(self, prefix: str, keys: tuple[str, ...]) -> dict[str, Tensor]:
+        names = {f: f"{prefix}/{f}" for f in keys}
+        self.expected.update(names.values())
+        missing = [key for key in names.values() if key not in self.tensors]
+        if missing:
+            raise ValueError(f"{self.path}: missing tensor {missing[0]!r}")
+        return {f: self.tensors[key] for f, key in names.items()}
+
+    def _moments(self, prefix: str, width: int) -> Moments:
+        moments = Moments.from_state(self._fields(prefix, Moments.FIELDS))
+        if not all(bool(torch.isfinite(v).all()) for v in moments.state().values()):
+            raise ValueError(f"{self.path}: {prefix} holds NaN/Inf values")
+        return self._check_width(prefix, moments, width)
+
+    def _check_width(self, prefix: str, summary: _Summary, width: int) -> _Summary:
+        if summary.k != width:
+            raise ValueError(f"{self.path}: {prefix} has width {summary.k}, expected {width}")
+        return summary
+
+    def _cross(self, prefix: str, shape: tuple[int, int]) -> Tensor:
+        cross = self._fields(prefix, ("cross",))["cross"]
+        if tuple(cross.shape) != shape:
+            raise ValueError(f"{self.path}: {prefix}/cross has shape {tuple(cross.shape)}, "
+                             f"expected (d, k) = {shape}")
+        require_float64(prefix, {"cross": cross})
+        if not bool(torch.isfinite(cross).all()):
+            raise ValueError(f"{self.path}: {prefix}/cross holds NaN/Inf values")
+        return cross
 
 
 def _check_gradients(stats: Mapping[tuple[str, str], Moments | Sketch],
@@ -472,6 +586,339 @@ def _digest(tensors: Mapping[str, Tensor]) -> str:
 
 
 # ---------------------------------------------------------------------- calibrate
+def calibrate(
+    model: nn.Module, dataloader: Iterable[Any], *, targets: Targets | None = None,
+    sides: Sequence[str] = SIDES, forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None, max_batches: int | None = None,
+    max_tokens: int | None = None, device: torch.device | str | None = None,
+    show_progress: bool = True, folds: int | None = None, precision: str = "float64",
+    sketch_above: int | None = None, sketch_size: int = 256, strategy: str | None = None,
+    estimator: str | None = None, init: bool = True, overwrite: bool = False,
+    **init_options: Any,
+) -> Calibration:
+    """Collect activation statistics of a model's linear layers on task data.
+
+    On a plain model ``targets`` selects the layers.  On a model holding LoRA layers
+    (covinit's, PEFT's, DoRA included, or loralib-style) the layers under them are calibrated,
+    then initialized in place by :func:`covinit.initialize.initialize`, unless ``init=False``.
+    Trained adapters are refused unless ``overwrite=True``; PEFT embedding / convolution
+    adapters keep PEFT's init, named in one ``UserWarning``.  Modes, ``requires_grad`` flags
+    and hooks are restored even on errors.  See the module notes for these rules.
+
+    Parameters
+    ----------
+    model : nn.Module
+    dataloader : iterable
+        Batches: dicts (keyword arguments), tuples (positional) or tensors.  Positions with
+        ``attention_mask == 0`` and token-level ``labels == -100`` are left out.
+    targets : list of str, str or callable, optional
+        Layers (:func:`covinit.collect.match_layers`): required on a plain model, a filter of
+        the adapted layers on a LoRA model.
+    sides : sequence of {"input", "output", "gradient"}, default=("input", "output")
+        ``"gradient"`` (needs ``"input"``; not with ``sketch_above``) adds a backward pass per
+        batch and keeps the moments of ``δ = ∂L/∂y`` and ``G`` (:meth:`Calibration.gradient`).
+    forward_fn, loss_fn : callable, optional
+        ``forward_fn(model, batch)`` replaces the default call; ``loss_fn(outputs, batch)``
+        gives the gradient side's scalar loss (default: ``outputs.loss``).
+    max_batches, max_tokens : int, optional
+        Stop after this many batches / once this many positions were kept.
+    device : torch.device or str, optional
+        Where batches go; default: the device of the model's first parameter.
+    show_progress : bool, default=True
+        A tqdm bar over batches, with positions per second.
+    folds : int, optional
+        Per-fold summaries (batch ``i`` → fold ``i % folds``) for cross-validation.
+    precision : {"float64", "mixed"}, default="float64"
+        Exact (~1e-13), or the ``yᵀy`` product in float32 (~1e-7 of the spread, half the cost).
+    sketch_above : int, optional; sketch_size : int, default=256
+        Sides at least ``sketch_above`` wide keep a k×``sketch_size``
+        :class:`~covinit.sketch.Sketch` instead of the exact k×k summary (not with ``folds``).
+    strategy, estimator : str, optional
+        The init on a LoRA model (default :data:`DEFAULT_STRATEGY`) and its estimator.
+    init, overwrite : bool, default=True, False
+        ``init=False``: statistics only (A, B, DoRA magnitudes and base stay bit-identical);
+        ``overwrite=True``: re-initialize adapters no longer at their initial state.
+    **init_options
+        Further keyword arguments of :func:`covinit.initialize.initialize` (``rank=``, …).
+
+    Returns
+    -------
+    Calibration
+
+    Raises
+    ------
+    ValueError
+        No batches; ``targets`` missing or matching nothing; a target never called or with
+        every position masked; NaN/Inf activations; fewer kept positions than the rank;
+        trained adapters without ``overwrite``; only embedding adapters and no ``targets``.
+    TypeError
+        A batch the default call cannot handle; init options on a plain model or with
+        ``init=False``.
+    """
+    request = _InitRequest(init, strategy, estimator, overwrite, dict(init_options))
+    plan = _resolve(model, targets, sides, loss_fn, request, max_batches=max_batches,
+                    max_tokens=max_tokens, folds=folds, precision=precision, device=device)
+    collector = _make_collector(plan, sides, precision, sketch_above, sketch_size)
+    run = _collect(model, dataloader, plan, collector, forward_fn, loss_fn, show_progress)
+    _check_pass(run, list(plan.layers), collector.sides)
+    cal = _build(run, collector, plan, precision)
+    if plan.adapters and init:
+        _initialize(model, cal, plan)
+    return cal
+
+
+@dataclass(frozen=True)
+class _InitRequest:
+    """The initialization half of :func:`calibrate`'s arguments."""
+
+    init: bool
+    strategy: str | None
+    estimator: str | None
+    overwrite: bool
+    options: dict[str, Any]
+
+    def given(self) -> list[str]:
+        """Names of the initialization options the caller passed (for error messages)."""
+        flags = {"strategy": self.strategy is not None, "estimator": self.estimator is not None,
+                 "overwrite": bool(self.overwrite)}
+        return sorted([*self.options, *(name for name, given in flags.items() if given)])
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What :func:`calibrate` resolved from its arguments before reading any data."""
+
+    layers: dict[str, nn.Module]  # canonical name -> module whose forward is hooked
+    adapters: dict[str, LoRAAdapter]  # the adapters over ``layers`` (empty: a plain model)
+    skipped: dict[str, str]  # PEFT adapters covinit leaves alone: name -> kind
+    targeted: bool  # targets= was given
+    request: _InitRequest
+    device: torch.device | None
+    fingerprint: dict[str, Any]
+    n_folds: int
+    max_batches: int | None
+    max_tokens: int | None
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What one pass over the data collected (merged over ranks when distributed)."""
+
+    results: dict[tuple[str, str], StreamResult]
+    shared: dict[str, str]  # layer -> owner whose input summary it shares
+    batches: int
+    positions: int
+    seconds: float
+
+
+def _resolve(model: nn.Module, targets: Targets | None, sides: Sequence[str],
+             loss_fn: Callable[..., Tensor] | None, request: _InitRequest, *,
+             max_batches: int | None, max_tokens: int | None, folds: int | None,
+             precision: str, device: torch.device | str | None) -> _Plan:
+    """Stage 1: check the arguments and choose the layers (and adapters) to calibrate."""
+    max_batches = _positive_int(max_batches, "max_batches")
+    max_tokens = _positive_int(max_tokens, "max_tokens")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    n_folds = _positive_int(folds, "folds") or 1
+    if loss_fn is not None and GRADIENT not in sides:
+        raise ValueError(f"loss_fn is only used by the gradient side; sides={tuple(sides)!r} "
+                         "does not include 'gradient'")
+    adapters = find_adapters(model, dora=True)
+    skipped = find_skipped_adapters(model)
+    if not request.init and request.given():
+        raise TypeError(f"init=False collects statistics only, but initialization options "
+                        f"{request.given()} were given; drop them or leave init=True")
+    layers = (_adapted_layers(model, adapters, targets, request) if adapters
+              else _plain_layers(model, targets, skipped, request))
+    return _Plan(
+        layers=layers, adapters={name: adapters[name] for name in layers if name in adapters},
+        skipped=skipped, targeted=targets is not None, request=request,
+        device=torch.device(device) if device is not None else _model_device(model),
+        fingerprint=model_fingerprint(model), n_folds=n_folds, max_batches=max_batches,
+        max_tokens=max_tokens)
+
+
+def _adapted_layers(model: nn.Module, adapters: Mapping[str, LoRAAdapter],
+                    targets: Targets | None, request: _InitRequest) -> dict[str, nn.Module]:
+    """The base layers under ``adapters`` (those ``targets`` matches), refusing rewritten
+    bases and, when they would be re-initialized, trained adapters."""
+    base_layers = find_linear_layers(model)
+    layers = {name: base_layers[name] for name in adapters}
+    if targets is not None:
+        chosen = match_layers(model, targets)
+        layers = {name: module for name, module in layers.items() if name in chosen}
+        if not layers:
+            raise ValueError(f"targets {targets!r} match no LoRA layer; adapted layers: "
+                             f"{', '.join(adapters)}")
+    check_original_base({name: adapters[name] for name in layers}, "calibrate")
+    if request.init and not request.overwrite:
+        _refuse_trained({name: adapters[name] for name in layers})
+    return layers
+
+
+def _plain_layers(model: nn.Module, targets: Targets | None, skipped: Mapping[str, str],
+                  request: _InitRequest) -> dict[str, nn.Module]:
+    """The layers ``targets`` selects in a model without LoRA layers covinit initializes."""
+    if targets is None and skipped:
+        raise ValueError(
+            f"the model's LoRA layers are all of kinds covinit does not initialize "
+            f"({_describe(skipped)}); they keep PEFT's own init (embeddings: A = 0, "
+            "B ~ N(0, 1), so the model is unchanged at step 0). Pass targets= to collect "
+            "statistics of linear layers")
+    if targets is None:
+        available = ", ".join(find_linear_layers(model)) or "(none)"
+        raise ValueError("the model has no LoRA layers, so calibrate needs targets= "
+                         f"(name suffixes, a regex or a callable); available: {available}")
+    if request.given():
+        raise TypeError(f"initialization options {request.given()} need a model with LoRA "
+                        "layers; call covinit.add_lora (or PEFT) first")
+    return match_layers(model, targets)
+
+
+def _make_collector(plan: _Plan, sides: Sequence[str], precision: str,
+                    sketch_above: int | None, sketch_size: int) -> Collector:
+    """Stage 2: the hooks' state, refused before any batch when it cannot fit in memory."""
+    if sketch_above is not None and plan.n_folds > 1:
+        raise ValueError("folds need exact summaries; use either folds= or sketch_above=")
+    collector = Collector(plan.layers, sides, precision=precision, folds=plan.n_folds,
+                          sketch_above=sketch_above, sketch_size=sketch_size,
+                          offsets=_output_offsets(plan.adapters, plan.layers))
+    _check_memory(collector, plan.device)
+    return collector
+
+
+def _collect(model: nn.Module, dataloader: Iterable[Any], plan: _Plan, collector: Collector,
+             forward_fn: Callable[[nn.Module, Any], Any] | None,
+             loss_fn: Callable[[Any, Any], Tensor] | None, show_progress: bool) -> _Pass:
+    """Stage 3: one pass over the data with the hooks in place, then every hook removed and
+    the modes and ``requires_grad`` flags restored (also on errors); ranks agree and merge."""
+    modes = {module: module.training for module in model.modules()}
+    flags = {param: param.requires_grad for param in model.parameters()}
+    start = time.perf_counter()
+    try:
+        # Eval mode by flag, not model.eval(): some LoRA layers (loralib's merge_weights)
+        # merge B·A into the weight inside train()/eval(), which calibration must not do.
+        for module in modes:
+            module.training = False
+        with torch.no_grad(), collector:
+            batches, positions = _run_batches(model, dataloader, plan, collector, forward_fn,
+                                              loss_fn, show_progress)
+    except BaseException:
+        try:  # let the other ranks stop instead of waiting in the merge
+            _agree_ranks_ok(ok=False)
+        except Exception:  # the error to report is the one being handled
+            pass
+        raise
+    finally:
+        collector.remove()
+        for module, mode in modes.items():
+            module.training = mode
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+    seconds = time.perf_counter() - start
+    _agree_ranks_ok(ok=True)
+    results, shared = collector.results(), collector.shared_inputs()
+    if distributed.is_distributed():
+        results, shared, (batches, positions) = _merge_ranks(
+            results, shared, list(plan.layers), [batches, positions])
+    return _Pass(results, shared, batches, positions, seconds)
+
+
+def _run_batches(model: nn.Module, dataloader: Iterable[Any], plan: _Plan,
+                 collector: Collector, forward_fn: Callable[[nn.Module, Any], Any] | None,
+                 loss_fn: Callable[[Any, Any], Tensor] | None, show_progress: bool
+                 ) -> tuple[int, int]:
+    """Feed the batches to ``collector`` up to the batch / position limits; returns
+    ``(batches, kept positions)`` of this rank."""
+    rank0 = not distributed.is_distributed() or torch.distributed.get_rank() == 0
+    batches = positions = 0
+    start = time.perf_counter()
+    with _progress(_length(dataloader, plan.max_batches), show_progress and rank0) as bar:
+        for index, batch in enumerate(dataloader):
+            if plan.max_batches is not None and index >= plan.max_batches:
+                break
+            batch = move_to_device(batch, plan.device)
+            try:
+                positions += collector.run_batch(model, batch, index, forward_fn, loss_fn)
+            except RuntimeError as err:
+                _note_device(err, plan.device, model)
+                raise
+            batches += 1
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.update(1)
+            bar.set_postfix(pos_per_s=f"{positions / elapsed:,.0f}", refresh=False)
+            if plan.max_tokens is not None and positions >= plan.max_tokens:
+                break
+    return batches, positions
+
+
+def _check_pass(run: _Pass, names: Sequence[str], sides: Sequence[str]) -> None:
+    """Stage 4: refuse a pass without batches, or with a layer never called or whose every
+    position was masked out."""
+    if run.batches == 0:
+        raise ValueError("the dataloader yielded no batches; calibration needs data")
+
+    def calls(name: str) -> int:
+        return max(run.results[name, side].calls for side in sides)
+
+    for name in names:
+        if calls(name) == 0:
+            called = [n for n in names if calls(n)]
+            raise ValueError(
+                f"target layer {name!r} was never called during calibration ({run.batches} "
+                f"batches); check forward_fn and targets. Layers that were called: "
+                f"{', '.join(called) or '(none)'}")
+        for side in sides:
+            if run.results[name, side].total.n == 0:
+                raise ValueError(
+                    f"target layer {name!r} ({side}) was called {calls(name)} time(s) but "
+                    "every position was masked out (attention_mask == 0 or labels == -100)")
+
+
+def _build(run: _Pass, collector: Collector, plan: _Plan, precision: str) -> Calibration:
+    """Stage 5: the :class:`Calibration` of a checked pass."""
+    folded = plan.n_folds > 1
+    stats = {key: res.total for key, res in run.results.items()}
+    fold_stats = {key: res.folds for key, res in run.results.items()} if folded else None
+    for layer, owner in run.shared.items():  # identical by construction: keep one object
+        stats[layer, "input"] = stats[owner, "input"]
+        if fold_stats is not None:
+            fold_stats[layer, "input"] = fold_stats[owner, "input"]
+    info = {"batches": run.batches, "positions": run.positions, "precision": precision,
+            "seconds": round(run.seconds, 3),
+            "world_size": torch.distributed.get_world_size()
+            if distributed.is_distributed() else 1}
+    gradient = {name: res for (name, side), res in run.results.items() if side == GRADIENT}
+    gradients = {name: res.cross for name, res in gradient.items() if res.cross is not None}
+    gradient_folds = {name: res.cross_folds for name, res in gradient.items()
+                      if res.cross_folds is not None} if folded else None
+    return Calibration(stats, collector.shapes, plan.fingerprint, folds=fold_stats,
+                       shared_inputs=run.shared, info=info, gradients=gradients,
+                       gradient_folds=gradient_folds)
+
+
+def _initialize(model: nn.Module, cal: Calibration, plan: _Plan) -> None:
+    """Stage 6: initialize exactly the calibrated adapters with the requested strategy."""
+    request = plan.request
+    if plan.skipped:
+        warnings.warn(
+            f"covinit leaves PEFT LoRA layer(s) {_describe(plan.skipped)} as PEFT initialized "
+            "them (embeddings: A = 0, B ~ N(0, 1), so ΔW = 0 at step 0): an embedding's "
+            "input is a one-hot token id, whose covariance is diagonal, so covariance "
+            "strategies do not apply", UserWarning, stacklevel=3)  # calibrate's caller
+    _check_ranks(cal, plan.adapters, request.options.get("rank"))
+    kwargs: dict[str, Any] = dict(request.options)
+    kwargs["strategy"] = request.strategy or DEFAULT_STRATEGY
+    if plan.targeted:  # initialize exactly the adapters that were calibrated
+        kwargs.setdefault("layers", list(plan.layers))
+    if request.estimator is not None:
+        kwargs["estimator"] = request.estimator
+    initialize(model, cal, **kwargs)
+
+
+# ---------------------------------------------------------------------- calibrate's helpers
+
 def _positive_int(value: object, name: str) -> int | None:
     if value is None:
         return None
@@ -516,7 +963,7 @@ def _check_memory(collector: Collector, device: torch.device | None) -> None:
     if need <= total:
         return
     (name, side), biggest = max(needs.items(), key=lambda item: item[1])
-    width = collector._streams[name, side].k
+    width = collector.width(name, side)
     raise ValueError(
         f"the exact statistics would need {_size(need)} but the {device or 'cpu'} device has "
         f"{_size(total)}; the largest is layer {name!r} {side} (width {width}: "
@@ -607,8 +1054,6 @@ def _output_offsets(adapters: Mapping[str, Any], layers: Mapping[str, nn.Module]
     base at ``W0 − P0·Q0`` (recorded by :func:`covinit.export.record_offset`), and a
     loralib-style layer is hooked as a whole, so its output also holds ``c·B·A·x``.
     """
-    from covinit.export import residual_offset
-
     offsets = {}
     for name, adapter in adapters.items():
         if name not in layers:
@@ -628,319 +1073,6 @@ def _output_offsets(adapters: Mapping[str, Any], layers: Mapping[str, nn.Module]
     return offsets
 
 
-def calibrate(
-    model: nn.Module,
-    dataloader: Iterable[Any],
-    *,
-    targets: Targets | None = None,
-    sides: Sequence[str] = SIDES,
-    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
-    loss_fn: Callable[[Any, Any], Tensor] | None = None,
-    max_batches: int | None = None,
-    max_tokens: int | None = None,
-    device: torch.device | str | None = None,
-    show_progress: bool = True,
-    folds: int | None = None,
-    precision: str = "float64",
-    sketch_above: int | None = None,
-    sketch_size: int = 256,
-    strategy: str | None = None,
-    estimator: str | None = None,
-    init: bool = True,
-    overwrite: bool = False,
-    **init_options: Any,
-) -> Calibration:
-    """Collect activation statistics of a model's linear layers on task data.
-
-    On a model that holds LoRA layers (covinit's, PEFT's — DoRA included — or loralib-style),
-    the layers under those adapters are calibrated and then **initialized in place** by
-    :func:`covinit.initialize.initialize` with ``strategy``, ``estimator`` and
-    ``init_options``; ``init=False`` collects statistics only.  On a plain model, ``targets``
-    selects the layers and only statistics are collected.
-
-    Adapters that are no longer at their initial state are refused unless ``overwrite=True``:
-    re-initializing them would silently throw their training away.  An adapter counts as
-    initial when (1) its factors are still those covinit's last init wrote (a SHA-256 of A, B
-    recorded in memory by :func:`covinit.initialize`), or, with no such record, (2) they
-    still equal the step-0 factors of covinit's residual init recorded with the layer
-    (``W0 = base + c·B0·A0``), or (3) the adapter adds nothing (``B·A = 0`` with the base
-    untouched: PEFT's ``init_lora_weights=True`` / ``"gaussian"``, loralib, ``add_lora``).
-    Anything else (trained, loaded from a trained adapter, PEFT's random
-    ``init_lora_weights=False``) is treated as trained.
-
-    PEFT LoRA layers covinit does not initialize — embedding adapters
-    (``target_modules=["embed_tokens", ...]``) and convolutions — keep PEFT's own init
-    (embeddings: ``A = 0``, ``B ~ N(0, 1)``, so ``ΔW = 0``), with one ``UserWarning``
-    naming them (see :func:`covinit.adapters.find_skipped_adapters` for why).
-
-    The model runs in eval mode under ``torch.no_grad()`` (with the gradient side: with
-    gradients enabled, and a backward pass that writes no parameter's ``.grad``); its
-    train/eval modes and ``requires_grad`` flags are restored and every hook is removed
-    afterwards, also when an exception (or ``KeyboardInterrupt``) escapes.  Under an
-    initialized ``torch.distributed`` group, each rank reads its own shard and the summaries
-    are merged once at the end.
-
-    Parameters
-    ----------
-    model : nn.Module
-    dataloader : iterable
-        Batches: dicts (passed as keyword arguments, HF style), tuples/lists (positional) or
-        tensors.  Positions with ``attention_mask == 0`` and, for token-level labels,
-        ``labels == -100`` are left out.
-    targets : list of str, str or callable, optional
-        Layers to calibrate (see :func:`covinit.collect.match_layers`).  Required on a plain
-        model; on a LoRA model it restricts calibration to the matching adapters.
-    sides : sequence of {"input", "output", "gradient"}, default=("input", "output")
-        Which statistics to keep.  ``"gradient"`` (opt-in; needs ``"input"`` too, else a
-        ``ValueError``) adds a backward pass per batch and keeps, per layer, the moments of
-        the output gradients ``δ = ∂L/∂y`` (read with ``cal.moments(layer, "gradient")``)
-        and ``G = Σ δ·xᵀ`` (``cal.gradient(layer)``), over the same kept positions as the
-        activations.  ``δ`` is exactly ``∂L/∂y`` for the loss as computed: a mean-reduced
-        loss scales it with 1/(positions in the batch).  Not combinable with
-        ``sketch_above``.
-    forward_fn : callable, optional
-        ``forward_fn(model, batch)`` replaces the default call.
-    loss_fn : callable, optional
-        Gradient side only: ``loss_fn(outputs, batch)`` → scalar loss.  Default: the model's
-        own ``outputs.loss`` (Hugging Face models compute it when the batch has
-        ``labels``); a batch that gives no loss raises a ``ValueError``.
-    max_batches, max_tokens : int, optional
-        Stop after this many batches / once this many positions were kept (checked after
-        each batch).
-    device : torch.device or str, optional
-        Where batches are moved; default the device of the model's first parameter.
-    show_progress : bool, default=True
-        A tqdm bar over batches with positions per second.
-    folds : int, optional
-        Keep ``folds`` summaries per layer side (batch ``i`` → fold ``i % folds``) for
-        cross-validation; their merge is the total.
-    precision : {"float64", "mixed"}, default="float64"
-        ``"float64"`` is exact (~1e-13 relative).  ``"mixed"`` centres in float64 but runs the
-        ``yᵀy`` product in float32 (~1e-7 relative to the spread, about half the cost).
-    sketch_above : int, optional
-        Bounded-memory mode: layer sides at least this wide keep a k×``sketch_size``
-        randomized :class:`~covinit.sketch.Sketch` (read with :meth:`Calibration.sketch`)
-        instead of the exact k×k summary.  Not combinable with ``folds``.
-    sketch_size : int, default=256
-        Sketch width ℓ (use ℓ ≥ 2r + 10; see :mod:`covinit.sketch` for measured errors).
-    strategy : str, optional
-        The init :func:`covinit.initialize.initialize` applies on a LoRA model; default
-        :data:`DEFAULT_STRATEGY` (``"kaiming"``, the benchmark's choice).  Pass e.g.
-        ``"output-pca"`` or ``"input-pca"`` (with a 3–4× lower learning rate) to use the
-        statistics.
-    estimator : str, optional
-        Passed to :func:`covinit.initialize.initialize` (default: its own).
-    init : bool, default=True
-        On a LoRA model, initialize the calibrated adapters.  ``False`` collects statistics
-        only (e.g. for :mod:`covinit.report` on a trained model): A, B, DoRA magnitudes and
-        base weights stay bit-identical, and initialization options are refused.
-    overwrite : bool, default=False
-        Re-initialize adapters even when they are no longer at their initial state (see
-        above); without it such adapters raise ``ValueError`` before any data is read.
-    **init_options
-        Further keyword arguments for :func:`covinit.initialize.initialize` (e.g.
-        ``rank=``, ``seed=``); only valid on a LoRA model.
-
-    Returns
-    -------
-    Calibration
-
-    Raises
-    ------
-    ValueError
-        Empty dataloader; ``targets`` missing on a plain model or matching nothing (lists the
-        layers that exist); a target never called; a target that kept no position; NaN/Inf
-        in an activation (names the layer and batch); fewer kept positions than the LoRA rank;
-        adapters that are no longer at their initial state (names them) without
-        ``overwrite=True``; a model whose only LoRA layers are ones covinit does not
-        initialize (embeddings), without ``targets``.
-    TypeError
-        A batch type the default call cannot handle; initialization options on a plain model
-        or with ``init=False``.
-
-    Warns
-    -----
-    UserWarning
-        Once per call, naming the PEFT LoRA layers (embeddings, convolutions) that keep
-        PEFT's own init.
-    """
-    from covinit.adapters import (
-        check_original_base,
-        find_adapters,
-        find_linear_layers,
-        find_skipped_adapters,
-        model_fingerprint,
-    )
-
-    max_batches = _positive_int(max_batches, "max_batches")
-    max_tokens = _positive_int(max_tokens, "max_tokens")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    n_folds = _positive_int(folds, "folds") or 1
-    if loss_fn is not None and GRADIENT not in sides:
-        raise ValueError(f"loss_fn is only used by the gradient side; sides={tuple(sides)!r} "
-                         "does not include 'gradient'")
-    adapters = find_adapters(model, dora=True)
-    skipped = find_skipped_adapters(model)
-    if not init and (strategy is not None or estimator is not None or init_options
-                     or overwrite):
-        raise TypeError(f"init=False collects statistics only, but initialization options "
-                        f"{_given_options(strategy, estimator, init_options, overwrite)} were "
-                        "given; drop them or leave init=True")
-    if adapters:
-        base_layers = find_linear_layers(model)
-        layers = {name: base_layers[name] for name in adapters}
-        if targets is not None:
-            chosen = match_layers(model, targets)
-            layers = {name: module for name, module in layers.items() if name in chosen}
-            if not layers:
-                raise ValueError(f"targets {targets!r} match no LoRA layer; adapted layers: "
-                                 f"{', '.join(adapters)}")
-        check_original_base({name: adapters[name] for name in layers}, "calibrate")
-        if init and not overwrite:
-            _refuse_trained({name: adapters[name] for name in layers})
-    else:
-        if targets is None and skipped:
-            raise ValueError(
-                f"the model's LoRA layers are all of kinds covinit does not initialize "
-                f"({_describe(skipped)}); they keep PEFT's own init (embeddings: A = 0, "
-                "B ~ N(0, 1), so the model is unchanged at step 0). Pass targets= to collect "
-                "statistics of linear layers")
-        if targets is None:
-            available = ", ".join(find_linear_layers(model)) or "(none)"
-            raise ValueError("the model has no LoRA layers, so calibrate needs targets= "
-                             f"(name suffixes, a regex or a callable); available: {available}")
-        if strategy is not None or estimator is not None or init_options or overwrite:
-            raise TypeError(
-                f"initialization options "
-                f"{_given_options(strategy, estimator, init_options, overwrite)} need a model "
-                "with LoRA layers; call covinit.add_lora (or PEFT) first")
-        layers = match_layers(model, targets)
-    device = torch.device(device) if device is not None else _model_device(model)
-    fingerprint = model_fingerprint(model)
-
-    modes = {module: module.training for module in model.modules()}
-    flags = {param: param.requires_grad for param in model.parameters()}
-    if sketch_above is not None and n_folds > 1:
-        raise ValueError("folds need exact summaries; use either folds= or sketch_above=")
-    offsets = _output_offsets(adapters, layers)
-    collector = Collector(layers, sides, precision=precision, folds=n_folds,
-                          sketch_above=sketch_above, sketch_size=sketch_size, offsets=offsets)
-    _check_memory(collector, device)
-    try:
-        total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore
-    except TypeError:
-        total = None
-    if total is not None and max_batches is not None:
-        total = min(total, max_batches)
-    rank0 = not distributed.is_distributed() or torch.distributed.get_rank() == 0
-    n_batches = n_positions = 0
-    start = time.perf_counter()
-    try:
-        # Eval mode by flag, not model.eval(): some LoRA layers (loralib's merge_weights)
-        # merge B·A into the weight inside train()/eval(), which calibration must not do.
-        for module in modes:
-            module.training = False
-        with torch.no_grad(), collector, _progress(total, show_progress and rank0) as bar:
-            for index, batch in enumerate(dataloader):
-                if max_batches is not None and index >= max_batches:
-                    break
-                batch = move_to_device(batch, device)
-                try:
-                    n_positions += collector.run_batch(model, batch, index, forward_fn,
-                                                       loss_fn)
-                except RuntimeError as err:
-                    _note_device(err, device, model)
-                    raise
-                n_batches += 1
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.update(1)
-                bar.set_postfix(pos_per_s=f"{n_positions / elapsed:,.0f}", refresh=False)
-                if max_tokens is not None and n_positions >= max_tokens:
-                    break
-    except BaseException:
-        try:  # let the other ranks stop instead of waiting in the merge
-            _agree_ranks_ok(ok=False)
-        except Exception:  # the error to report is the one being handled
-            pass
-        raise
-    finally:
-        collector.remove()
-        for module, mode in modes.items():
-            module.training = mode
-        for param, flag in flags.items():
-            param.requires_grad_(flag)
-    seconds = time.perf_counter() - start
-    _agree_ranks_ok(ok=True)
-
-    results = collector.results()
-    shared = collector.shared_inputs()
-    names = list(layers)
-    if distributed.is_distributed():
-        results, shared, (n_batches, n_positions) = _merge_ranks(
-            results, shared, names, [n_batches, n_positions])
-    if n_batches == 0:
-        raise ValueError("the dataloader yielded no batches; calibration needs data")
-    for name in names:
-        calls = max(results[name, side].calls for side in collector.sides)
-        if calls == 0:
-            called = [n for n in names if max(results[n, s].calls for s in collector.sides)]
-            raise ValueError(
-                f"target layer {name!r} was never called during calibration ({n_batches} "
-                f"batches); check forward_fn and targets. Layers that were called: "
-                f"{', '.join(called) or '(none)'}")
-        for side in collector.sides:
-            if results[name, side].total.n == 0:
-                raise ValueError(
-                    f"target layer {name!r} ({side}) was called {calls} time(s) but every "
-                    "position was masked out (attention_mask == 0 or labels == -100)")
-
-    stats = {key: res.total for key, res in results.items()}
-    fold_stats = {key: res.folds for key, res in results.items()} if n_folds > 1 else None
-    for layer, owner in shared.items():  # identical by construction: keep one object
-        stats[layer, "input"] = stats[owner, "input"]
-        if fold_stats is not None:
-            fold_stats[layer, "input"] = fold_stats[owner, "input"]
-    info = {"batches": n_batches, "positions": n_positions, "precision": precision,
-            "seconds": round(seconds, 3),
-            "world_size": torch.distributed.get_world_size()
-            if distributed.is_distributed() else 1}
-    gradients = {name: res.cross for (name, side), res in results.items()
-                 if side == GRADIENT and res.cross is not None}
-    gradient_folds = {name: res.cross_folds for (name, side), res in results.items()
-                      if side == GRADIENT and res.cross_folds is not None} \
-        if n_folds > 1 else None
-    cal = Calibration(stats, collector.shapes, fingerprint, folds=fold_stats,
-                      shared_inputs=shared, info=info, gradients=gradients,
-                      gradient_folds=gradient_folds)
-    if adapters and init:
-        if skipped:
-            warnings.warn(
-                f"covinit leaves PEFT LoRA layer(s) {_describe(skipped)} as PEFT initialized "
-                "them (embeddings: A = 0, B ~ N(0, 1), so ΔW = 0 at step 0): an embedding's "
-                "input is a one-hot token id, whose covariance is diagonal, so covariance "
-                "strategies do not apply", UserWarning, stacklevel=2)
-        _check_ranks(cal, {name: adapters[name] for name in layers}, init_options.get("rank"))
-        from covinit.initialize import initialize
-
-        kwargs: dict[str, Any] = dict(init_options)
-        kwargs["strategy"] = strategy or DEFAULT_STRATEGY
-        if targets is not None:  # initialize exactly the adapters that were calibrated
-            kwargs.setdefault("layers", list(layers))
-        if estimator is not None:
-            kwargs["estimator"] = estimator
-        initialize(model, cal, **kwargs)
-    return cal
-
-
-def _given_options(strategy: str | None, estimator: str | None, options: Mapping[str, Any],
-                   overwrite: bool) -> list[str]:
-    """Names of the initialization options a caller passed (for error messages)."""
-    flags = {"strategy": strategy is not None, "estimator": estimator is not None,
-             "overwrite": bool(overwrite)}
-    return sorted([*options, *(name for name, given in flags.items() if given)])
-
-
 def _describe(layers: Mapping[str, str]) -> str:
     """``'a' (Embedding), 'b' (Conv2d)`` for ``{name: kind}``."""
     return ", ".join(f"{name!r} ({kind})" for name, kind in layers.items())
@@ -953,9 +1085,6 @@ def _trained_reason(adapter: Any) -> str | None:
     or, with the base untouched, an adapter that adds nothing (``B·A = 0``); or, with a
     recorded residual offset ``P = c·B0``, ``Q = A0``, factors that still match it.
     """
-    from covinit.adapters import is_inert, matches_initialized
-    from covinit.export import residual_offset
-
     recorded = matches_initialized(adapter)
     if recorded:
         return None
@@ -1010,7 +1139,7 @@ def _check_ranks(cal: Calibration, adapters: Mapping[str, Any], rank: Any) -> No
     short: list[tuple[str, int, int]] = []
     for name, adapter in adapters.items():
         r = rank if isinstance(rank, int) and not isinstance(rank, bool) else adapter.rank
-        kept = [m.n for side in cal.sides if (m := cal._stats.get((name, side))) is not None]
+        kept = [m.n for side in cal.sides if (m := cal.summary(name, side)) is not None]
         if kept and min(kept) < r:
             short.append((name, min(kept), r))
     if short and len(short) == len(adapters):
@@ -1019,3 +1148,15 @@ def _check_ranks(cal: Calibration, adapters: Mapping[str, Any], rank: Any) -> No
             f"layer {name!r} kept only {n} usable position(s) but rank {r} was requested, "
             f"and so did every other calibrated layer ({len(short)} in all); feed more data "
             f"(at least {r}, better {10 * r}) or lower the rank")
+
+
+
+def _length(dataloader: Iterable[Any], max_batches: int | None) -> int | None:
+    """How many batches the pass will read, where known (for the progress bar)."""
+    try:
+        total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore
+    except TypeError:
+        total = None
+    if total is not None and max_batches is not None:
+        total = min(total, max_batches)
+    return total

@@ -467,6 +467,56 @@ def test_sketched_lora_model_initializes_data_free_and_refuses_data_strategies(m
     assert torch.equal(model.block.query.lora_A, before)
 
 
+def test_summary_reads_either_kind_and_a_sketched_short_layer_is_refused_for_its_rank(
+        make_tiny, adapt):
+    """``Calibration.summary`` gives exact Moments or a Sketch (what ``_check_ranks`` counts
+    positions with, instead of reading the private table)."""
+    model = Encoder(width=8).eval()
+    cal = calibrate(model, batches(2), targets=["query", "pooler"], sketch_above=8,
+                    sketch_size=4, show_progress=False)
+    assert cal.summary("query", "input") is cal.sketch("query", "input") is not None
+    assert cal.summary("pooler", "output") is cal.moments("pooler", "output")
+    with pytest.raises(ValueError, match="'nope' was not calibrated"):
+        cal.summary("nope")
+    lora = adapt("covinit", make_tiny(), ["query"], rank=4)
+    with pytest.raises(ValueError, match=r"'block\.query' kept only 2 usable position"):
+        calibrate(lora, [torch.randn(2, 12)], sketch_above=12, sketch_size=2,
+                  show_progress=False)
+
+
+def test_calibration_and_the_tests_fakes_satisfy_the_protocol(tmp_path):
+    """``CalibrationLike`` lists what initialize reads: covinit's Calibration (made or
+    loaded) and the tests' independent fakes implement it; an object without ``folds`` does
+    not, so the check is not vacuous."""
+    from _gradfake import GradCalibration
+    from test_initialize import FakeCalibration
+
+    from covinit.calibration import CalibrationLike, GradientCalibrationLike
+
+    model = Encoder(width=8).eval()
+    cal = calibrate(model, batches(2), targets=["query"], show_progress=False)
+    cal.save(tmp_path / "c.safetensors")
+    for real in (cal, Calibration.load(tmp_path / "c.safetensors")):
+        assert isinstance(real, CalibrationLike) and isinstance(real, GradientCalibrationLike)
+    fake = FakeCalibration({("query", "input"): cal.moments("query")})
+    assert isinstance(fake, CalibrationLike) and not isinstance(fake, GradientCalibrationLike)
+    grad = GradCalibration({"q": {"x": torch.randn(5, 3, dtype=torch.float64),
+                                  "y": torch.randn(5, 2, dtype=torch.float64),
+                                  "delta": torch.randn(5, 2, dtype=torch.float64)}})
+    assert isinstance(grad, GradientCalibrationLike)
+
+    class NoFolds:
+        layer_names = ("query",)
+
+        def moments(self, layer: str, side: str = "input") -> None:
+            return None
+
+        def check_model(self, model: nn.Module) -> None:
+            return None
+
+    assert not isinstance(NoFolds(), CalibrationLike)
+
+
 def test_forward_under_inference_mode_gives_the_same_statistics():
     model = Encoder().eval()
 

@@ -307,6 +307,8 @@ def test_memory_guard_counts_gradient_statistics():
     # δ moments d×d and G d×k, each per fold plus one temporary
     assert grad[("q", "gradient")] == 8 * (5 * 5 + 5 * 6) * 3
     assert grad[("out", "gradient")] == 8 * (3 * 3 + 3 * 5) * 3
+    col = Collector(layers, SIDES)  # the width the guard's message names: k or d
+    assert [col.width("q", side) for side in SIDES] == [6, 5]
 
 
 # ------------------------------------------------------------------ file

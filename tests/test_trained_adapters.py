@@ -240,8 +240,10 @@ def test_embedding_adapters_are_named_in_a_warning_and_keep_peft_init():
     b0 = embed.lora_embedding_B["default"].detach().clone()
     assert find_skipped_adapters(model) == {"model.embed_tokens": "Embedding"}
     with pytest.warns(UserWarning, match=r"'model\.embed_tokens' \(Embedding\) as PEFT "
-                                         r"initialized them.*A = 0"):
+                                         r"initialized them.*A = 0") as caught:
         cal = covinit.calibrate(model, data, strategy="input-pca", show_progress=False)
+    # Attributed to the caller of calibrate (stacklevel), not to covinit's own stages.
+    assert [w.filename for w in caught] == [__file__]
     assert cal.layer_names == [Q["llama"]]
     assert not a0.any()  # PEFT 0.21: A = 0, so ΔW = 0 at step 0
     assert torch.equal(embed.lora_embedding_A["default"], a0)
