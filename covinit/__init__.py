@@ -13,7 +13,7 @@ from covinit.export import export_lora, restore_base
 from covinit.initialize import initialize
 from covinit.lora import LoRALinear
 from covinit.lora_io import load_lora, save_lora
-from covinit.report import report
+from covinit.reporting import report
 from covinit.stats import Moments
 from covinit.strategies import strategies
 from covinit.surgery import add_lora, lora_state_dict

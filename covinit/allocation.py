@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["allocate_ranks", "explained_variance_ratio"]
+__all__ = ["allocate_ranks", "explained_variance_ratio", "rank_cap"]
 
 
 def explained_variance_ratio(eigenvalues: Tensor) -> Tensor:
@@ -40,6 +40,42 @@ def explained_variance_ratio(eigenvalues: Tensor) -> Tensor:
     lam = eigenvalues.detach().to(torch.float64).clamp_min(0.0).sort(descending=True).values
     total = float(lam.sum())
     return lam / total if total > 0.0 else torch.zeros_like(lam)
+
+
+def rank_cap(rank: int, d: int, k: int, max_rank: int | None = None) -> int:
+    """The most ranks a budget may give one layer: ``min(max_rank or 2·rank, d, k)``.
+
+    The one cap rule of ``initialize(rank_budget=)`` and ``report(rank_budget=)``: without
+    ``max_rank`` a layer may grow to twice its own rank (its adapter's, or the rank asked
+    for), never past the ``min(d, k)`` directions its weight has.
+
+    Parameters
+    ----------
+    rank : int
+        The layer's own rank.
+    d, k : int
+        out_features, in_features of the layer (W0 is (d, k)).
+    max_rank : int, optional
+        One cap for every layer, replacing ``2·rank``; must be an int >= 1.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        ``max_rank`` not an int >= 1.
+
+    Examples
+    --------
+    >>> rank_cap(8, 768, 768), rank_cap(8, 768, 768, max_rank=12), rank_cap(8, 10, 768)
+    (16, 12, 10)
+    """
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int)
+                                 or max_rank < 1):
+        raise ValueError(f"max_rank must be an int >= 1, got {max_rank!r}")
+    return min(2 * rank if max_rank is None else max_rank, d, k)
 
 
 def allocate_ranks(

@@ -574,7 +574,7 @@ def _geometry(spec: str | None) -> Any:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from covinit.calibration import Calibration
-    from covinit.report import report
+    from covinit.reporting import report
 
     cal = Calibration.load(args.calibration)
     model = None

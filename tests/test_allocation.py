@@ -10,7 +10,7 @@ from conftest import TinyNet
 from torch import Tensor
 
 from covinit import add_lora, calibrate, find_adapters, initialize, load_lora, save_lora
-from covinit.allocation import allocate_ranks, explained_variance_ratio
+from covinit.allocation import allocate_ranks, explained_variance_ratio, rank_cap
 from covinit.estimators import estimate
 
 TARGETS = ["query", "dense", "head"]
@@ -73,6 +73,25 @@ def test_allocation_errors():
         allocate_ranks(spectra, 2, max_rank={"a": 0})
 
 
+def test_rank_cap_is_twice_the_rank_within_the_weight():
+    assert rank_cap(4, 100, 50) == 8  # 2·rank
+    assert rank_cap(4, 100, 6) == 6 and rank_cap(4, 5, 100) == 5  # min(d, k) directions
+    assert rank_cap(4, 100, 50, max_rank=3) == 3  # max_rank replaces 2·rank, may be lower
+    assert rank_cap(4, 100, 50, max_rank=80) == 50
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=f"max_rank must be an int >= 1, got {bad!r}"):
+            rank_cap(4, 10, 10, max_rank=bad)  # type: ignore[arg-type]
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import covinit.allocation
+
+    result = doctest.testmod(covinit.allocation)
+    assert result.attempted > 0 and result.failed == 0
+
+
 # ---------------------------------------------------------------------- through initialize
 def _data(seed: int = 0) -> list[Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -125,6 +144,19 @@ def test_rank_budget_cap_and_errors(calibration, make_tiny):
         initialize(model, calibration, rank=2, rank_budget=6)
     with pytest.raises(ValueError, match="rank_budget= needs input-side calibration"):
         initialize(model, strategy="kaiming", rank_budget=6)
+
+
+@pytest.mark.parametrize("max_rank", [None, 3])
+def test_report_marks_the_ranks_initialize_gives(calibration, make_tiny, tmp_path, max_rank):
+    """report(rank_budget=) and initialize(rank_budget=) share one cap rule (rank_cap)."""
+    from covinit.reporting import report
+
+    model = add_lora(make_tiny(), TARGETS, rank=4)
+    marked = report(calibration, model, tmp_path, rank_budget=8, max_rank=max_rank,
+                    sides=["input"], figures=False)
+    info = initialize(model, calibration, strategy="input-pca", rank_budget=8,
+                      max_rank=max_rank)
+    assert {s.layer: s.rank for s in marked.summaries} == {n: info[n]["rank"] for n in NAMES}
 
 
 def test_covinit_resized_model_saves_and_reloads(calibration, make_tiny, tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of covinit.report: the numbers against hand computations, and the files it writes."""
+"""Tests of covinit.reporting: the numbers against hand computations, and the files it writes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import covinit
 from covinit.allocation import allocate_ranks
 from covinit.calibration import Calibration, calibrate
 from covinit.estimators import estimate
-from covinit.report import (
+from covinit.reporting import (
     condition_number,
     effective_rank,
     format_table,
@@ -285,3 +285,16 @@ def test_grid_geometry_loadings_are_drawn_as_images(tmp_path) -> None:
     assert (tmp_path / "figures" / "0__input.png").read_bytes()[:4] == b"\x89PNG"
     chain = report(cal, None, tmp_path / "chain", rank=2, figures=False)
     assert chain.summaries[0].spatpca["grid"] is None
+
+
+def test_package_stages_and_docstring_example() -> None:
+    """covinit.reporting is a package of stages; covinit.report is its function."""
+    import doctest
+    import importlib
+
+    package = importlib.import_module("covinit.reporting")
+    assert covinit.report is package.report is report
+    result = doctest.testmod(package, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+    for stage in ("plan", "summaries", "figures", "render"):
+        assert importlib.import_module(f"covinit.reporting.{stage}").__all__
