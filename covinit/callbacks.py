@@ -32,7 +32,8 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from covinit.export import _is_peft, export_lora
+from covinit.export import export_lora
+from covinit.peft_saving import is_peft_model
 
 __all__ = ["ExportAdapterCallback"]
 
@@ -71,6 +72,6 @@ class ExportAdapterCallback(TrainerCallback):
         if not args.should_save or model is None:
             return
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        fmt = self.format or ("peft" if _is_peft(model) else "covinit")
+        fmt = self.format or ("peft" if is_peft_model(model) else "covinit")
         target = self.name if fmt == "peft" else f"{self.name}.safetensors"
         export_lora(model, os.path.join(checkpoint, target), format=fmt)

@@ -27,23 +27,25 @@ from __future__ import annotations
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from covinit._registry import Entry
 from covinit.adapters import LoRAAdapter, check_original_base, find_adapters, mark_initialized
-from covinit.export import (
-    hook_peft_save,
-    record_offset,
-    residual_offset,
-    update_peft_patterns,
-)
+from covinit.collect import SIDES, CalibrationLike
+from covinit.peft_saving import hook_peft_save, update_peft_patterns
+from covinit.residual import original_weight, record_offset, residual_offset
+from covinit.stats import Moments
 from covinit.strategies import InitContext, LoRAInit, get_strategy
 
-__all__ = ["SIDES", "initialize", "layer_seed"]
+__all__ = ["initialize", "layer_seed"]
 
-SIDES = ("input", "output")
+#: ``stacklevel`` of the warnings, which point at the caller of :func:`initialize`: they are
+#: raised two calls below it (``_plan_layer`` ← ``_compute``, ``_hook_saving`` ← ``_apply``).
+_CALLER = 4
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -54,6 +56,140 @@ def layer_seed(seed: int, name: str) -> int:
     name, CRC-32 is a bijection of its start value, so distinct seeds (mod 2³²) never collide.
     """
     return zlib.crc32(name.encode("utf-8"), int(seed) % 2**32)
+
+
+def initialize(model: nn.Module, calibration: CalibrationLike | None = None, *,
+               strategy: str = "kaiming", estimator: str = "ledoit_wolf",
+               rank: int | None = None, seed: int = 0,
+               layers: Iterable[str] | Callable[[str], bool] | None = None,
+               estimator_options: Mapping[str, Any] | None = None,
+               rank_budget: int | None = None, max_rank: int | None = None,
+               **options: Any) -> dict[str, dict[str, Any]]:
+    """Initialize the LoRA factors (and, for residual strategies, the base) of every adapter.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model with LoRA layers: :func:`covinit.add_lora`, a PEFT model, or loralib-style.
+    calibration : covinit.Calibration, optional
+        Activation statistics of the same model on task data (see :func:`covinit.calibrate`);
+        required by strategies that use covariances (``covinit.strategies()`` lists them).
+        Any :class:`~covinit.collect.CalibrationLike` object works.
+    strategy : str, default="kaiming"
+        A name from ``covinit.strategies()``.
+    estimator : str, default="ledoit_wolf"
+        Covariance estimator (``covinit.estimators()``), used only by strategies that need
+        calibration statistics.
+    rank : int, optional
+        Expected rank of every selected adapter; ``None`` keeps each adapter's own rank.
+        A different value raises ``ValueError`` (to change ranks, see ``rank_budget``).
+    seed : int, default=0
+        Seed for random parts; each layer's generator is seeded with
+        :func:`layer_seed` ``(seed, name)``, so results do not depend on layer order.
+    layers : list of str or callable, optional
+        The adapters to initialize: canonical names, or a predicate on the name; default all.
+    estimator_options : mapping, optional
+        Keyword arguments for the estimator (e.g. a fixed shrinkage).
+    rank_budget : int, optional
+        Total rank to distribute over the selected layers by the explained-variance ratio
+        of their input covariance estimates (as EVA; :func:`covinit.allocation.allocate_ranks`,
+        at least 1 per layer; needs input-side statistics).  Adapters are resized with their
+        **scaling kept** (α adjusted; PEFT models get ``rank_pattern`` / ``alpha_pattern``
+        entries), which replaces ``lora_A`` / ``lora_B``: create the optimizer afterwards.
+    max_rank : int, optional
+        Per-layer cap for ``rank_budget``; default twice the layer's current rank (EVA's
+        ``rho=2``), at most ``min(d, k)``.
+    **options
+        Strategy options, passed as ``InitContext.options``.
+
+    Returns
+    -------
+    dict
+        Per layer: ``{"strategy", "rank", "scaling", "residual" (bool: base replaced),
+        "delta_norm" (‖scaling·B·A‖_F at step 0), "a_norm", "b_norm"}``, and
+        ``"fallback"`` (the reason) where a layer fell back to ``kaiming``.
+
+    Warns
+    -----
+    UserWarning
+        For each layer whose statistics cannot support the strategy (fewer usable positions
+        than the rank, or constant activations): it gets ``kaiming`` instead.
+
+    Raises
+    ------
+    ValueError
+        Unknown strategy, estimator, layer or strategy option; rank mismatch; calibration
+        (or a layer / side of it) missing for a strategy that needs it; a residual strategy
+        on a weight tied to another parameter; a strategy result of wrong shape or non-finite.
+
+    Notes
+    -----
+    All layers are computed and checked before any is written, so an error leaves the model
+    as it was (the new factors and bases of all selected layers are held in memory at once).
+    Strategies run on CPU in float64; results are cast to each layer's dtype and device and
+    copied in place, so an existing optimizer stays valid (unless ``rank_budget`` resizes).
+    """
+    request = _resolve(model, calibration, strategy, estimator, rank=rank, seed=seed,
+                       layers=layers, rank_budget=rank_budget, options=options)
+    estimates = _Estimates(calibration, estimator, estimator_options or {})
+    ranks = {name: adapter.rank for name, adapter in request.adapters.items()}
+    if rank_budget is not None:
+        ranks = _allocate(request.adapters, estimates, rank_budget, max_rank)
+    writes, info = _compute(model, request, estimates, ranks)
+    _apply(model, writes, patterns=rank_budget is not None)
+    return info
+
+
+# ---------------------------------------------------------------------- stage 1: resolve
+@dataclass(frozen=True)
+class _Request:
+    """One call's checked arguments: the strategy, the selected layers and their data."""
+
+    strategy: Entry[Any]
+    adapters: dict[str, LoRAAdapter]
+    calibration: CalibrationLike | None
+    seed: int
+    options: dict[str, Any]
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The calibration sides the strategy reads (its ``needs`` tag)."""
+        return tuple(self.strategy.tags.get("needs", ()))
+
+
+def _resolve(model: nn.Module, calibration: CalibrationLike | None, strategy: str,
+             estimator: str, *, rank: int | None, seed: int,
+             layers: Iterable[str] | Callable[[str], bool] | None, rank_budget: int | None,
+             options: Mapping[str, Any]) -> _Request:
+    """Check every argument against the registries, the model and the calibration (the
+    errors :func:`initialize` documents), before anything is computed."""
+    entry = get_strategy(strategy)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    allowed = entry.tags.get("options")
+    if allowed is not None:
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"strategy {strategy!r} got unknown options {unknown}; "
+                             f"allowed: {sorted(allowed) or 'none'}")
+    adapters = find_adapters(model, dora=True)  # DoRA magnitudes follow every write
+    if not adapters:
+        raise ValueError("model has no LoRA layers; add them first with covinit.add_lora(...) "
+                         "or peft.get_peft_model(...)")
+    chosen = _select(adapters, layers)
+    check_original_base(chosen, "initialize")
+    _check_ranks(chosen, rank, rank_budget)
+    request = _Request(entry, chosen, calibration, seed, dict(options))
+    if calibration is not None:
+        calibration.check_model(model)
+    _check_sides(request, rank_budget is not None)
+    from covinit.estimators import estimators  # lazy: estimators are optional for baselines
+
+    # Checked even when the strategy needs no estimate: a typo must not pass silently.
+    if estimator not in estimators():
+        raise ValueError(f"unknown estimator {estimator!r}; valid names: "
+                         f"{', '.join(estimators())}")
+    return request
 
 
 def _select(adapters: dict[str, LoRAAdapter],
@@ -76,43 +212,108 @@ def _select(adapters: dict[str, LoRAAdapter],
     return chosen
 
 
-def _tied_names(model: nn.Module) -> dict[int, list[str]]:
-    """``data_ptr -> parameter names`` for every parameter storage registered more than once."""
-    names: dict[int, list[str]] = {}
-    for pname, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(param.data_ptr(), []).append(pname)
-    return {ptr: ns for ptr, ns in names.items() if len(ns) > 1}
+def _check_ranks(chosen: Mapping[str, LoRAAdapter], rank: int | None,
+                 rank_budget: int | None) -> None:
+    if rank_budget is not None and rank is not None:
+        raise ValueError("pass either rank= (a check of the existing ranks) or rank_budget= "
+                         "(a new allocation), not both")
+    if rank is None:
+        return
+    for name, adapter in chosen.items():
+        if rank != adapter.rank:
+            raise ValueError(
+                f"rank={rank} differs from layer {name!r}'s adapter rank {adapter.rank}; "
+                "rank= only checks ranks: create the adapters with the rank you want, "
+                "or pass rank_budget= to reallocate ranks from the calibration"
+            )
 
 
-def _uncentred(moments: Any) -> Any:
-    """The same rows summarised about 0: ``m2 = Σxxᵀ``, ``q = Σ‖x‖⁴`` (the second moment,
-    to which every estimator applies unchanged, as ``assume_centered=True`` in sklearn)."""
-    return moments.recentered(torch.zeros_like(moments.mean))
+def _check_sides(request: _Request, budget: bool) -> None:
+    """Every side the strategy (and ``rank_budget=``: the input side) reads is calibrated,
+    exactly (not as a sketch), for every selected layer."""
+    calibration, needs = request.calibration, request.needs
+    required = tuple(dict.fromkeys(needs + (("input",) if budget else ())))
+    for side in required:
+        what = f"strategy {request.strategy.name!r}" if side in needs else "rank_budget="
+        if calibration is None:
+            raise ValueError(f"{what} needs {side}-side calibration statistics; "
+                             "pass calibration=covinit.calibrate(model, loader, ...)")
+        for name in request.adapters:
+            if _has_side(calibration, name, side):
+                continue
+            if _sketched(calibration, name, side):
+                raise ValueError(
+                    f"layer {name!r} {side} was calibrated as a bounded-memory sketch, "
+                    f"but {what} needs its exact moments; calibrate with a larger "
+                    "sketch_above= (or without it), or use a data-free strategy")
+            raise ValueError(f"calibration has no {side}-side statistics for layer "
+                             f"{name!r}, needed by {what}; calibrate with "
+                             f"sides including {side!r} and this layer as a target")
 
 
-def _lazy_estimate(calibration: Any, name: str, side: str, estimator: str,
-                   estimator_options: Mapping[str, Any], cache: dict[tuple, tuple[Any, Any]],
-                   rank: int) -> Callable[..., Any]:
-    """A callable ``get(center=True)`` returning the (cached) estimate for one layer and side.
+def _has_side(calibration: CalibrationLike, name: str, side: str) -> bool:
+    """Whether ``calibration`` holds exact moments of ``name``'s ``side`` (a side collected
+    as a bounded-memory sketch has none: see :func:`_sketched`)."""
+    return (side in getattr(calibration, "sides", SIDES) and name in calibration.layer_names
+            and not _sketched(calibration, name, side)
+            and calibration.moments(name, side) is not None)
 
-    ``center=True`` estimates the covariance, ``center=False`` the uncentred second moment
-    ``E[xxᵀ]``.  The cache is keyed by the identity of the calibration's
-    :class:`~covinit.stats.Moments` and ``center`` (and, for ``spatpca``, the number of
-    components), so layers that share one input summary (q/k/v) share one estimate.
-    ``spatpca`` is asked for ``min(rank, k − 1)`` components unless ``estimator_options``
-    fixes ``rank``.
+
+def _sketched(calibration: CalibrationLike, name: str, side: str) -> bool:
+    sketch = getattr(calibration, "sketch", None)
+    return (sketch is not None and name in calibration.layer_names
+            and sketch(name, side) is not None)
+
+
+# ---------------------------------------------------------------------- stage 2: plan
+class _Estimates:
+    """Lazy covariance estimates from one calibration, cached across layers.
+
+    The cache is keyed by the identity of the calibration's :class:`~covinit.stats.Moments`
+    and ``center`` (and, for ``spatpca``, the number of components), so layers that share
+    one input summary (q/k/v) share one estimate.
     """
 
-    def get(center: bool = True) -> Any:
+    def __init__(self, calibration: CalibrationLike | None, estimator: str,
+                 options: Mapping[str, Any]) -> None:
+        self.calibration = calibration
+        self.estimator = estimator
+        self.options = dict(options)
+        self._cache: dict[tuple, tuple[Any, Any]] = {}
+
+    def for_layer(self, name: str, rank: int) -> dict[str, Callable[..., Any] | None]:
+        """``side -> get(center=True)`` for every side (and ``"gradient"``), or None where
+        the calibration holds no exact moments of it."""
+        cal = self.calibration
+        return {side: (self.lazy(name, side, rank)
+                       if cal is not None and _has_side(cal, name, side) else None)
+                for side in (*SIDES, "gradient")}
+
+    def lazy(self, name: str, side: str, rank: int) -> Callable[..., Any]:
+        """A callable ``get(center=True)`` returning the (cached) estimate of one layer side.
+
+        ``center=True`` estimates the covariance, ``center=False`` the uncentred second
+        moment ``E[xxᵀ]``.  ``spatpca`` is asked for ``min(rank, k − 1)`` components unless
+        the estimator options fix ``rank``.
+        """
+
+        def get(center: bool = True) -> Any:
+            return self._estimate(name, side, rank, center)
+
+        return get
+
+    def _estimate(self, name: str, side: str, rank: int, center: bool) -> Any:
         from covinit.estimators import estimate  # lazy: estimators are optional for baselines
 
-        moments = calibration.moments(name, side)
-        options = dict(estimator_options)
+        cal, estimator = self.calibration, self.estimator
+        assert cal is not None  # getters exist only with a calibration
+        moments = cal.moments(name, side)
+        options = dict(self.options)
         if estimator == "spatpca" and "rank" not in options:
             options["rank"] = max(1, min(rank, moments.k - 1))
         key = (id(moments), bool(center), options.get("rank") if estimator == "spatpca" else None)
-        if key not in cache:
-            folds = calibration.folds(name, side)
+        if key not in self._cache:
+            folds = cal.folds(name, side)
             # Strategies work on CPU in float64 (ctx.weight is a CPU copy): statistics
             # collected on an accelerator are moved here, once per summary.
             used = moments.to("cpu")
@@ -126,13 +327,87 @@ def _lazy_estimate(calibration: Any, name: str, side: str, estimator: str,
                 raise ValueError(f"layer {name!r} {side}: estimator {estimator!r} failed: "
                                  f"{err}") from err
             # The original object is kept in the entry so that its id stays unique.
-            cache[key] = (moments, result)
-        return cache[key][1]
-
-    return get
+            self._cache[key] = (moments, result)
+        return self._cache[key][1]
 
 
-def _unusable(calibration: Any, name: str, sides: Iterable[str], rank: int) -> str | None:
+def _uncentred(moments: Moments) -> Moments:
+    """The same rows summarised about 0: ``m2 = Σxxᵀ``, ``q = Σ‖x‖⁴`` (the second moment,
+    to which every estimator applies unchanged, as ``assume_centered=True`` in sklearn)."""
+    return moments.recentered(torch.zeros_like(moments.mean))
+
+
+def _allocate(chosen: Mapping[str, LoRAAdapter], estimates: _Estimates, budget: int,
+              max_rank: int | None) -> dict[str, int]:
+    """Per-layer ranks from the input covariance spectra (see ``rank_budget=``)."""
+    from covinit.allocation import allocate_ranks
+
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int)
+                                 or max_rank < 1):
+        raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
+    spectra: dict[str, Tensor] = {}
+    caps: dict[str, int] = {}
+    for name, adapter in chosen.items():
+        cap = 2 * adapter.rank if max_rank is None else max_rank
+        cap = min(cap, adapter.out_features, adapter.in_features)
+        caps[name] = cap
+        # Centred, as EVA's incremental PCA; for spatpca, as many components as the cap.
+        spectra[name] = estimates.lazy(name, "input", cap)(center=True).eigenvalues
+    return allocate_ranks(spectra, budget, min_rank=1, max_rank=caps)
+
+
+@dataclass(frozen=True)
+class _LayerPlan:
+    """What one layer's init is computed from."""
+
+    name: str
+    adapter: LoRAAdapter
+    rank: int
+    #: The requested strategy, or ``kaiming`` where the layer's statistics cannot carry it.
+    strategy: Entry[Any]
+    #: Why the layer fell back to ``kaiming``, or None.
+    fallback: str | None
+    #: ``W0`` (d, k) float64 on CPU: the strategy's own copy.
+    weight: Tensor
+    #: ``W0`` (d, k) float64 on the layer's device where an earlier residual init is recorded
+    #: (the base to restore if this init is not residual), else None.
+    original: Tensor | None
+    #: ``side -> get(center=True)`` or None, for ``InitContext``.
+    estimates: Mapping[str, Callable[..., Any] | None]
+
+
+def _plan_layer(request: _Request, estimates: _Estimates, name: str, rank: int) -> _LayerPlan:
+    """Check the rank, start from the original weight, and fall back to ``kaiming`` (with a
+    warning) where the layer's statistics cannot carry the strategy."""
+    adapter = request.adapters[name]
+    entry, needs = request.strategy, request.needs
+    d, k = adapter.out_features, adapter.in_features
+    if rank > min(d, k) and (needs or entry.tags.get("preserves") in ("function",
+                                                                        "approximate")):
+        # PEFT and loralib accept r > min(d, k); a decomposition has only min(d, k)
+        # directions to give, so the strategy could not fill A and B.
+        raise ValueError(f"strategy {entry.name!r} needs rank <= min(d, k) = {min(d, k)} "
+                         f"but layer {name!r} (d={d}, k={k}) has rank {rank}; recreate the "
+                         "adapter with a smaller rank or use 'kaiming' / 'gaussian'")
+    # A layer an earlier residual init changed starts again from the original weight
+    # W0 = base + P·Q, so re-initializing never drops that init's c·B0·A0 silently.
+    w0 = original_weight(adapter)
+    recorded = residual_offset(adapter.module) is not None
+    used, reason = entry, None
+    if needs:
+        assert request.calibration is not None  # _check_sides refused the call otherwise
+        reason = _unusable(request.calibration, name, needs, rank)
+        if reason is not None:
+            warnings.warn(f"layer {name!r}: {reason}; strategy {entry.name!r} falls back to "
+                          "'kaiming' for this layer", UserWarning, stacklevel=_CALLER)
+            used = get_strategy("kaiming")
+    return _LayerPlan(name=name, adapter=adapter, rank=rank, strategy=used, fallback=reason,
+                      weight=w0.to("cpu"), original=w0 if recorded else None,
+                      estimates=estimates.for_layer(name, rank))
+
+
+def _unusable(calibration: CalibrationLike, name: str, sides: Iterable[str], rank: int
+              ) -> str | None:
     """Why a layer's statistics cannot support a rank-``rank`` covariance init, or None.
 
     Too few positions (fewer than the rank: at most ``n`` directions carry data), or
@@ -152,21 +427,7 @@ def _unusable(calibration: Any, name: str, sides: Iterable[str], rank: int) -> s
     return None
 
 
-def _has_side(calibration: Any, name: str, side: str) -> bool:
-    """Whether ``calibration`` holds exact moments of ``name``'s ``side`` (a side collected
-    as a bounded-memory sketch has none: see :func:`_sketched`)."""
-    return (side in getattr(calibration, "sides", SIDES) and name in calibration.layer_names
-            and not _sketched(calibration, name, side)
-            and calibration.moments(name, side) is not None)
-
-
-def _sketched(calibration: Any, name: str, side: str) -> bool:
-    sketch = getattr(calibration, "sketch", None)
-    return (sketch is not None and name in calibration.layer_names
-            and sketch(name, side) is not None)
-
-
-def _matched_inputs(calibration: Any, name: str,
+def _matched_inputs(calibration: CalibrationLike | None, name: str,
                     estimates: Mapping[str, Any]) -> dict[str, Callable[[], Tensor] | None]:
     """Lazy ``gradient`` (G, (d, k)) and ``input_moment`` (empirical E[xxᵀ], (k, k)) of one
     layer for the strategies (float64 on CPU), or ``None`` where the side is missing."""
@@ -180,6 +441,66 @@ def _matched_inputs(calibration: Any, name: str,
 
     return {"gradient": grad if estimates["gradient"] is not None else None,
             "input_moment": moment if estimates["input"] is not None else None}
+
+
+# ---------------------------------------------------------------------- stage 3: compute, check
+@dataclass(frozen=True)
+class _LayerWrite:
+    """What :func:`_apply` writes into one layer, in the layer's dtypes and device."""
+
+    adapter: LoRAAdapter
+    rank: int
+    a: Tensor  # (r, k)
+    b: Tensor  # (d, r)
+    #: The new base (d, k), or None to keep the layer's base.
+    base: Tensor | None
+    #: Whether ``base`` is a residual ``W0 − c·B·A`` (else the original ``W0`` restored).
+    residual: bool
+
+
+def _compute(model: nn.Module, request: _Request, estimates: _Estimates,
+             ranks: Mapping[str, int]) -> tuple[list[_LayerWrite], dict[str, dict[str, Any]]]:
+    """Run the strategy on every selected layer and check what it returned; nothing is
+    written, so an error here leaves the model as it was."""
+    tied = _tied_names(model)
+    writes: list[_LayerWrite] = []
+    info: dict[str, dict[str, Any]] = {}
+    for name in request.adapters:
+        plan = _plan_layer(request, estimates, name, ranks[name])
+        adapter = plan.adapter
+        ctx = InitContext(
+            name=name,
+            weight=plan.weight,
+            rank=plan.rank,
+            scaling=float(adapter.scaling),
+            generator=torch.Generator().manual_seed(layer_seed(request.seed, name)),
+            input_estimate=plan.estimates["input"],
+            output_estimate=plan.estimates["output"],
+            options=dict(request.options) if plan.strategy is request.strategy else {},
+            gradient_estimate=plan.estimates["gradient"],
+            **_matched_inputs(request.calibration, name, plan.estimates),
+        )
+        d, k = adapter.out_features, adapter.in_features
+        result = _check_result(plan.strategy.fn(ctx), plan.strategy.name, name, d, k, plan.rank)
+        if result.base is not None:
+            ptr = adapter.base_layer.weight.data_ptr()
+            if ptr in tied:
+                raise ValueError(
+                    f"strategy {request.strategy.name!r} replaces the base weight of layer "
+                    f"{name!r}, but that weight is tied to {tied[ptr]}; a residual would "
+                    "change those too"
+                )
+        writes.append(_layer_write(plan, result))
+        info[name] = _summary(plan, result)
+    return writes, info
+
+
+def _tied_names(model: nn.Module) -> dict[int, list[str]]:
+    """``data_ptr -> parameter names`` for every parameter storage registered more than once."""
+    names: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(param.data_ptr(), []).append(pname)
+    return {ptr: ns for ptr, ns in names.items() if len(ns) > 1}
 
 
 def _check_result(result: object, strategy: str, name: str, d: int, k: int, r: int) -> LoRAInit:
@@ -203,237 +524,17 @@ def _check_result(result: object, strategy: str, name: str, d: int, k: int, r: i
     return result
 
 
-def initialize(
-    model: nn.Module,
-    calibration: Any = None,
-    *,
-    strategy: str = "kaiming",
-    estimator: str = "ledoit_wolf",
-    rank: int | None = None,
-    seed: int = 0,
-    layers: Iterable[str] | Callable[[str], bool] | None = None,
-    estimator_options: Mapping[str, Any] | None = None,
-    rank_budget: int | None = None,
-    max_rank: int | None = None,
-    **options: Any,
-) -> dict[str, dict[str, Any]]:
-    """Initialize the LoRA factors (and, for residual strategies, the base) of every adapter.
-
-    Parameters
-    ----------
-    model : nn.Module
-        A model with LoRA layers: :func:`covinit.add_lora`, a PEFT model, or loralib-style.
-    calibration : covinit.Calibration, optional
-        Activation statistics of the same model on task data (see :func:`covinit.calibrate`);
-        required by strategies that use covariances (``covinit.strategies()`` lists them).
-    strategy : str, default="kaiming"
-        A name from ``covinit.strategies()``.
-    estimator : str, default="ledoit_wolf"
-        Covariance estimator (``covinit.estimators()``), used only by strategies that need
-        calibration statistics.
-    rank : int, optional
-        Expected rank of every selected adapter; ``None`` keeps each adapter's own rank.
-        A different value raises ``ValueError`` (to change ranks, see ``rank_budget``).
-    seed : int, default=0
-        Seed for random parts; each layer's generator is seeded with
-        :func:`layer_seed` ``(seed, name)``, so results do not depend on layer order.
-    layers : list of str or callable, optional
-        Canonical names of the adapters to initialize (or a predicate on the name); default
-        all of them.
-    estimator_options : mapping, optional
-        Keyword arguments for the estimator (e.g. a fixed shrinkage).
-    rank_budget : int, optional
-        Total rank to distribute over the selected layers by the explained-variance ratio
-        of their input covariance estimates (as EVA; :func:`covinit.allocation.allocate_ranks`,
-        at least 1 per layer).  Needs input-side calibration statistics.  Adapters are
-        resized to their new ranks with their **scaling kept** (α adjusted); PEFT models get
-        ``rank_pattern`` / ``alpha_pattern`` entries so that ``save_pretrained`` reloads
-        them; covinit's layers record rank and α in :func:`covinit.save_lora`'s metadata.
-        Resizing replaces the ``lora_A`` / ``lora_B`` parameters: create the optimizer
-        afterwards.
-    max_rank : int, optional
-        Per-layer cap for ``rank_budget``; default twice the layer's current rank (EVA's
-        ``rho=2``), at most ``min(d, k)``.
-    **options
-        Strategy options, passed as ``InitContext.options``.
-
-    Returns
-    -------
-    dict
-        Per layer: ``{"strategy", "rank", "scaling", "residual" (bool: base replaced),
-        "delta_norm" (‖scaling·B·A‖_F at step 0), "a_norm", "b_norm"}``, and
-        ``"fallback"`` (the reason) where a layer fell back to ``kaiming``.
-
-    Warns
-    -----
-    UserWarning
-        For each layer whose calibration statistics cannot support the strategy — fewer
-        usable positions than the rank, or constant activations — which is initialized
-        with ``kaiming`` instead (the warning names the layer and the count).
-
-    Raises
-    ------
-    ValueError
-        Unknown strategy, unknown layer, rank mismatch, unknown strategy option, missing
-        calibration (or a layer / side it lacks) for a strategy that needs it, a residual
-        strategy on a layer whose weight is tied to another parameter, or a strategy result
-        with a wrong shape or non-finite values.
-
-    Notes
-    -----
-    All layers are computed and checked before any is written, so an error leaves the model
-    as it was.  That holds the new factors (and residual bases) of all selected layers in
-    memory at once, in the layers' dtypes.  Strategies run on CPU in float64; results are
-    cast to each layer's dtype and device.  ``requires_grad`` flags and parameter objects
-    are unchanged (values are copied in place), so an existing optimizer stays valid.
-    """
-    entry = get_strategy(strategy)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    allowed = entry.tags.get("options")
-    if allowed is not None:
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ValueError(f"strategy {strategy!r} got unknown options {unknown}; "
-                             f"allowed: {sorted(allowed) or 'none'}")
-    adapters = find_adapters(model, dora=True)  # DoRA magnitudes follow every write
-    if not adapters:
-        raise ValueError("model has no LoRA layers; add them first with covinit.add_lora(...) "
-                         "or peft.get_peft_model(...)")
-    chosen = _select(adapters, layers)
-    check_original_base(chosen, "initialize")
-    if rank_budget is not None and rank is not None:
-        raise ValueError("pass either rank= (a check of the existing ranks) or rank_budget= "
-                         "(a new allocation), not both")
-    if rank is not None:
-        for name, adapter in chosen.items():
-            if rank != adapter.rank:
-                raise ValueError(
-                    f"rank={rank} differs from layer {name!r}'s adapter rank {adapter.rank}; "
-                    "rank= only checks ranks: create the adapters with the rank you want, "
-                    "or pass rank_budget= to reallocate ranks from the calibration"
-                )
-    needs = tuple(entry.tags.get("needs", ()))
-    if calibration is not None:
-        calibration.check_model(model)
-    required = tuple(dict.fromkeys(needs + (("input",) if rank_budget is not None else ())))
-    for side in required:
-        if calibration is None:
-            what = f"strategy {strategy!r}" if side in needs else "rank_budget="
-            raise ValueError(f"{what} needs {side}-side calibration statistics; "
-                             "pass calibration=covinit.calibrate(model, loader, ...)")
-        for name in chosen:
-            if not _has_side(calibration, name, side):
-                what = f"strategy {strategy!r}" if side in needs else "rank_budget="
-                if _sketched(calibration, name, side):
-                    raise ValueError(
-                        f"layer {name!r} {side} was calibrated as a bounded-memory sketch, "
-                        f"but {what} needs its exact moments; calibrate with a larger "
-                        "sketch_above= (or without it), or use a data-free strategy")
-                raise ValueError(f"calibration has no {side}-side statistics for layer "
-                                 f"{name!r}, needed by {what}; calibrate with "
-                                 f"sides including {side!r} and this layer as a target")
-    from covinit.estimators import estimators
-
-    # Checked even when the strategy needs no estimate: a typo must not pass silently.
-    if estimator not in estimators():
-        raise ValueError(f"unknown estimator {estimator!r}; valid names: "
-                         f"{', '.join(estimators())}")
-
-    est_options = dict(estimator_options or {})
-    cache: dict[tuple, tuple[Any, Any]] = {}
-    ranks = {name: adapter.rank for name, adapter in chosen.items()}
-    if rank_budget is not None:
-        ranks = _allocate(calibration, chosen, rank_budget, max_rank, estimator, est_options,
-                          cache)
-    tied = _tied_names(model)
-    planned: list[tuple[LoRAAdapter, int, Tensor, Tensor, Tensor | None, bool]] = []
-    info: dict[str, dict[str, Any]] = {}
-    kaiming = get_strategy("kaiming")
-    for name, adapter in chosen.items():
-        d, k, r = adapter.out_features, adapter.in_features, ranks[name]
-        if r > min(d, k) and (needs or entry.tags.get("preserves") in ("function",
-                                                                          "approximate")):
-            # PEFT and loralib accept r > min(d, k); a decomposition has only min(d, k)
-            # directions to give, so the strategy could not fill A and B.
-            raise ValueError(f"strategy {strategy!r} needs rank <= min(d, k) = {min(d, k)} "
-                             f"but layer {name!r} (d={d}, k={k}) has rank {r}; recreate the "
-                             "adapter with a smaller rank or use 'kaiming' / 'gaussian'")
-        w0 = adapter.base_weight()
-        # A layer an earlier residual init changed starts again from the original weight
-        # W0 = base + P·Q, so re-initializing never drops that init's c·B0·A0 silently.
-        offset = residual_offset(adapter.module)
-        original = (w0.to(torch.float64) + offset[0].to(torch.float64)
-                    @ offset[1].to(torch.float64)) if offset is not None else None
-        estimates = {
-            side: (_lazy_estimate(calibration, name, side, estimator, est_options, cache, r)
-                   if calibration is not None and _has_side(calibration, name, side) else None)
-            for side in (*SIDES, "gradient")
-        }
-        used, reason = entry, None
-        if needs:
-            reason = _unusable(calibration, name, needs, r)
-            if reason is not None:
-                warnings.warn(f"layer {name!r}: {reason}; strategy {strategy!r} falls back to "
-                              "'kaiming' for this layer", UserWarning, stacklevel=2)
-                used = kaiming
-        ctx = InitContext(
-            name=name,
-            weight=(w0 if original is None else original).to(
-                device="cpu", dtype=torch.float64, copy=True),
-            rank=r,
-            scaling=float(adapter.scaling),
-            generator=torch.Generator().manual_seed(layer_seed(seed, name)),
-            input_estimate=estimates["input"],
-            output_estimate=estimates["output"],
-            options=dict(options) if used is entry else {},
-            gradient_estimate=estimates["gradient"],
-            **_matched_inputs(calibration, name, estimates),
-        )
-        result = _check_result(used.fn(ctx), used.name, name, d, k, r)
-        if result.base is not None:
-            ptr = adapter.base_layer.weight.data_ptr()
-            if ptr in tied:
-                raise ValueError(
-                    f"strategy {strategy!r} replaces the base weight of layer {name!r}, but that "
-                    f"weight is tied to {tied[ptr]}; a residual would change those too"
-                )
-        a_now, b_now = adapter.get_lora()
-        a = result.a.to(dtype=a_now.dtype, device=a_now.device)
-        b = result.b.to(dtype=b_now.dtype, device=b_now.device)
-        new_base = result.base if result.base is not None else original
-        if result.base is not None:
-            new_base = _rounded_residual(result, a, b, adapter.scaling)
-        base = None if new_base is None else new_base.to(dtype=w0.dtype, device=w0.device)
-        planned.append((adapter, r, a, b, base, result.base is not None))
-        a64, b64 = result.a.to(torch.float64), result.b.to(torch.float64)
-        # ‖c·B·A‖_F² = c²·tr((BᵀB)(AAᵀ)): r×r products, never the d×k matrix.
-        delta_sq = torch.trace((b64.T @ b64) @ (a64 @ a64.T)).clamp_min(0.0)
-        info[name] = {
-            "strategy": used.name,
-            "rank": r,
-            "scaling": float(adapter.scaling),
-            "residual": result.base is not None,
-            "delta_norm": float(adapter.scaling * delta_sq.sqrt()),
-            "a_norm": float(torch.linalg.norm(a64)),
-            "b_norm": float(torch.linalg.norm(b64)),
-        }
-        if reason is not None:
-            info[name]["fallback"] = reason
-    for adapter, r, a, b, base, residual in planned:
-        if r != adapter.rank:
-            adapter.resize(r)
-        if base is not None:
-            adapter.set_base_weight(base, replaced=residual)
-            # Remember W0 = base + c·B0·A0 (or forget it when W0 itself was restored), so
-            # export_lora can target the original base.
-            record_offset(adapter, b if residual else None, a if residual else None)
-        adapter.set_lora(a, b)
-        mark_initialized(adapter)  # lets calibrate tell these factors from trained ones
-    if rank_budget is not None:
-        update_peft_patterns(model, {name: adapter for name, adapter in chosen.items()})
-    _hook_saving(model, [adapter for adapter, *_, residual in planned if residual])
-    return info
+def _layer_write(plan: _LayerPlan, result: LoRAInit) -> _LayerWrite:
+    """The checked ``result`` cast to the layer's dtypes and device."""
+    adapter = plan.adapter
+    a_now, b_now = adapter.get_lora()
+    a = result.a.to(dtype=a_now.dtype, device=a_now.device)
+    b = result.b.to(dtype=b_now.dtype, device=b_now.device)
+    residual = result.base is not None
+    new_base = _rounded_residual(result, a, b, adapter.scaling) if residual else plan.original
+    w0 = adapter.base_weight()
+    base = None if new_base is None else new_base.to(dtype=w0.dtype, device=w0.device)
+    return _LayerWrite(adapter=adapter, rank=plan.rank, a=a, b=b, base=base, residual=residual)
 
 
 def _rounded_residual(result: LoRAInit, a: Tensor, b: Tensor, scaling: float) -> Tensor:
@@ -450,9 +551,49 @@ def _rounded_residual(result: LoRAInit, a: Tensor, b: Tensor, scaling: float) ->
     return result.base.to(f64) + scaling * (lhs @ rhs)
 
 
+def _summary(plan: _LayerPlan, result: LoRAInit) -> dict[str, Any]:
+    """One layer's entry of :func:`initialize`'s return value."""
+    scaling = float(plan.adapter.scaling)
+    a64, b64 = result.a.to(torch.float64), result.b.to(torch.float64)
+    # ‖c·B·A‖_F² = c²·tr((BᵀB)(AAᵀ)): r×r products, never the d×k matrix.
+    delta_sq = torch.trace((b64.T @ b64) @ (a64 @ a64.T)).clamp_min(0.0)
+    out = {
+        "strategy": plan.strategy.name,
+        "rank": plan.rank,
+        "scaling": scaling,
+        "residual": result.base is not None,
+        "delta_norm": float(scaling * delta_sq.sqrt()),
+        "a_norm": float(torch.linalg.norm(a64)),
+        "b_norm": float(torch.linalg.norm(b64)),
+    }
+    if plan.fallback is not None:
+        out["fallback"] = plan.fallback
+    return out
+
+
+# ---------------------------------------------------------------------- stage 4: apply
+def _apply(model: nn.Module, writes: list[_LayerWrite], *, patterns: bool) -> None:
+    """Write every layer (A, B, base, residual record), then PEFT's rank patterns (after a
+    ``rank_budget=`` reallocation) and its save hook (after a residual init)."""
+    for w in writes:
+        adapter = w.adapter
+        if w.rank != adapter.rank:
+            adapter.resize(w.rank)
+        if w.base is not None:
+            adapter.set_base_weight(w.base, replaced=w.residual)
+            # Remember W0 = base + c·B0·A0 (or forget it when W0 itself was restored), so
+            # export_lora can target the original base.
+            record_offset(adapter, w.b if w.residual else None, w.a if w.residual else None)
+        adapter.set_lora(w.a, w.b)
+        mark_initialized(adapter)  # lets calibrate tell these factors from trained ones
+    if patterns:
+        update_peft_patterns(model, {w.adapter.name: w.adapter for w in writes})
+    _hook_saving(model, [w.adapter for w in writes if w.residual])
+
+
 def _hook_saving(model: nn.Module, residual: list[LoRAAdapter]) -> None:
     """After a residual init on PEFT layers: make the PeftModel's own ``save_pretrained``
-    write adapters for the original base (:func:`covinit.export.hook_peft_save`), or, when
+    write adapters for the original base (:func:`covinit.peft_saving.hook_peft_save`), or, when
     ``model`` is not the PeftModel itself, say which call does."""
     names = {getattr(adapter, "adapter_name", None) for adapter in residual} - {None}
     if not names:
@@ -465,25 +606,5 @@ def _hook_saving(model: nn.Module, residual: list[LoRAAdapter]) -> None:
             "so PEFT's save_pretrained would write an adapter that needs the rewritten base; "
             "save it with covinit.export_lora(peft_model, directory, format='peft'), or call "
             "covinit.restore_base(peft_model) before saving (or initialize the PeftModel "
-            "itself, whose save_pretrained covinit then converts)", UserWarning, stacklevel=3)
-
-
-def _allocate(calibration: Any, chosen: Mapping[str, LoRAAdapter], budget: int,
-              max_rank: int | None, estimator: str, est_options: Mapping[str, Any],
-              cache: dict[tuple, tuple[Any, Any]]) -> dict[str, int]:
-    """Per-layer ranks from the input covariance spectra (see ``rank_budget=``)."""
-    from covinit.allocation import allocate_ranks
-
-    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int)
-                                 or max_rank < 1):
-        raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
-    spectra: dict[str, Tensor] = {}
-    caps: dict[str, int] = {}
-    for name, adapter in chosen.items():
-        cap = 2 * adapter.rank if max_rank is None else max_rank
-        cap = min(cap, adapter.out_features, adapter.in_features)
-        caps[name] = cap
-        # Centred, as EVA's incremental PCA; for spatpca, as many components as the cap.
-        get = _lazy_estimate(calibration, name, "input", estimator, est_options, cache, cap)
-        spectra[name] = get(center=True).eigenvalues
-    return allocate_ranks(spectra, budget, min_rank=1, max_rank=caps)
+            "itself, whose save_pretrained covinit then converts)", UserWarning,
+            stacklevel=_CALLER)

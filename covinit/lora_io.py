@@ -53,11 +53,11 @@ from covinit.adapters import (
     model_fingerprint,
     plain_root,
 )
-from covinit.export import record_offset, residual_offset, store_offset
 from covinit.lora import LoRALinear, scaling_for
+from covinit.residual import record_offset, residual_offset, store_offset
 from covinit.surgery import lora_state_dict, mark_only_lora_as_trainable, set_submodule
 
-__all__ = ["FORMAT", "VERSION", "load_lora", "save_lora"]
+__all__ = ["FORMAT", "VERSION", "layer_metadata", "load_lora", "save_lora", "write_adapter_file"]
 
 FORMAT = "covinit.lora"
 VERSION = 1
@@ -71,7 +71,10 @@ def _saved_offset(adapter: LoRAAdapter) -> tuple[Tensor, Tensor] | None:
     return residual_offset(adapter.module) if adapter.base_replaced else None
 
 
-def _layer_meta(adapter: LoRAAdapter) -> dict[str, Any]:
+def layer_metadata(adapter: LoRAAdapter) -> dict[str, Any]:
+    """One layer's entry in the file's metadata (see the module docstring), as
+    :func:`save_lora` writes it; a writer of other factors edits the entry (rank, α, ...)
+    before :func:`write_adapter_file`."""
     module = adapter.module
     own = isinstance(module, LoRALinear)
     a, _ = adapter.get_lora()
@@ -132,12 +135,31 @@ def save_lora(model: nn.Module, path: str | os.PathLike[str]) -> None:
         if (offset := _saved_offset(adapter)) is not None:
             for suffix, t in zip(_OFFSET_SUFFIXES, offset, strict=True):
                 tensors[f"{name}.{suffix}"] = t.detach().to("cpu").contiguous()
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "fingerprint": model_fingerprint(model),
-        "layers": {name: _layer_meta(adapter) for name, adapter in adapters.items()},
-    }
+    layers = {name: layer_metadata(adapter) for name, adapter in adapters.items()}
+    write_adapter_file(model, tensors, layers, path)
+
+
+def write_adapter_file(model: nn.Module, tensors: dict[str, Tensor],
+                       layers: dict[str, dict[str, Any]], path: str | os.PathLike[str]) -> None:
+    """Write ``tensors`` with the header :func:`load_lora` reads: format, version, ``model``'s
+    fingerprint and the per-layer entries ``layers`` (from :func:`layer_metadata`).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model the adapters belong to (its fingerprint goes into the header).
+    tensors : dict
+        ``"<layer>.lora_A"`` (r, k), ``"<layer>.lora_B"`` (d, r) and, per the entries,
+        ``"<layer>.base_weight"`` (d, k), ``"<layer>.offset_P"`` (d, m),
+        ``"<layer>.offset_Q"`` (m, k); CPU, contiguous.
+    layers : dict
+        ``name -> entry``; the shapes above must match each entry's ``rank`` /
+        ``offset_rank`` (:func:`load_lora` checks them).
+    path : str or path-like
+        Output file, overwritten if it exists.
+    """
+    meta = {"format": FORMAT, "version": VERSION, "fingerprint": model_fingerprint(model),
+            "layers": layers}
     save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(meta)})
 
 

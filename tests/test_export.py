@@ -20,7 +20,7 @@ from covinit import (
     load_lora,
     save_lora,
 )
-from covinit.export import OFFSET_BUFFERS, residual_offset
+from covinit.residual import OFFSET_BUFFERS, residual_offset
 
 TARGETS = ["query", "dense", "head"]
 

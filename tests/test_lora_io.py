@@ -147,7 +147,7 @@ def test_wrong_tensor_shape_is_refused(saved, make_tiny):
 def test_files_without_offsets_still_load(saved, make_tiny):
     """Files written before save_lora kept the residual offset: no ``offset_rank``, no
     offset tensors; they load (residual base included), only without the record."""
-    from covinit.export import residual_offset
+    from covinit.residual import residual_offset
 
     meta, tensors = _read(saved)
     for lm in meta["layers"].values():

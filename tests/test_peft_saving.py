@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from covinit import add_lora, calibrate, find_adapters, initialize, restore_base
-from covinit.export import residual_offset
+from covinit.residual import residual_offset
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
