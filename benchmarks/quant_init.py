@@ -102,7 +102,7 @@ class MiniLMTask(Task):
 
     metric = "probe cross-entropy"
 
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, n_calib: int | None = None) -> None:
         torch.manual_seed(0)
         model, tok = zoo.load_minilm(num_labels=2)
         self.name = "minilm"
@@ -110,10 +110,11 @@ class MiniLMTask(Task):
         self.targets = ["attention.self.query", "attention.self.key", "attention.self.value",
                         "attention.output.dense", "intermediate.dense", "output.dense"]
         sizes = (256, 64, 128) if quick else (2048, 256, 1024)
-        n_train, n_calib, n_val = sizes
+        n_train, default_calib, n_val = sizes
+        n_calib = default_calib if n_calib is None else n_calib
         data = zoo.rotten_tomatoes(seed=0, n_train=n_train, n_val=n_val)
         loader = zoo.text_classification_loader
-        self.calibration = list(loader(tok, data["train"][:n_calib], 32, 64))
+        self.calibration = list(loader(tok, data["train"][:n_calib], min(32, n_calib), 64))
         self.train = list(loader(tok, data["train"], 64, 64))
         self.heldout = list(loader(tok, data["validation"], 64, 64))
         self.probe = self._fit_probe()
@@ -144,14 +145,15 @@ class SmolLM2Task(Task):
 
     metric = "causal-LM cross-entropy"
 
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, n_calib: int | None = None) -> None:
         model, tok = zoo.load_smollm2(cache_dir=SMOLLM2_CACHE)
         self.name = "smollm2"
         self.base = model.eval()
         self.targets = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                         "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
         train, held = zoo.hamlet(heldout_fraction=0.1)
-        n_calib, n_val, length = (4, 8, 64) if quick else (16, 32, 128)
+        default_calib, n_val, length = (4, 8, 64) if quick else (16, 32, 128)
+        n_calib = default_calib if n_calib is None else n_calib
         calib = list(zoo.causal_lm_loader(tok, train, length, 4))[: max(1, n_calib // 4)]
         self.calibration = calib
         self.heldout = list(zoo.causal_lm_loader(tok, held, length, 1))[:n_val]
@@ -404,6 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--quick", action="store_true", help="smaller data, bits 4 and 2")
+    p.add_argument("--n-calib", type=int, default=None,
+                   help="calibration examples (MiniLM snippets, SmolLM2 blocks); default "
+                        "256 / 16 (quick: 64 / 4); few of them show what shrinkage does")
+    p.add_argument("--tag", default="", help="suffix of the output files' names")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quant")
     p.add_argument("--from-csv", type=Path, default=None,
                    help="only rewrite the .md and .png from an existing CSV of this script")
@@ -416,9 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     torch.manual_seed(0)
     start = time.perf_counter()
-    builders: dict[str, Callable[[bool], Task]] = {"minilm": MiniLMTask, "smollm2": SmolLM2Task}
+    builders: dict[str, Callable[[bool, int | None], Task]] = {
+        "minilm": MiniLMTask, "smollm2": SmolLM2Task}
     with zoo.quiet_transformers():
-        task = builders[args.model](args.quick)
+        task = builders[args.model](args.quick, args.n_calib)
     bits = [int(b) for b in args.bits.split(",")] if not args.quick else [4, 2]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
@@ -426,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     rows = run(task, bits, methods, args.rank, args.alpha)
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     _common.write_rows(args.out / f"{task.name}{suffix}.csv", rows, FIELDS)
     write_summary(args.out / f"{task.name}{suffix}.md", rows,
                   sys.argv if argv is None else ["benchmarks/quant_init.py", *argv],
