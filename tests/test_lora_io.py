@@ -228,3 +228,29 @@ def test_save_refuses_a_rank_that_load_cannot_rebuild(make_tiny, adapt, tmp_path
     with pytest.raises(ValueError, match=r"rank 8 > min\(d, k\) = 5"):
         save_lora(model, path)
     assert not path.exists()
+
+
+def test_public_writer_is_what_save_lora_writes(tmp_path, make_tiny):
+    """layer_metadata + write_adapter_file (export_lora's writer) give save_lora's file, and
+    a writer that edits an entry consistently gets a file load_lora accepts."""
+    from covinit.lora_io import layer_metadata, write_adapter_file
+    from covinit.surgery import lora_state_dict
+
+    model = _trained(make_tiny, "kaiming", rank=2, alpha=4)
+    save_lora(model, tmp_path / "saved.safetensors")
+    adapters = find_adapters(model)
+    tensors = {k: t.detach().contiguous() for k, t in lora_state_dict(model).items()}
+    layers = {name: layer_metadata(adapter) for name, adapter in adapters.items()}
+    write_adapter_file(model, tensors, layers, tmp_path / "written.safetensors")
+    saved, written = _read(tmp_path / "saved.safetensors"), _read(tmp_path / "written.safetensors")
+    assert saved[0] == written[0]
+    assert all(torch.equal(saved[1][k], written[1][k]) for k in saved[1])
+    # Twice the head's B at half its α: the same function, another consistent entry.
+    tensors["head.lora_B"] = tensors["head.lora_B"] * 2
+    layers["head"]["alpha"] = layers["head"]["alpha"] / 2
+    layers["head"]["scaling"] = layers["head"]["scaling"] / 2
+    write_adapter_file(model, tensors, layers, tmp_path / "edited.safetensors")
+    fresh = load_lora(make_tiny(), tmp_path / "edited.safetensors")
+    assert fresh.head.alpha == layers["head"]["alpha"]
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(fresh(x), model(x))
