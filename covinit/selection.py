@@ -156,7 +156,7 @@ def select(candidates: Mapping[str, nn.Module | None], targets: Targets | Iterab
     >>> select({"0": None, "2": None}, ["1"], what="calibrated")
     Traceback (most recent call last):
     ...
-    ValueError: layer '1' was not calibrated (...); calibrated layers: 0, 2
+    ValueError: layer '1' was not calibrated (...); layers calibrated: 0, 2
     """
     spec = _as_spec(targets)
     match = target_matcher(spec)
@@ -167,12 +167,12 @@ def select(candidates: Mapping[str, nn.Module | None], targets: Targets | Iterab
             kind = "regex" if isinstance(spec, str) else "selector"
             how = " (re.fullmatch of the whole name)" if isinstance(spec, str) else ""
             raise ValueError(f"layers {kind} {spec!r} matches no {what} layer{how}; "
-                             f"{what} layers: {listing}")
+                             f"layers {what}: {listing}")
         return chosen
     missing = [entry for entry in spec if not any(_is_suffix(entry, n) for n in chosen)]
     if missing:
         names = ", ".join(repr(entry) for entry in missing)
         subject = f"layer {names} was" if len(missing) == 1 else f"layers {names} were"
-        raise ValueError(f"{subject} not {what} (not a {what} layer's name or dotted suffix); "
-                         f"{what} layers: {listing}")
+        raise ValueError(f"{subject} not {what} (an entry is a layer's name or a dotted suffix "
+                         f"of it); layers {what}: {listing}")
     return chosen

@@ -41,8 +41,8 @@ def test_suffixes_cover_whole_dotted_components() -> None:
 
 def test_every_entry_must_select_something() -> None:
     """A typo cannot shrink the selection silently, and every typo is named at once."""
-    with pytest.raises(ValueError, match=r"layer 'qurey' was not calibrated.*calibrated "
-                                         r"layers: encoder\.0\.query, encoder\.0\.key"):
+    with pytest.raises(ValueError, match=r"layer 'qurey' was not calibrated.*layers "
+                                         r"calibrated: encoder\.0\.query, encoder\.0\.key"):
         select(LAYERS, ["query", "qurey"], what="calibrated")
     with pytest.raises(ValueError, match=r"layers 'qurey', 'haed' were not adapted"):
         select(LAYERS, ["qurey", "query", "haed"], what="adapted")
@@ -75,7 +75,7 @@ def test_regex_is_matched_against_the_whole_name() -> None:
     assert select(LAYERS, r".*\.0\..*") == ["encoder.0.query", "encoder.0.key"]
     # re.search would find "encoder" in every name: fullmatch finds none
     with pytest.raises(ValueError, match=r"regex 'encoder' matches no calibrated layer "
-                                         r"\(re\.fullmatch.*calibrated layers: encoder"):
+                                         r"\(re\.fullmatch.*layers calibrated: encoder"):
         select(LAYERS, "encoder", what="calibrated")
     with pytest.raises(ValueError, match="not a valid regular expression"):
         select(LAYERS, "encoder.(")
@@ -104,8 +104,8 @@ def test_one_argument_callable_gets_the_name_only() -> None:
 
 
 def test_callable_errors() -> None:
-    with pytest.raises(ValueError, match=r"selector .* matches no adapted layer; adapted "
-                                         r"layers: encoder\.0\.query"):
+    with pytest.raises(ValueError, match=r"selector .* matches no adapted layer; layers "
+                                         r"adapted: encoder\.0\.query"):
         select(LAYERS, lambda name: False, what="adapted")
     with pytest.raises(TypeError, match="takes no positional argument"):
         select(LAYERS, lambda: True)
@@ -119,7 +119,7 @@ def test_other_types_are_refused(bad) -> None:
 
 
 def test_no_candidates_says_so() -> None:
-    with pytest.raises(ValueError, match=r"found layers: \(none\)"):
+    with pytest.raises(ValueError, match=r"layers found: \(none\)"):
         select({}, ["query"])
 
 
