@@ -310,3 +310,13 @@ def test_residual_on_tied_weight_is_refused(make_tiny):
         initialize(model, strategy="pissa")
     assert _same_state(model, state)
     initialize(model, strategy="kaiming")  # no residual: allowed
+
+
+def test_fallback_warning_points_at_the_caller(make_tiny):
+    """The warning names the line that called initialize (so pytest's filter for covinit's
+    own warnings, and a user's traceback, see the call, not covinit's internals)."""
+    calib = FakeCalibration({("block.query", "input"): _moments(12, n=1)})
+    model = add_lora(make_tiny(), ["query"], rank=2)
+    with pytest.warns(UserWarning, match="falls back to 'kaiming'") as record:
+        initialize(model, calib, strategy="input-pca")
+    assert [w.filename for w in record] == [__file__]

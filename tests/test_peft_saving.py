@@ -159,8 +159,9 @@ def test_path_initial_model_conversion_is_refused(tmp_path):
 def test_initializing_the_inner_lora_model_warns_with_the_call_to_use():
     model = _peft_model("llama")
     with pytest.warns(UserWarning, match=r"covinit\.export_lora\(peft_model, directory, "
-                                         r"format='peft'\)"):
+                                         r"format='peft'\)") as record:
         initialize(model.base_model, strategy="pissa")
+    assert {w.filename for w in record} == {__file__}  # points at the call, not at covinit
 
 
 def test_saving_another_active_adapter_is_refused(tmp_path):
