@@ -6,6 +6,12 @@
 layer's scaling, a generator seeded from ``seed`` and the layer name, and lazy covariance
 estimates from a calibration — runs the strategy, checks what it returned and writes it.
 
+It reads in four stages: :func:`_resolve` checks the arguments against the registries, the
+model and the calibration (a :class:`_Request`); :func:`_plan_layer` fixes each layer's
+rank, weight ``W0`` and estimates (a :class:`_LayerPlan`); :func:`_compute` runs and checks
+the strategy for every layer (a :class:`_LayerWrite` each) before :func:`_apply` writes
+anything, so an error leaves the model as it was.
+
 Example
 -------
 >>> import torch
