@@ -75,7 +75,7 @@ from _common import (
 from _tasks import TASKS, TaskData, get_task
 
 import covinit
-from covinit.strategies import get_strategy
+from covinit.inits import get_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

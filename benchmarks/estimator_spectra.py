@@ -31,7 +31,7 @@ import torch
 import zoo  # benchmarks/zoo.py: this script's folder is on sys.path
 
 from covinit import calibrate
-from covinit.estimators import estimate
+from covinit.covariance import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

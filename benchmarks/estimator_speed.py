@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from _common import machine, write_rows  # benchmarks/ is on sys.path when run as a script
 
-from covinit.estimators import estimate
+from covinit.covariance import estimate
 from covinit.stats import Moments, merge_all
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -90,8 +90,8 @@ from covinit.collect import (
     match_layers,
     move_to_device,
 )
-from covinit.export import residual_offset
-from covinit.initialize import initialize
+from covinit.initialization import initialize
+from covinit.residual import residual_offset
 from covinit.sketch import Sketch
 from covinit.stats import Moments, require_float64, sum_in_order
 
@@ -600,7 +600,7 @@ def calibrate(
 
     On a plain model ``targets`` selects the layers.  On a model holding LoRA layers
     (covinit's, PEFT's, DoRA included, or loralib-style) the layers under them are calibrated,
-    then initialized in place by :func:`covinit.initialize.initialize`, unless ``init=False``.
+    then initialized in place by :func:`covinit.initialization.initialize`, unless ``init=False``.
     Trained adapters are refused unless ``overwrite=True``; PEFT embedding / convolution
     adapters keep PEFT's init, named in one ``UserWarning``.  Modes, ``requires_grad`` flags
     and hooks are restored even on errors.  See the module notes for these rules.
@@ -639,7 +639,7 @@ def calibrate(
         ``init=False``: statistics only (A, B, DoRA magnitudes and base stay bit-identical);
         ``overwrite=True``: re-initialize adapters no longer at their initial state.
     **init_options
-        Further keyword arguments of :func:`covinit.initialize.initialize` (``rank=``, …).
+        Further keyword arguments of :func:`covinit.initialization.initialize` (``rank=``, …).
 
     Returns
     -------
@@ -1051,7 +1051,7 @@ def _output_offsets(adapters: Mapping[str, Any], layers: Mapping[str, nn.Module]
     """``name -> (P (d, m), Q (m, k))`` such that ``hooked output + x·Qᵀ·Pᵀ = W0·x (+ bias)``.
 
     Output statistics describe the original ``W0``: a residual init done before left the
-    base at ``W0 − P0·Q0`` (recorded by :func:`covinit.export.record_offset`), and a
+    base at ``W0 − P0·Q0`` (recorded by :func:`covinit.residual.record_offset`), and a
     loralib-style layer is hooked as a whole, so its output also holds ``c·B·A·x``.
     """
     offsets = {}
@@ -1133,7 +1133,7 @@ def _check_ranks(cal: Calibration, adapters: Mapping[str, Any], rank: Any) -> No
     """Refuse a calibration in which *no* layer kept as many positions as its LoRA rank.
 
     That means the data was far too small for any data-driven init.  When only some layers
-    are short (a layer called on few batches, say), :func:`covinit.initialize.initialize`
+    are short (a layer called on few batches, say), :func:`covinit.initialization.initialize`
     falls back to ``kaiming`` for those layers with a warning instead.
     """
     short: list[tuple[str, int, int]] = []

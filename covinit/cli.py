@@ -36,6 +36,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from covinit.collect import ALL_SIDES
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -54,7 +56,6 @@ __all__ = [
 ]
 
 _PROG = "covinit"
-_SIDES = ("input", "output", "gradient")  # what covinit.calibrate(sides=) takes
 
 #: Default of ``--max-stats-size``: the float64 statistics a run may hold (bytes, 2 GB).
 DEFAULT_MAX_STATS_SIZE = 2 * 10**9
@@ -505,7 +506,7 @@ def _peft_task_type(model: Any, causal: bool) -> str | None:
 def _cmd_init(args: argparse.Namespace) -> int:
     from covinit.adapters import find_adapters
     from covinit.calibration import calibrate
-    from covinit.strategies import get_strategy
+    from covinit.inits import get_strategy
 
     try:
         import peft
@@ -616,7 +617,7 @@ def _list(entries: dict[str, str], extra: dict[str, str] | None = None) -> None:
 
 
 def _cmd_strategies(args: argparse.Namespace) -> int:
-    from covinit.strategies import get_strategy, strategies
+    from covinit.inits import get_strategy, strategies
 
     found = strategies()
     tags = {}
@@ -634,7 +635,7 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimators(args: argparse.Namespace) -> int:
-    from covinit.estimators import estimators
+    from covinit.covariance import estimators
 
     _list(estimators())
     return 0
@@ -708,7 +709,7 @@ def _add_calibrate(verbs: Any) -> None:
                "q_proj v_proj --folds 5 --out cal.safetensors")
     _add_run_arguments(cal)
     cal.add_argument("--out", required=True, help="output .safetensors file")
-    cal.add_argument("--sides", nargs="+", choices=_SIDES, default=["input", "output"],
+    cal.add_argument("--sides", nargs="+", choices=ALL_SIDES, default=["input", "output"],
                      help="statistics to keep; gradient (with input) adds a backward pass: "
                           "a causal LM's next-token loss, else the data's labels "
                           "(--label-column)")
@@ -717,8 +718,8 @@ def _add_calibrate(verbs: Any) -> None:
 
 def _add_init(verbs: Any) -> None:
     from covinit.calibration import DEFAULT_STRATEGY
-    from covinit.estimators import estimators
-    from covinit.strategies import strategies
+    from covinit.covariance import estimators
+    from covinit.inits import strategies
 
     ini = verbs.add_parser(
         "init", formatter_class=_Formatter,
@@ -744,7 +745,7 @@ def _add_init(verbs: Any) -> None:
     ini.add_argument("--alpha", type=float, default=None,
                      help="LoRA alpha (default: 2 × rank)")
     ini.add_argument("--rslora", action="store_true", help="scale by alpha/√r (rsLoRA)")
-    ini.add_argument("--sides", nargs="+", choices=_SIDES, default=None,
+    ini.add_argument("--sides", nargs="+", choices=ALL_SIDES, default=None,
                      help="activations to summarise (default: those the strategy needs)")
     ini.add_argument("--seed", type=int, default=0, help="seed of the strategy's random factors")
     ini.set_defaults(func=_cmd_init)
@@ -762,7 +763,7 @@ def _add_report(verbs: Any) -> None:
         epilog="examples:\n"
                "  covinit report cal.safetensors --out report\n"
                "  covinit report cal.safetensors --out report --model recorded --rank 16\n"
-               "  covinit report cal.safetensors --out report --layers 'layer\\.0\\.' "
+               "  covinit report cal.safetensors --out report --layers '.*layer\\.0\\..*' "
                "--geometry chain")
     rep.add_argument("calibration", help="file written by covinit calibrate")
     rep.add_argument("--out", required=True, help="output directory")
@@ -777,8 +778,8 @@ def _add_report(verbs: Any) -> None:
     rep.add_argument("--estimators", nargs="+", default=["empirical", "ledoit_wolf", "oas"],
                      help="spectra to draw (see covinit estimators)")
     rep.add_argument("--layers", nargs="+", default=None,
-                     help="layer names, or one regex searched in each name")
-    rep.add_argument("--sides", nargs="+", choices=("input", "output"), default=None,
+                     help="layer name suffixes, or one regex matched against the whole name")
+    rep.add_argument("--sides", nargs="+", choices=ALL_SIDES, default=None,
                      help="default: every side the file holds")
     rep.add_argument("--geometry", default=None,
                      help="smooth-PCA feature geometry: chain or grid:ROWS,COLS")

@@ -52,7 +52,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from covinit.selection import Targets, target_matcher
+from covinit.adapters import find_linear_layers
+from covinit.selection import Targets, select
 from covinit.sketch import Sketch, sketch_matrix
 from covinit.stats import Moments, sum_in_order
 
@@ -71,7 +72,6 @@ __all__ = [
     "move_to_device",
     "rows_of",
     "seq2seq_masks",
-    "target_matcher",
 ]
 
 #: The activation sides (what :func:`covinit.calibrate` collects by default).
@@ -90,7 +90,7 @@ class CalibrationLike(Protocol):
     is one, and so is any object with these members (e.g. a test's reference statistics).
 
     It lives here, below both :mod:`covinit.calibration` (which calls ``initialize``) and
-    :mod:`covinit.initialize` (which reads calibrations), so neither imports the other's
+    :mod:`covinit.initialization` (which reads calibrations), so neither imports the other's
     module for it.  ``initialize`` also reads, where present, ``sides`` (default
     :data:`SIDES`) and ``sketch(layer, side)`` (a :class:`~covinit.sketch.Sketch` or None);
     the gradient strategies need :class:`GradientCalibrationLike`.
@@ -148,7 +148,7 @@ def match_layers(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:
     ----------
     model : nn.Module
     targets : list of str, str or callable
-        See :func:`target_matcher`.  With a list, every entry must match at least one layer,
+        See :mod:`covinit.selection`.  With a list, every entry must match at least one layer,
         so a typo cannot silently shrink the selection.
 
     Returns
@@ -169,21 +169,8 @@ def match_layers(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:
     >>> list(match_layers(model, ["2"]))
     ['2']
     """
-    from covinit.adapters import find_linear_layers  # adapters → lora; keep import light
-
     candidates = find_linear_layers(model)
-    match = target_matcher(targets)
-    chosen = {name: module for name, module in candidates.items() if match(name, module)}
-    listing = ", ".join(candidates) or "(none)"
-    if not chosen:
-        raise ValueError(f"targets {targets!r} match no linear layer; available: {listing}")
-    if not isinstance(targets, str) and not callable(targets):
-        for suffix in targets:
-            if not any(n == suffix or n.endswith("." + suffix) for n in chosen):
-                raise ValueError(
-                    f"target {suffix!r} matches no linear layer; available: {listing}"
-                )
-    return chosen
+    return {name: candidates[name] for name in select(candidates, targets)}
 
 
 def _features(name: str, module: nn.Module) -> tuple[int, int]:

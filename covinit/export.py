@@ -57,9 +57,6 @@ from covinit.residual import (
     folded_lora,
     original_weight,
     record_offset,
-    # Transitional re-export: calibration.py and the report still import it from here;
-    # once they import it from covinit.residual, this line goes.
-    residual_offset,  # noqa: F401
 )
 
 __all__ = ["export_lora", "restore_base"]

@@ -1,6 +1,6 @@
 """Matched scale: size an init so that Adam's first step moves the layer as much as Kaiming's.
 
-DESIGN.md §7.  For a LoRA layer ``y = W0·x + s·B·A·x`` (``s`` = LoRA's scaling) with
+README: "Matched scale".  For a LoRA layer ``y = W0·x + s·B·A·x`` (``s`` = LoRA's scaling) with
 ``G = Σ_t δ_t·x_tᵀ`` (d, k) the gradient of the loss with respect to the layer's weight
 (``δ_t = ∂L/∂y_t``), the adapter's gradients are::
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from covinit.strategies import (
+from covinit.inits import (
     _REGISTRY,
     InitContext,
     LoRAInit,

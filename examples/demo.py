@@ -46,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import covinit
-from covinit.strategies import get_strategy
+from covinit.inits import get_strategy
 
 # ----------------------------------------------------------------------------- settings
 PARSER = p = argparse.ArgumentParser(

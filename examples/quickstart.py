@@ -35,7 +35,7 @@ import zoo
 from torch import nn
 
 import covinit
-from covinit.strategies import get_strategy
+from covinit.inits import get_strategy
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)

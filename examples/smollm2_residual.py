@@ -39,7 +39,7 @@ import torch
 import zoo
 
 import covinit
-from covinit.strategies import get_strategy
+from covinit.inits import get_strategy
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -39,7 +39,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import covinit
-from covinit.estimators import estimate
+from covinit.covariance import estimate
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)

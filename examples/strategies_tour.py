@@ -42,7 +42,7 @@ import zoo
 from torch import nn
 
 import covinit
-from covinit.strategies import get_strategy
+from covinit.inits import get_strategy
 
 PARSER = p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--models", default="minilm,smollm2", help="comma-separated: minilm, smollm2")

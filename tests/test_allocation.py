@@ -11,7 +11,7 @@ from torch import Tensor
 
 from covinit import add_lora, calibrate, find_adapters, initialize, load_lora, save_lora
 from covinit.allocation import allocate_ranks, explained_variance_ratio, rank_cap
-from covinit.estimators import estimate
+from covinit.covariance import estimate
 
 TARGETS = ["query", "dense", "head"]
 NAMES = ["block.query", "block.dense", "head"]

@@ -26,7 +26,7 @@ synthetic = pytest.importorskip("synthetic")
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
-from covinit.strategies import get_strategy  # noqa: E402
+from covinit.inits import get_strategy  # noqa: E402
 
 PRESERVING = ("zero-delta", "function")
 

@@ -18,8 +18,8 @@ from covinit.collect import (
     match_layers,
     move_to_device,
     rows_of,
-    target_matcher,
 )
+from covinit.selection import target_matcher
 
 
 class QKV(nn.Module):
@@ -68,12 +68,12 @@ def test_match_layers_suffix_regex_callable(tiny_model):
     assert list(match_layers(tiny_model, r"block\..*")) == ["block.query", "block.dense"]
     assert list(match_layers(tiny_model, lambda n, m: m.out_features == 5)) == ["head"]
     # a suffix matches whole dotted components only
-    with pytest.raises(ValueError, match=r"available: block\.query, block\.dense, head"):
+    with pytest.raises(ValueError, match=r"layers found: block\.query, block\.dense, head"):
         match_layers(tiny_model, ["uery"])
 
 
 def test_match_layers_each_suffix_must_match(tiny_model):
-    with pytest.raises(ValueError, match="target 'qurey' matches no linear layer"):
+    with pytest.raises(ValueError, match="layer 'qurey' was not found"):
         match_layers(tiny_model, ["query", "qurey"])
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 import covinit
 from covinit import calibrate, find_adapters, initialize
-from covinit.strategies import _REGISTRY
+from covinit.inits import _REGISTRY
 
 TARGETS = ["query", "dense", "head"]
 # Strategies on gradient statistics: tests/test_strategies_grad.py (own calibration).

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from sklearn.covariance import OAS, LedoitWolf
 
 import covinit
-from covinit.estimators import Estimate, _hilbert_kernel, analytical_shrinkage, estimate, estimators
+from covinit.covariance import Estimate, _hilbert_kernel, analytical_shrinkage, estimate, estimators
 from covinit.stats import Moments, merge_all
 
 NAMES = ("empirical", "ledoit_wolf", "oas", "nonlinear", "spatpca")

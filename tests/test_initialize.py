@@ -13,13 +13,13 @@ from torch import nn
 
 from covinit import add_lora, find_adapters, initialize
 from covinit._registry import Entry
-from covinit.initialize import layer_seed
+from covinit.initialization import layer_seed
+from covinit.inits import InitContext, LoRAInit, get_strategy
 from covinit.stats import Moments
-from covinit.strategies import InitContext, LoRAInit, get_strategy
 
 TARGETS = ["query", "dense", "head"]
-# The package attribute ``covinit.initialize`` is the function; the module is in sys.modules.
-init_module = importlib.import_module("covinit.initialize")
+# The module (the package attribute ``covinit.initialize`` is the function of that name).
+init_module = importlib.import_module("covinit.initialization")
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -114,9 +114,9 @@ def test_layers_selection_and_errors(make_tiny):
     info = initialize(model, layers=["head"])
     assert list(info) == ["head"]
     assert list(initialize(model, layers=lambda n: n.startswith("block"))) == ["block.query"]
-    with pytest.raises(ValueError, match=r"\['block\.dense'\] have no LoRA adapter.*head"):
+    with pytest.raises(ValueError, match=r"layer 'block\.dense' was not adapted.*head"):
         initialize(model, layers=["block.dense"])
-    with pytest.raises(ValueError, match="selects no adapted layer"):
+    with pytest.raises(ValueError, match="matches no adapted layer"):
         initialize(model, layers=lambda n: False)
 
 
@@ -191,17 +191,17 @@ def _moments(k: int, n: int = 50, seed: int = 0) -> Moments:
 
 
 def _fake_estimators(monkeypatch) -> list[tuple]:
-    """Replace covinit.estimators by a recorder (initialize imports it lazily)."""
+    """Replace covinit.covariance by a recorder (initialize imports it lazily)."""
     calls: list[tuple] = []
 
     def estimate(moments, name="ledoit_wolf", *, folds=None, **options):
         calls.append((moments, name, folds, options))
         return types.SimpleNamespace(covariance=moments.covariance(), name=name)
 
-    fake = types.ModuleType("covinit.estimators")
+    fake = types.ModuleType("covinit.covariance")
     fake.estimate = estimate
     fake.estimators = lambda: {"ledoit_wolf": "", "oas": ""}
-    monkeypatch.setitem(sys.modules, "covinit.estimators", fake)
+    monkeypatch.setitem(sys.modules, "covinit.covariance", fake)
     return calls
 
 

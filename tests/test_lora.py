@@ -333,7 +333,7 @@ def test_minilm_wraps_and_trains():
 
 
 @pytest.mark.parametrize("module", ["covinit.lora", "covinit.surgery", "covinit.adapters",
-                                    "covinit.initialize",
+                                    "covinit.initialization",
                                     "covinit.lora_io"])
 def test_docstring_examples_run(module):
     import doctest

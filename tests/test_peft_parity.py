@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from covinit import add_lora, calibrate, find_adapters, initialize
-from covinit.strategies import InitContext, get_strategy
+from covinit.inits import InitContext, get_strategy
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402

@@ -23,13 +23,14 @@ import warnings
 
 import pytest
 import torch
+from _loss import GRADIENT
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from covinit import add_lora, calibrate, estimate, find_adapters, initialize
+from covinit.inits import _REGISTRY
 from covinit.stats import Moments
-from covinit.strategies import _REGISTRY
 
 # Quantized-base strategies (preserves="approximate") promise a measured error: test_quant.py.
 ALL_STRATEGIES = [e.name for e in _REGISTRY if e.tags["preserves"] != "approximate"]
@@ -57,7 +58,7 @@ def _layer(d: int, k: int, seed: int) -> nn.Sequential:
 def _calibrate(model: nn.Module, x: Tensor, mask: Tensor | None):
     batch = {"x": x[None], "attention_mask": None if mask is None else mask[None].long()}
     return calibrate(model, [batch], targets=["0"], show_progress=False,
-                     forward_fn=lambda m, b: m(b["x"]))
+                     forward_fn=lambda m, b: m(b["x"]), **GRADIENT)
 
 
 def _init(model: nn.Module, cal, **kw) -> tuple[dict, list[str]]:

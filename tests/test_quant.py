@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from covinit import add_lora, calibrate, estimate, find_adapters, initialize
+from covinit.inits import InitContext, get_strategy
 from covinit.quant import ALLOWED_BITS, nf_levels, quantize, repair, weighted_error
 from covinit.stats import Moments
-from covinit.strategies import InitContext, get_strategy
 
 #: bitsandbytes' ``nf4`` code book (``bitsandbytes.functional.get_4bit_type("nf4")``).
 BNB_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

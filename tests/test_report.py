@@ -14,7 +14,7 @@ from torch import nn
 import covinit
 from covinit.allocation import allocate_ranks
 from covinit.calibration import Calibration, calibrate
-from covinit.estimators import estimate
+from covinit.covariance import estimate
 from covinit.reporting import (
     condition_number,
     effective_rank,

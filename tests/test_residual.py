@@ -174,4 +174,4 @@ def test_initialize_imports_nothing_that_calls_it_or_saves():
     """initialize sits below calibration (which calls it) and below saving and export."""
     banned = {"covinit.calibration", "covinit.export", "covinit.lora_io", "covinit.report",
               "covinit.reporting", "covinit.cli", "covinit"}
-    assert not _covinit_imports("initialize") & banned
+    assert not _covinit_imports("initialization") & banned

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from covinit import calibrate, find_adapters, initialize
 from covinit._registry import Entry
-from covinit.strategies import _REGISTRY, LoRAInit
+from covinit.inits import _REGISTRY, LoRAInit
 
 TARGETS = ["query", "dense", "head"]
 

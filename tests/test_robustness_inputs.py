@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 from _dense import assert_matches, dense
+from _loss import GRADIENT
 from _state import snapshot
 from torch import Tensor, nn
 
 from covinit import add_lora, calibrate, find_adapters, initialize, load_lora, save_lora
+from covinit.inits import _REGISTRY
 from covinit.stats import Moments
-from covinit.strategies import _REGISTRY
 
 COV_STRATEGIES = [e.name for e in _REGISTRY if e.tags["needs"]]
 RESIDUAL = [e.name for e in _REGISTRY if e.tags["preserves"] == "function"]
@@ -127,7 +128,7 @@ def test_duplicated_constant_and_too_few_rows_still_give_valid_factors(make_tiny
     x = torch.randn(7, 12, generator=gen)
     x[:, 3] = x[:, 0]
     x[:, 7] = 2.5
-    cal = _cal(make_tiny(), [x], ["query"])
+    cal = _cal(make_tiny(), [x], ["query"], **GRADIENT)  # every strategy's sides
     assert torch.linalg.matrix_rank(cal.moments("block.query").m2) == 6
     probe = torch.randn(5, 12, generator=gen)
     before = make_tiny()(probe).detach()
@@ -146,11 +147,11 @@ def test_duplicated_constant_and_too_few_rows_still_give_valid_factors(make_tiny
 
 @pytest.mark.parametrize("strategy", COV_STRATEGIES)
 def test_fewer_rows_than_rank_falls_back_for_every_strategy(make_tiny, strategy):
-    cal = _cal(make_tiny(), [torch.randn(3, 12)], ["query"])  # n = 3 < r = 4
+    cal = _cal(make_tiny(), [torch.randn(3, 12)], ["query"], **GRADIENT)  # n = 3 < r = 4
     model = add_lora(make_tiny(), ["query"], rank=4)
     with pytest.warns(UserWarning, match=r"layer 'block\.query': only 3 usable calibration "
-                                         r"position\(s\) on the (input|output) side, fewer "
-                                         r"than the rank 4"):
+                                         r"position\(s\) on the (input|output|gradient) side, "
+                                         r"fewer than the rank 4"):
         info = initialize(model, cal, strategy=strategy)
     assert info["block.query"]["strategy"] == "kaiming"
     assert torch.count_nonzero(find_adapters(model)["block.query"].get_lora()[1]) == 0
@@ -258,7 +259,7 @@ def _tied_model() -> TiedLM:
 
 @pytest.mark.parametrize("strategy", RESIDUAL)
 def test_residual_strategy_on_tied_lm_head_is_refused_and_nothing_changes(strategy):
-    cal = _cal(_tied_model(), _token_batches(), ["proj", "lm_head"])
+    cal = _cal(_tied_model(), _token_batches(), ["proj", "lm_head"], **GRADIENT)
     model = add_lora(_tied_model(), ["proj", "lm_head"], rank=2)
     before = snapshot(model)
     with pytest.raises(ValueError, match=rf"strategy '{strategy}' replaces the base weight of "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _loss import GRADIENT
 from _state import snapshot
 from conftest import TinyNet
 from safetensors import SafetensorError, safe_open
@@ -33,7 +34,7 @@ from covinit import (
     save_lora,
 )
 from covinit.calibration import _digest, _header_digest
-from covinit.strategies import _REGISTRY
+from covinit.inits import _REGISTRY
 
 TARGETS = ["query", "dense", "head"]
 
@@ -62,7 +63,7 @@ def test_add_lora_rank_outside_one_to_min_dk_is_refused_and_model_unchanged(make
 def test_peft_rank_above_min_dk_is_refused_by_decomposing_strategies(make_tiny, adapt, strategy):
     """PEFT accepts r = 7 on a 5×12 layer; a decomposition cannot fill 7 directions, so the
     strategies that decompose refuse it up front (naming the layer), random ones work."""
-    cal = _cal(make_tiny(), _data())
+    cal = _cal(make_tiny(), _data(), **GRADIENT)  # every strategy's sides
     model = adapt("peft", make_tiny(), ["head"], rank=7)
     entry = _REGISTRY.get(strategy)
     if not entry.tags["needs"] and entry.tags["preserves"] == "zero-delta":

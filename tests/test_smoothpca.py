@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from covinit.estimators import estimate
+from covinit.covariance import estimate
 from covinit.geometry import chain
 from covinit.smoothpca import low_rank_plus_noise, pca_state, smooth_pca, spatpca
 from covinit.stats import Moments, merge_all

@@ -9,7 +9,7 @@ import torch
 from conftest import ADAPTER_KINDS
 
 from covinit import find_adapters, initialize, strategies
-from covinit.strategies import InitContext, LoRAInit, get_strategy
+from covinit.inits import InitContext, LoRAInit, get_strategy
 
 BASELINES = ("kaiming", "gaussian", "zero", "pissa")
 TARGETS = ("query", "dense", "head")

@@ -15,9 +15,9 @@ from conftest import TinyNet
 from torch import Tensor, nn
 
 from covinit import add_lora, calibrate, find_adapters, initialize, strategies
-from covinit.estimators import estimate
+from covinit.covariance import estimate
+from covinit.inits import InitContext, get_strategy
 from covinit.stats import Moments
-from covinit.strategies import InitContext, get_strategy
 
 COV_STRATEGIES = ("input-pca", "input-whiten", "output-pca", "cov-svd", "cov-minor",
                   "two-sided")

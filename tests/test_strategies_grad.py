@@ -16,9 +16,9 @@ from conftest import TinyNet
 from torch import Tensor, nn
 
 from covinit import add_lora, find_adapters, initialize
-from covinit.estimators import estimate
+from covinit.covariance import estimate
+from covinit.inits import InitContext, get_strategy
 from covinit.stats import Moments
-from covinit.strategies import InitContext, get_strategy
 
 GRAD_STRATEGIES = ("grad-svd", "grad-whiten", "kfac", "lora-ga")
 TARGETS = ["query", "dense", "head"]

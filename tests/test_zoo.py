@@ -336,7 +336,7 @@ def test_demo_quick_runs_every_strategy_deterministically():
     # Every strategy keeps the model's function at step 0 (B = 0 or a residual base), so the
     # step-0 validation loss is the pretrained model's, identical across strategies; the
     # quantized-base ones (preserves="approximate") move it by design (test_quant.py).
-    from covinit.strategies import get_strategy
+    from covinit.inits import get_strategy
 
     exact = [n for n in rows if get_strategy(n).tags["preserves"] != "approximate"]
     assert len({rows[n][3] for n in exact}) == 1

@@ -31,7 +31,7 @@ condition number
     finite.
 shrinkage
     Ledoit-Wolf's and OAS's intensity ``s`` in ``(1−s)·S + s·μ·I`` (see
-    :mod:`covinit.estimators`).  Shrinking towards ``μI`` maps the eigenvalues affinely,
+    :mod:`covinit.covariance`).  Shrinking towards ``μI`` maps the eigenvalues affinely,
     ``λ ↦ (1−s)·λ + s·μ``, and keeps the eigenvectors, so the spectra drawn for these
     estimators come from one eigendecomposition.
 SpatPCA
@@ -44,7 +44,7 @@ principal angles to W0 (with a model)
     left singular vectors (output side) — the subspaces PiSSA uses.  0° means the data and
     the weights agree; 90° means the data's main directions are ones W0 ignores.  For a
     layer whose base a residual strategy replaced, W0 is the *original* weight, restored from
-    :mod:`covinit.export`'s record (without a record — a model reloaded from a file — the
+    :mod:`covinit.residual`'s record (without a record — a model reloaded from a file — the
     current base is used).
 first-step ratio (with a LoRA model, input side)
     How far Adam's first step would move the layer's output, as a multiple of Kaiming's

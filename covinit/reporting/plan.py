@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from covinit.adapters import find_adapters, find_linear_layers
 from covinit.allocation import allocate_ranks, rank_cap
 from covinit.calibration import Calibration
-from covinit.estimators import estimate, estimators
-from covinit.export import residual_offset
+from covinit.covariance import estimate, estimators
+from covinit.residual import original_weight
 from covinit.selection import Targets, select
 
 __all__ = ["ReportPlan", "plan_report"]
@@ -202,15 +202,7 @@ def _original_weights(model: nn.Module, names: Iterable[str]) -> dict[str, Tenso
     out: dict[str, Tensor] = {}
     for name in names:
         if name in adapters:
-            adapter = adapters[name]
-            w = adapter.base_weight().detach().to("cpu", torch.float64)
-            replaced = getattr(adapter, "base_replaced", False)
-            offset = residual_offset(adapter.module) if replaced else None
-            if offset is not None:  # W0 = residual base + P·Q (see covinit.export)
-                p, q = offset
-                w = w + p.detach().to("cpu", torch.float64) @ q.detach().to("cpu",
-                                                                            torch.float64)
-            out[name] = w
+            out[name] = original_weight(adapters[name]).to("cpu")
         elif name in linears:
             module = linears[name]
             w = module.weight.detach().to("cpu", torch.float64)

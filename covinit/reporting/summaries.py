@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from covinit.estimators import estimate, ledoit_wolf_shrinkage, oas_shrinkage
+from covinit.covariance import estimate, ledoit_wolf_shrinkage, oas_shrinkage
 from covinit.matched import closed_form_gain, second_moment, step_ratio
 from covinit.reporting.plan import ReportPlan
 from covinit.stats import Moments

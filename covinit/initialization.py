@@ -2,7 +2,7 @@
 
 :func:`initialize` is the one place where strategies meet layers: it finds the adapters
 (covinit's, PEFT's or loralib-style, through :mod:`covinit.adapters`), builds an
-:class:`~covinit.strategies.InitContext` per layer — the base weight as a float64 copy, the
+:class:`~covinit.inits.InitContext` per layer — the base weight as a float64 copy, the
 layer's scaling, a generator seeded from ``seed`` and the layer name, and lazy covariance
 estimates from a calibration — runs the strategy, checks what it returned and writes it.
 
@@ -41,11 +41,13 @@ from torch import Tensor, nn
 
 from covinit._registry import Entry
 from covinit.adapters import LoRAAdapter, check_original_base, find_adapters, mark_initialized
-from covinit.collect import SIDES, CalibrationLike
+from covinit.allocation import allocate_ranks, rank_cap
+from covinit.collect import ALL_SIDES, SIDES, CalibrationLike
+from covinit.inits import InitContext, LoRAInit, get_strategy
 from covinit.peft_saving import hook_peft_save, update_peft_patterns
 from covinit.residual import original_weight, record_offset, residual_offset
+from covinit.selection import Targets, select
 from covinit.stats import Moments
-from covinit.strategies import InitContext, LoRAInit, get_strategy
 
 __all__ = ["initialize", "layer_seed"]
 
@@ -67,7 +69,7 @@ def layer_seed(seed: int, name: str) -> int:
 def initialize(model: nn.Module, calibration: CalibrationLike | None = None, *,
                strategy: str = "kaiming", estimator: str = "ledoit_wolf",
                rank: int | None = None, seed: int = 0,
-               layers: Iterable[str] | Callable[[str], bool] | None = None,
+               layers: Targets | None = None,
                estimator_options: Mapping[str, Any] | None = None,
                rank_budget: int | None = None, max_rank: int | None = None,
                **options: Any) -> dict[str, dict[str, Any]]:
@@ -92,8 +94,8 @@ def initialize(model: nn.Module, calibration: CalibrationLike | None = None, *,
     seed : int, default=0
         Seed for random parts; each layer's generator is seeded with
         :func:`layer_seed` ``(seed, name)``, so results do not depend on layer order.
-    layers : list of str or callable, optional
-        The adapters to initialize: canonical names, or a predicate on the name; default all.
+    layers : list of str, str or callable, optional
+        The adapters to initialize, as :mod:`covinit.selection` reads them; default all.
     estimator_options : mapping, optional
         Keyword arguments for the estimator (e.g. a fixed shrinkage).
     rank_budget : int, optional
@@ -165,7 +167,7 @@ class _Request:
 
 def _resolve(model: nn.Module, calibration: CalibrationLike | None, strategy: str,
              estimator: str, *, rank: int | None, seed: int,
-             layers: Iterable[str] | Callable[[str], bool] | None, rank_budget: int | None,
+             layers: Targets | None, rank_budget: int | None,
              options: Mapping[str, Any]) -> _Request:
     """Check every argument against the registries, the model and the calibration (the
     errors :func:`initialize` documents), before anything is computed."""
@@ -189,7 +191,7 @@ def _resolve(model: nn.Module, calibration: CalibrationLike | None, strategy: st
     if calibration is not None:
         calibration.check_model(model)
     _check_sides(request, rank_budget is not None)
-    from covinit.estimators import estimators  # lazy: estimators are optional for baselines
+    from covinit.covariance import estimators  # lazy: estimators are optional for baselines
 
     # Checked even when the strategy needs no estimate: a typo must not pass silently.
     if estimator not in estimators():
@@ -198,24 +200,13 @@ def _resolve(model: nn.Module, calibration: CalibrationLike | None, strategy: st
     return request
 
 
-def _select(adapters: dict[str, LoRAAdapter],
-            layers: Iterable[str] | Callable[[str], bool] | None) -> dict[str, LoRAAdapter]:
+def _select(adapters: dict[str, LoRAAdapter], layers: Targets | None
+            ) -> dict[str, LoRAAdapter]:
+    """The adapters ``layers`` selects (all when None), by :func:`covinit.selection.select`."""
     if layers is None:
         return adapters
-    if callable(layers):
-        chosen = {n: a for n, a in adapters.items() if layers(n)}
-    else:
-        if isinstance(layers, str):
-            layers = [layers]
-        wanted = list(layers)
-        unknown = [n for n in wanted if n not in adapters]
-        if unknown:
-            raise ValueError(f"layers {unknown} have no LoRA adapter; adapted layers: "
-                             f"{', '.join(adapters)}")
-        chosen = {n: adapters[n] for n in wanted}
-    if not chosen:
-        raise ValueError(f"layers selects no adapted layer; adapted layers: {', '.join(adapters)}")
-    return chosen
+    modules = {name: adapter.module for name, adapter in adapters.items()}
+    return {name: adapters[name] for name in select(modules, layers, what="adapted")}
 
 
 def _check_ranks(chosen: Mapping[str, LoRAAdapter], rank: int | None,
@@ -293,7 +284,7 @@ class _Estimates:
         cal = self.calibration
         return {side: (self.lazy(name, side, rank)
                        if cal is not None and _has_side(cal, name, side) else None)
-                for side in (*SIDES, "gradient")}
+                for side in ALL_SIDES}
 
     def lazy(self, name: str, side: str, rank: int) -> Callable[..., Any]:
         """A callable ``get(center=True)`` returning the (cached) estimate of one layer side.
@@ -309,7 +300,7 @@ class _Estimates:
         return get
 
     def _estimate(self, name: str, side: str, rank: int, center: bool) -> Any:
-        from covinit.estimators import estimate  # lazy: estimators are optional for baselines
+        from covinit.covariance import estimate  # lazy: estimators are optional for baselines
 
         cal, estimator = self.calibration, self.estimator
         assert cal is not None  # getters exist only with a calibration
@@ -346,17 +337,11 @@ def _uncentred(moments: Moments) -> Moments:
 def _allocate(chosen: Mapping[str, LoRAAdapter], estimates: _Estimates, budget: int,
               max_rank: int | None) -> dict[str, int]:
     """Per-layer ranks from the input covariance spectra (see ``rank_budget=``)."""
-    from covinit.allocation import allocate_ranks
-
-    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int)
-                                 or max_rank < 1):
-        raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
     spectra: dict[str, Tensor] = {}
     caps: dict[str, int] = {}
     for name, adapter in chosen.items():
-        cap = 2 * adapter.rank if max_rank is None else max_rank
-        cap = min(cap, adapter.out_features, adapter.in_features)
-        caps[name] = cap
+        caps[name] = cap = rank_cap(adapter.rank, adapter.out_features, adapter.in_features,
+                                    max_rank)
         # Centred, as EVA's incremental PCA; for spatpca, as many components as the cap.
         spectra[name] = estimates.lazy(name, "input", cap)(center=True).eigenvalues
     return allocate_ranks(spectra, budget, min_rank=1, max_rank=caps)
@@ -512,7 +497,7 @@ def _tied_names(model: nn.Module) -> dict[int, list[str]]:
 def _check_result(result: object, strategy: str, name: str, d: int, k: int, r: int) -> LoRAInit:
     if not isinstance(result, LoRAInit):
         raise TypeError(f"strategy {strategy!r} returned {type(result).__name__} for layer "
-                        f"{name!r}; expected covinit.strategies.LoRAInit")
+                        f"{name!r}; expected covinit.inits.LoRAInit")
     expected = {"A": (result.a, (r, k)), "B": (result.b, (d, r)), "base": (result.base, (d, k))}
     for label, (value, shape) in expected.items():
         if value is None and label == "base":

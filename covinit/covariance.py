@@ -28,7 +28,7 @@ Example
 -------
 >>> import torch
 >>> from covinit.stats import Moments
->>> from covinit.estimators import estimate
+>>> from covinit.covariance import estimate
 >>> m = Moments.from_batch(torch.randn(50, 20, dtype=torch.float64))
 >>> est = estimate(m, "ledoit_wolf")
 >>> values, vectors = est.top(4)

@@ -1,4 +1,6 @@
-"""Init strategies: pure functions ``InitContext -> LoRAInit`` in one registry (DESIGN.md §4).
+"""Init strategies: pure functions ``InitContext -> LoRAInit`` in one registry.
+
+README: "Init strategies" has the table, the formulas and the defaults.
 
 A strategy sees one layer at a time: its frozen weight ``W0`` (d×k, in ``nn.Linear``
 orientation), the rank, LoRA's scaling (α/r or α/√r), a seeded generator and, when it
@@ -223,7 +225,7 @@ def pissa(ctx: InitContext) -> LoRAInit:
 # the second moment E[xxᵀ] (what a layer's output W·x depends on, as in CorDA / SVD-LLM).
 
 #: Relative eigenvalue floor for negative powers of a covariance (as
-#: :meth:`covinit.estimators.Estimate.inv_sqrt`): a numerical guard for rank-deficient
+#: :meth:`covinit.covariance.Estimate.inv_sqrt`): a numerical guard for rank-deficient
 #: empirical estimates, not a regulariser — shrinkage estimators never reach it.
 EIGEN_FLOOR = 1e-10
 
@@ -668,11 +670,11 @@ def two_sided(ctx: InitContext) -> LoRAInit:
 
 
 # ---------------------------------------------------------------------- gradient statistics
-# DESIGN.md §8.  With G = Σ_t δ_t·x_tᵀ (d, k) the loss gradient of the layer's weight over the
-# calibration data, M the input second moment E[xxᵀ] and Σδ = E[δδᵀ] the output gradient's
-# (K-FAC's two Kronecker factors, both shrunk by the chosen estimator, uncentred), a B = 0
-# init moves B first, along −sign(c·G·Aᵀ): A decides which output directions the first step
-# can reach and how much the loss drops (first order: lr·c·‖G·Aᵀ‖₁).
+# README: "Init strategies".  With G = Σ_t δ_t·x_tᵀ (d, k) the loss gradient of the layer's weight
+# over the calibration data, M the input second moment E[xxᵀ] and Σδ = E[δδᵀ] the output gradient's
+# (K-FAC's two Kronecker factors, both shrunk by the chosen estimator, uncentred), a B = 0 init
+# moves B first, along −sign(c·G·Aᵀ): A decides which output directions the first step can reach and
+# how much the loss drops (first order: lr·c·‖G·Aᵀ‖₁).
 
 
 def _top_pair(m: Tensor, rank: int) -> tuple[Tensor, Tensor]:
