@@ -174,7 +174,7 @@ def _residual_adapters(model: nn.Module) -> dict[str, LoRAAdapter] | None:
     if not any(residual_offset(module) is not None for module in model.modules()):
         return None
     recorded = model.__dict__.get(_HOOKED)
-    adapters = find_adapters(model)
+    adapters = find_adapters(model, dora=True)  # reads only: the magnitude is saved as is
     names = {getattr(adapter, "adapter_name", None) for adapter in adapters.values()}
     if names != {recorded}:
         raise ValueError(
@@ -258,7 +258,7 @@ def _unfold_dir(model: nn.Module, src: str, dst: str, split: dict[str, list[int]
 
     from safetensors.torch import load_file
 
-    adapters = find_adapters(model)
+    adapters = find_adapters(model, dora=True)  # reads only: the magnitude is saved as is
     tensors = load_file(os.path.join(src, "adapter_model.safetensors"))
     with open(os.path.join(src, "adapter_config.json"), encoding="utf-8") as f:
         config = json.load(f)

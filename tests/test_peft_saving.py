@@ -98,6 +98,20 @@ def test_save_pretrained_after_a_residual_init_loads_onto_the_untouched_base(
     assert _max_diff(_logits(model), trained) == 0.0
 
 
+def test_save_pretrained_after_a_residual_init_on_dora_keeps_the_trained_magnitude(tmp_path):
+    """DoRA normalises W0 + s·B·A column-wise; the folded adapter gives the same matrix on
+    the untouched base, and PEFT saves the trained magnitude as it is (before: refused)."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=MODELS["llama"][1],
+                             use_dora=True)
+    model = peft.get_peft_model(_base("llama"), config)
+    calibrate(model, _batches(), strategy="cov-svd", show_progress=False)
+    _train(model)
+    trained = _logits(model)
+    model.save_pretrained(tmp_path)
+    fresh = peft.PeftModel.from_pretrained(_base("llama"), tmp_path)
+    assert _max_diff(_logits(fresh), trained) < 1e-5
+
+
 @pytest.mark.slow
 def test_save_pretrained_on_minilm(tmp_path):
     """The issue's own case: MiniLM, cov-svd, a classifier head in modules_to_save."""
