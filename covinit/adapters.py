@@ -34,6 +34,7 @@ __all__ = [
     "PEFT_BASE_REWRITING_INITS",
     "LoRAAdapter",
     "check_original_base",
+    "describe_skipped",
     "factors_digest",
     "find_adapters",
     "find_linear_layers",
@@ -44,6 +45,7 @@ __all__ = [
     "matches_initialized",
     "model_fingerprint",
     "plain_root",
+    "skipped_warning",
 ]
 
 # Attribute set on PEFT / loralib modules whose base weight covinit replaced (covinit's own
@@ -550,6 +552,19 @@ def find_skipped_adapters(model: nn.Module) -> dict[str, str]:
         if kind == "peft-other" and _active_peft_adapter(name, module) is not None:
             skipped[name] = type(module).__name__
     return skipped
+
+
+def describe_skipped(skipped: Mapping[str, str]) -> str:
+    """``'a' (Embedding), 'b' (Conv2d)`` for :func:`find_skipped_adapters`' result."""
+    return ", ".join(f"{name!r} ({kind})" for name, kind in skipped.items())
+
+
+def skipped_warning(skipped: Mapping[str, str]) -> str:
+    """The one warning text for LoRA layers covinit leaves as PEFT initialized them."""
+    return (f"covinit leaves PEFT LoRA layer(s) {describe_skipped(skipped)} as PEFT "
+            "initialized them (embeddings: A = 0, B ~ N(0, 1), so ΔW = 0 at step 0): an "
+            "embedding's input is a one-hot token id, whose covariance is diagonal, so "
+            "covariance strategies do not apply")
 
 
 # ---------------------------------------------------------------------- initial state

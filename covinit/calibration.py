@@ -70,12 +70,14 @@ from covinit import distributed
 from covinit.adapters import (
     LoRAAdapter,
     check_original_base,
+    describe_skipped,
     find_adapters,
     find_linear_layers,
     find_skipped_adapters,
     is_inert,
     matches_initialized,
     model_fingerprint,
+    skipped_warning,
 )
 from covinit.collect import (
     ALL_SIDES,
@@ -763,7 +765,7 @@ def _plain_layers(model: nn.Module, targets: Targets | None, skipped: Mapping[st
     if targets is None and skipped:
         raise ValueError(
             f"the model's LoRA layers are all of kinds covinit does not initialize "
-            f"({_describe(skipped)}); they keep PEFT's own init (embeddings: A = 0, "
+            f"({describe_skipped(skipped)}); they keep PEFT's own init (embeddings: A = 0, "
             "B ~ N(0, 1), so the model is unchanged at step 0). Pass targets= to collect "
             "statistics of linear layers")
     if targets is None:
@@ -902,11 +904,8 @@ def _initialize(model: nn.Module, cal: Calibration, plan: _Plan) -> None:
     """Stage 6: initialize exactly the calibrated adapters with the requested strategy."""
     request = plan.request
     if plan.skipped:
-        warnings.warn(
-            f"covinit leaves PEFT LoRA layer(s) {_describe(plan.skipped)} as PEFT initialized "
-            "them (embeddings: A = 0, B ~ N(0, 1), so ΔW = 0 at step 0): an embedding's "
-            "input is a one-hot token id, whose covariance is diagonal, so covariance "
-            "strategies do not apply", UserWarning, stacklevel=3)  # calibrate's caller
+        warnings.warn(skipped_warning(plan.skipped), UserWarning,
+                      stacklevel=3)  # calibrate's caller
     _check_ranks(cal, plan.adapters, request.options.get("rank"))
     kwargs: dict[str, Any] = dict(request.options)
     kwargs["strategy"] = request.strategy or DEFAULT_STRATEGY
@@ -914,7 +913,9 @@ def _initialize(model: nn.Module, cal: Calibration, plan: _Plan) -> None:
         kwargs.setdefault("layers", list(plan.layers))
     if request.estimator is not None:
         kwargs["estimator"] = request.estimator
-    initialize(model, cal, **kwargs)
+    with warnings.catch_warnings():  # calibrate named the skipped layers above already
+        warnings.filterwarnings("ignore", message="covinit leaves PEFT LoRA layer")
+        initialize(model, cal, **kwargs)
 
 
 # ---------------------------------------------------------------------- calibrate's helpers
@@ -1071,11 +1072,6 @@ def _output_offsets(adapters: Mapping[str, Any], layers: Mapping[str, nn.Module]
             offsets[name] = (torch.cat([p.to(torch.float64) for p in ps], dim=1),
                              torch.cat([q.to(torch.float64) for q in qs], dim=0))
     return offsets
-
-
-def _describe(layers: Mapping[str, str]) -> str:
-    """``'a' (Embedding), 'b' (Conv2d)`` for ``{name: kind}``."""
-    return ", ".join(f"{name!r} ({kind})" for name, kind in layers.items())
 
 
 def _trained_reason(adapter: Any) -> str | None:

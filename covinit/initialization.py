@@ -40,7 +40,15 @@ import torch
 from torch import Tensor, nn
 
 from covinit._registry import Entry
-from covinit.adapters import LoRAAdapter, check_original_base, find_adapters, mark_initialized
+from covinit.adapters import (
+    LoRAAdapter,
+    check_original_base,
+    describe_skipped,
+    find_adapters,
+    find_skipped_adapters,
+    mark_initialized,
+    skipped_warning,
+)
 from covinit.allocation import allocate_ranks, rank_cap
 from covinit.collect import ALL_SIDES, SIDES, CalibrationLike
 from covinit.inits import InitContext, LoRAInit, get_strategy
@@ -181,9 +189,14 @@ def _resolve(model: nn.Module, calibration: CalibrationLike | None, strategy: st
             raise ValueError(f"strategy {strategy!r} got unknown options {unknown}; "
                              f"allowed: {sorted(allowed) or 'none'}")
     adapters = find_adapters(model, dora=True)  # DoRA magnitudes follow every write
+    skipped = find_skipped_adapters(model)
     if not adapters:
-        raise ValueError("model has no LoRA layers; add them first with covinit.add_lora(...) "
-                         "or peft.get_peft_model(...)")
+        kinds = f" (only {describe_skipped(skipped)}, left as PEFT initialized them)" \
+            if skipped else ""
+        raise ValueError(f"model has no LoRA layers covinit initializes{kinds}; add them first "
+                         "with covinit.add_lora(...) or peft.get_peft_model(...)")
+    if skipped:
+        warnings.warn(skipped_warning(skipped), UserWarning, stacklevel=3)  # initialize's caller
     chosen = _select(adapters, layers)
     check_original_base(chosen, "initialize")
     _check_ranks(chosen, rank, rank_budget)

@@ -251,6 +251,21 @@ def test_embedding_adapters_are_named_in_a_warning_and_keep_peft_init():
     torch.testing.assert_close(_logits(model, data[0]), _logits(_tiny("llama"), data[0]))
 
 
+def test_initialize_names_embedding_adapters_too():
+    """initialize called directly warns once, at its caller, and refuses an embedding-only
+    model with an error naming the embedding (before: silent, and 'no LoRA layers')."""
+    model = _peft("llama", ["embed_tokens", "q_proj"])
+    cal = covinit.calibrate(model, _data(), init=False, show_progress=False)
+    with pytest.warns(UserWarning, match=r"'model\.embed_tokens' \(Embedding\) as PEFT "
+                                         r"initialized them") as caught:
+        info = covinit.initialize(model, cal, strategy="input-pca")
+    assert [w.filename for w in caught] == [__file__]
+    assert list(info) == [Q["llama"]]
+    with pytest.raises(ValueError, match=r"no LoRA layers covinit initializes \(only "
+                                         r"'model\.embed_tokens' \(Embedding\)"):
+        covinit.initialize(_peft("llama", ["embed_tokens"]))
+
+
 def test_embedding_only_model_gets_an_error_that_names_the_embedding():
     model = _peft("llama", ["embed_tokens"])
     with pytest.raises(ValueError, match=r"all of kinds covinit does not initialize "
