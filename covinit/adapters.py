@@ -13,6 +13,12 @@ plain model, after :func:`covinit.add_lora` and after ``peft.get_peft_model``.
 
 PEFT is imported only if the model could contain PEFT layers (``peft`` already imported), so
 covinit works without it.
+
+Sharded models (FSDP2 ``fully_shard``): :func:`find_adapters` reshards the model's FSDP modules
+first, so adapters hold the ``DTensor`` parameters; reads all-gather them and writes scatter
+rank 0's full tensor (:mod:`covinit.distributed`), so every rank must make the same calls in
+the same order.  Changing a rank (new parameters FSDP does not manage) and DoRA's magnitude
+are refused on sharded layers.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from covinit._linear import is_linear, linear_shape
+from covinit.distributed import copy_full_, full_tensor, is_sharded, reshard_fsdp
 from covinit.lora import LoRALinear
 
 __all__ = [
@@ -95,7 +102,8 @@ class LoRAAdapter(Protocol):
     base_replaced: bool
 
     def base_weight(self) -> Tensor:
-        """Base weight ``(d, k)``: a detached view (transposed if stored (k, d)); don't mutate."""
+        """Base weight ``(d, k)``: a detached view (transposed if stored (k, d)); don't mutate.
+        For a sharded (FSDP2) layer, a gathered copy."""
         ...
 
     def set_base_weight(self, weight: Tensor, replaced: bool = True) -> None:
@@ -186,32 +194,46 @@ class _ParamAdapter:
             raise ValueError(f"cannot {action} layer {self.name!r} while its adapter is merged "
                              "into the base weight; unmerge it first")
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the factors are FSDP2 shards (``DTensor``)."""
+        return is_sharded(self._a) or is_sharded(self._weight)
+
+    def _check_unsharded(self, action: str) -> None:
+        if self.sharded:
+            raise ValueError(
+                f"cannot {action} layer {self.name!r} (d={self.out_features}, "
+                f"k={self.in_features}, rank={self.rank}): its parameters are FSDP2 shards "
+                "(DTensor) and new LoRA parameters would not be sharded by fully_shard; keep "
+                "the ranks fixed (no rank_budget=; restore_base changes ranks too), or "
+                "calibrate and initialize before fully_shard")
+
     def base_weight(self) -> Tensor:
         self._check_unmerged("read the base weight of")
-        w = self._weight.detach()
+        w = full_tensor(self._weight)
         return w.T if self._transposed else w
 
     def set_base_weight(self, weight: Tensor, replaced: bool = True) -> None:
         self._check_unmerged("set the base weight of")
         _check_shape(self.name, "base weight", weight, (self.out_features, self.in_features))
-        with torch.no_grad():
-            self.base_weight().copy_(weight)
+        copy_full_(self._weight, weight.T if self._transposed else weight)
         setattr(self.module, _REPLACED_FLAG, replaced)
 
     def get_lora(self) -> tuple[Tensor, Tensor]:
-        return self._a.detach().clone(), self._b.detach().clone()
+        return full_tensor(self._a).clone(), full_tensor(self._b).clone()
 
     def set_lora(self, a: Tensor, b: Tensor) -> None:
         self._check_unmerged("set the LoRA factors of")
         _check_shape(self.name, "LoRA A", a, (self.rank, self.in_features))
         _check_shape(self.name, "LoRA B", b, (self.out_features, self.rank))
-        with torch.no_grad():
-            self._a.copy_(a)
-            self._b.copy_(b)
+        copy_full_(self._a, a)
+        copy_full_(self._b, b)
 
 
 class _CovinitAdapter(_ParamAdapter):
-    """covinit's own :class:`LoRALinear` (delegates so its own checks and flags apply)."""
+    """covinit's own :class:`LoRALinear` (delegates so its own checks and flags apply; a
+    sharded layer is read and written through :mod:`covinit.distributed` instead, since
+    :class:`LoRALinear` copies into plain tensors only)."""
 
     def __init__(self, name: str, layer: LoRALinear) -> None:
         super().__init__(name, layer, layer.base_layer, layer.base_layer.weight, layer.lora_A,
@@ -224,18 +246,27 @@ class _CovinitAdapter(_ParamAdapter):
 
     def base_weight(self) -> Tensor:
         self._check_unmerged("read the base weight of")
-        return self._layer.base_weight()
+        return super().base_weight() if self.sharded else self._layer.base_weight()
 
     def set_base_weight(self, weight: Tensor, replaced: bool = True) -> None:
         _check_shape(self.name, "base weight", weight, (self.out_features, self.in_features))
-        self._layer.set_base_weight(weight, replaced)
+        if not self.sharded:
+            self._layer.set_base_weight(weight, replaced)
+            return
+        self._check_unmerged("set the base weight of")
+        copy_full_(self._weight, weight.T if self._transposed else weight)
+        self._layer.base_replaced = replaced
 
     def set_lora(self, a: Tensor, b: Tensor) -> None:
         _check_shape(self.name, "LoRA A", a, (self.rank, self.in_features))
         _check_shape(self.name, "LoRA B", b, (self.out_features, self.rank))
-        self._layer.set_lora(a, b)
+        if self.sharded:
+            super().set_lora(a, b)
+        else:
+            self._layer.set_lora(a, b)
 
     def resize(self, rank: int) -> None:
+        self._check_unsharded("resize")
         self._layer.resize(rank)
         self._a, self._b, self.rank = self._layer.lora_A, self._layer.lora_B, self._layer.rank
 
@@ -273,6 +304,12 @@ class _PeftAdapter(_ParamAdapter):
         super().__init__(name, layer, base, base.weight, layer.lora_A[adapter].weight,
                          layer.lora_B[adapter].weight, layer.scaling[adapter],
                          bool(getattr(layer, "fan_in_fan_out", False)))
+        if is_dora and self.sharded:
+            raise ValueError(
+                f"PEFT layer {name!r}: adapter {adapter!r} is a DoRA adapter under FSDP2 "
+                "fully_shard; covinit does not recompute DoRA's magnitude vector on sharded "
+                "parameters. Calibrate and initialize before fully_shard (the statistics "
+                "merge over ranks without it), then shard the model")
         self.adapter_name = adapter
         self.peft_init = peft_init
         self.dora = is_dora
@@ -322,6 +359,7 @@ class _PeftAdapter(_ParamAdapter):
 
     def resize(self, rank: int) -> None:
         self._check_unmerged("resize")
+        self._check_unsharded("resize")
         layer, name = self.module, self.adapter_name
         _check_new_rank(self.name, rank, self.out_features, self.in_features)
         old_a, old_b = layer.lora_A[name], layer.lora_B[name]
@@ -357,6 +395,7 @@ class _LoralibAdapter(_ParamAdapter):
 
     def resize(self, rank: int) -> None:
         self._check_unmerged("resize")
+        self._check_unsharded("resize")
         layer = self.module
         _check_new_rank(self.name, rank, self.out_features, self.in_features)
         old_a, old_b = layer.lora_A, layer.lora_B
@@ -516,6 +555,9 @@ def find_adapters(model: nn.Module, *, dora: bool = False) -> dict[str, LoRAAdap
     >>> list(find_adapters(model))
     ['0']
     """
+    # FSDP2 leaves the root's parameters unsharded after a forward; the adapters must hold
+    # the sharded DTensors, or what they write would be lost (covinit.distributed).
+    reshard_fsdp(model)
     found: dict[str, LoRAAdapter] = {}
     configs = getattr(model, "peft_config", None)
     configs = configs if isinstance(configs, dict) else {}

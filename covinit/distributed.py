@@ -14,6 +14,15 @@ and merges as the identity.  Counts travel as float64, exact below 2⁵³ rows.
 Plain sums (the gradient side's cross-moment ``G = Σ δ·xᵀ``, d×k) are gathered with
 :func:`all_gather_tensor` and added in rank order — not all-reduced, whose summation order
 is the backend's — so that every rank holds the same bits.
+
+**Sharded models (FSDP2).**  Under ``torch.distributed.fsdp.fully_shard`` the parameters are
+``DTensor`` shards; forward hooks still see full activations (FSDP all-gathers the weights for
+the forward), so statistics need nothing new.  What reads or writes a weight goes through
+:func:`full_tensor` (an all-gather: every rank must call it, in the same order) and
+:func:`copy_full_` (rank 0's full tensor is scattered with the parameter's own device mesh
+and placements, so every rank keeps exactly its shard).  :func:`reshard_fsdp` puts the
+sharded parameters back first: FSDP keeps the root's parameters unsharded after a forward,
+and a write into that unsharded copy would be lost at the next reshard.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from covinit.sketch import Sketch
 from covinit.stats import Moments
@@ -32,8 +41,13 @@ __all__ = [
     "all_gather_moments",
     "all_gather_sketch",
     "all_gather_tensor",
+    "copy_full_",
+    "full_tensor",
     "is_distributed",
+    "is_sharded",
     "pack_moments",
+    "reshard_fsdp",
+    "storage_ptr",
     "unpack_moments",
 ]
 
@@ -126,3 +140,77 @@ def all_gather_sketch(s: Sketch) -> list[Sketch]:
                    Sketch(n, p[2:2 + k].clone(), p[2 + k:].reshape(k, size).clone(),
                           p[1].clone(), s.seed))
     return out
+
+
+# ---------------------------------------------------------------------- sharded parameters
+def is_sharded(t: object) -> bool:
+    """Whether ``t`` is a ``DTensor`` (e.g. a parameter of a ``fully_shard`` module)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor, detached: a ``DTensor`` is all-gathered (a collective: every rank
+    must call this for the same tensors in the same order), a plain tensor is returned as
+    its detached self (a view, not a copy).  Shape: ``t``'s global shape."""
+    t = t.detach()
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def copy_full_(param: Tensor, value: Tensor) -> None:
+    """Overwrite ``param`` in place with the full tensor ``value`` (same global shape; cast
+    to ``param``'s dtype and device).
+
+    For a ``DTensor`` parameter, rank 0's ``value`` is distributed with the parameter's own
+    device mesh and placements (``distribute_tensor``, a collective), so every rank keeps
+    its own shard of the same tensor even if the ranks' ``value`` differ by rounding; the
+    parameter object (and an optimizer's reference to it) stays the same.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ.
+    """
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(f"cannot copy a tensor of shape {tuple(value.shape)} into a "
+                         f"parameter of shape {tuple(param.shape)}")
+    with torch.no_grad():
+        if not is_sharded(param):
+            param.copy_(value)
+            return
+        from torch.distributed.tensor import distribute_tensor
+
+        local = param.to_local()
+        full = value.detach().to(dtype=local.dtype, device=local.device).contiguous()
+        local.copy_(distribute_tensor(full, param.device_mesh, param.placements).to_local())
+
+
+def storage_ptr(t: Tensor) -> int:
+    """``data_ptr`` of the storage ``t`` (or, for a ``DTensor``, its local shard) uses:
+    a ``DTensor`` reports 0 itself, which would make all of them look tied."""
+    return (t.to_local() if is_sharded(t) else t).data_ptr()
+
+
+def reshard_fsdp(model: nn.Module) -> int:
+    """Reshard every FSDP2 module of ``model`` (``fully_shard``), so that its registered
+    parameters are the sharded ``DTensor`` ones; returns how many modules were FSDP2 modules.
+
+    FSDP2 keeps the root module's parameters unsharded after a forward (no reshard after
+    the root's forward by default) and does not all-gather again while they are; values
+    written into the sharded parameters would not be seen, and values written into the
+    unsharded copies would be lost.  Resharding first (no communication) avoids both: the
+    next forward all-gathers what was written.
+    """
+    if not dist.is_available():
+        return 0
+    from torch.distributed.fsdp import FSDPModule
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+            count += 1
+    return count

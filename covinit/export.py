@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import os
 
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from covinit.adapters import LoRAAdapter, find_adapters
@@ -100,9 +101,16 @@ def export_lora(model: nn.Module, path: str | os.PathLike[str], *,
     for name, adapter in adapters.items():
         if getattr(adapter.module, "merged", False):
             raise ValueError(f"layer {name!r} is merged; unmerge it before exporting")
+    sharded = any(getattr(adapter, "sharded", False) for adapter in adapters.values())
+    if sharded and format == "peft":
+        raise ValueError("format='peft' on an FSDP2-sharded model (fully_shard): covinit "
+                         "exports sharded models with format='covinit' only (call it on every "
+                         "rank; rank 0 writes the file), or export before fully_shard")
     folded = {name: folded_lora(adapter) for name, adapter in adapters.items()}
     if format == "covinit":
-        _write_covinit(model, adapters, folded, os.fspath(path))
+        # Sharded: every rank gathers the factors (collectives), rank 0 writes the file.
+        _write_covinit(model, adapters, folded, os.fspath(path),
+                       write=not sharded or dist.get_rank() == 0)
     else:
         if not is_peft_model(model):
             raise ValueError("format='peft' needs a peft.PeftModel; for covinit or "
@@ -111,7 +119,8 @@ def export_lora(model: nn.Module, path: str | os.PathLike[str], *,
 
 
 def _write_covinit(model: nn.Module, adapters: dict[str, LoRAAdapter],
-                   folded: dict[str, tuple[Tensor, Tensor, bool]], path: str) -> None:
+                   folded: dict[str, tuple[Tensor, Tensor, bool]], path: str, *,
+                   write: bool = True) -> None:
     tensors: dict[str, Tensor] = {}
     layers = {}
     for name, adapter in adapters.items():
@@ -127,7 +136,8 @@ def _write_covinit(model: nn.Module, adapters: dict[str, LoRAAdapter],
         if meta["alpha"] is not None:
             meta["alpha"] = alpha_for(adapter.scaling, rank, bool(meta["use_rslora"]))
         layers[name] = meta
-    write_adapter_file(model, tensors, layers, path)
+    if write:
+        write_adapter_file(model, tensors, layers, path)
 
 
 def _write_peft(model: nn.Module, adapters: dict[str, LoRAAdapter], path: str) -> None:

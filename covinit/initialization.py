@@ -51,6 +51,7 @@ from covinit.adapters import (
 )
 from covinit.allocation import allocate_ranks, rank_cap
 from covinit.collect import ALL_SIDES, SIDES, CalibrationLike
+from covinit.distributed import storage_ptr
 from covinit.inits import InitContext, LoRAInit, get_strategy
 from covinit.peft_saving import hook_peft_save, update_peft_patterns
 from covinit.residual import original_weight, record_offset, residual_offset
@@ -487,7 +488,7 @@ def _compute(model: nn.Module, request: _Request, estimates: _Estimates,
         d, k = adapter.out_features, adapter.in_features
         result = _check_result(plan.strategy.fn(ctx), plan.strategy.name, name, d, k, plan.rank)
         if result.base is not None:
-            ptr = adapter.base_layer.weight.data_ptr()
+            ptr = storage_ptr(adapter.base_layer.weight)
             if ptr in tied:
                 raise ValueError(
                     f"strategy {request.strategy.name!r} replaces the base weight of layer "
@@ -500,11 +501,12 @@ def _compute(model: nn.Module, request: _Request, estimates: _Estimates,
 
 
 def _tied_names(model: nn.Module) -> dict[int, list[str]]:
-    """``data_ptr -> parameter names`` for every parameter storage registered more than once."""
+    """``data_ptr -> parameter names`` for every parameter storage registered more than once
+    (an FSDP2 ``DTensor`` by its local shard; empty storages, pointer 0, never count)."""
     names: dict[int, list[str]] = {}
     for pname, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(param.data_ptr(), []).append(pname)
-    return {ptr: ns for ptr, ns in names.items() if len(ns) > 1}
+        names.setdefault(storage_ptr(param), []).append(pname)
+    return {ptr: ns for ptr, ns in names.items() if len(ns) > 1 and ptr != 0}
 
 
 def _check_result(result: object, strategy: str, name: str, d: int, k: int, r: int) -> LoRAInit:
