@@ -39,6 +39,18 @@ enabled, and a backward pass that writes no parameter's ``.grad``); its train/ev
 exception (or ``KeyboardInterrupt``) escapes.  Under an initialized ``torch.distributed``
 group each rank reads its own shard and the summaries are merged once at the end.
 
+Calibrating a large model (``max_memory=``, :mod:`covinit.budget`): the target layers are
+split into groups whose statistics fit the budget (layers fed one tensor, found on the first
+batch, stay together) and the data is read once per group; a finished group's statistics
+move to CPU memory, which holds them all in the end (the budget bounds what collecting holds
+on the device, e.g. a GPU, not the returned :class:`Calibration`), announced before the first pass
+(on stderr, and as the progress bar's "pass 2/5: ..." description) and recorded in
+``info["memory_plan"]``.  Each pass is the ordinary one on its group, held to the first
+pass's batches, so the statistics are bitwise those of a single pass.  More than one pass
+needs a re-iterable dataloader (a list, an unshuffled ``DataLoader``): a one-shot iterator or
+a shuffling ``DataLoader`` is refused before the first pass (ValueError), and so is a layer
+whose statistics alone exceed the budget (unless ``sketch_above=`` makes it fit).
+
 Example
 -------
 >>> import torch
@@ -53,12 +65,16 @@ Example
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -79,6 +95,7 @@ from covinit.adapters import (
     model_fingerprint,
     skipped_warning,
 )
+from covinit.budget import CalibrationPlan, plan_calibration
 from covinit.collect import (
     ALL_SIDES,
     GRADIENT,
@@ -89,6 +106,7 @@ from covinit.collect import (
     GradientCalibrationLike,
     StreamResult,
     Targets,
+    call_model,
     match_layers,
     move_to_device,
 )
@@ -596,16 +614,15 @@ def calibrate(
     show_progress: bool = True, folds: int | None = None, precision: str = "float64",
     sketch_above: int | None = None, sketch_size: int = 256, strategy: str | None = None,
     estimator: str | None = None, init: bool = True, overwrite: bool = False,
-    **init_options: Any,
+    max_memory: int | str | None = None, **init_options: Any,
 ) -> Calibration:
     """Collect activation statistics of a model's linear layers on task data.
 
-    On a plain model ``targets`` selects the layers.  On a model holding LoRA layers
-    (covinit's, PEFT's, DoRA included, or loralib-style) the layers under them are calibrated,
-    then initialized in place by :func:`covinit.initialization.initialize`, unless ``init=False``.
-    Trained adapters are refused unless ``overwrite=True``; PEFT embedding / convolution
-    adapters keep PEFT's init, named in one ``UserWarning``.  Modes, ``requires_grad`` flags
-    and hooks are restored even on errors.  See the module notes for these rules.
+    On a plain model ``targets`` selects the layers.  On a model holding LoRA layers (covinit's,
+    PEFT's, DoRA, loralib-style) the layers under them are calibrated, then initialized in place
+    by :func:`covinit.initialization.initialize` unless ``init=False``; trained adapters are
+    refused unless ``overwrite=True``; PEFT embedding / convolution adapters keep PEFT's init
+    (one ``UserWarning``).  Modes, flags and hooks are restored even on errors (module notes).
 
     Parameters
     ----------
@@ -635,6 +652,8 @@ def calibrate(
     sketch_above : int, optional; sketch_size : int, default=256
         Sides at least ``sketch_above`` wide keep a k×``sketch_size``
         :class:`~covinit.sketch.Sketch` instead of the exact k×k summary (not with ``folds``).
+    max_memory : int or str, optional
+        Statistics budget, e.g. ``"8GB"``: more passes over the data if needed (module notes).
     strategy, estimator : str, optional
         The init on a LoRA model (default :data:`DEFAULT_STRATEGY`) and its estimator.
     init, overwrite : bool, default=True, False
@@ -659,11 +678,11 @@ def calibrate(
     """
     request = _InitRequest(init, strategy, estimator, overwrite, dict(init_options))
     plan = _resolve(model, targets, sides, loss_fn, request, max_batches=max_batches,
-                    max_tokens=max_tokens, folds=folds, precision=precision, device=device)
-    collector = _make_collector(plan, sides, precision, sketch_above, sketch_size)
-    run = _collect(model, dataloader, plan, collector, forward_fn, loss_fn, show_progress)
-    _check_pass(run, list(plan.layers), collector.sides)
-    cal = _build(run, collector, plan, precision)
+                    max_tokens=max_tokens, folds=folds, precision=precision, device=device,
+                    sketch=(sketch_above, sketch_size), max_memory=max_memory)
+    run = _collect_in_passes(model, dataloader, plan, forward_fn, loss_fn, show_progress)
+    _check_pass(run, list(plan.layers))
+    cal = _build(run, plan)
     if plan.adapters and init:
         _initialize(model, cal, plan)
     return cal
@@ -700,6 +719,12 @@ class _Plan:
     n_folds: int
     max_batches: int | None
     max_tokens: int | None
+    sides: tuple[str, ...]  # as given
+    precision: str
+    sketch_above: int | None
+    sketch_size: int
+    max_memory: int | str | None
+    label: str = "calibrate"  # the progress bar's description
 
 
 @dataclass(frozen=True)
@@ -711,12 +736,17 @@ class _Pass:
     batches: int
     positions: int
     seconds: float
+    own_batches: int  # this rank's batches (``batches`` is summed over ranks)
+    shapes: dict[str, tuple[int, int]]  # layer -> (k, d)
+    sides: tuple[str, ...]  # as collected (gradient last)
+    memory_plan: dict[str, Any] | None = None  # CalibrationPlan.info() under max_memory=
 
 
 def _resolve(model: nn.Module, targets: Targets | None, sides: Sequence[str],
              loss_fn: Callable[..., Tensor] | None, request: _InitRequest, *,
              max_batches: int | None, max_tokens: int | None, folds: int | None,
-             precision: str, device: torch.device | str | None) -> _Plan:
+             precision: str, device: torch.device | str | None,
+             sketch: tuple[int | None, int], max_memory: int | str | None) -> _Plan:
     """Stage 1: check the arguments and choose the layers (and adapters) to calibrate."""
     max_batches = _positive_int(max_batches, "max_batches")
     max_tokens = _positive_int(max_tokens, "max_tokens")
@@ -738,7 +768,8 @@ def _resolve(model: nn.Module, targets: Targets | None, sides: Sequence[str],
         skipped=skipped, targeted=targets is not None, request=request,
         device=torch.device(device) if device is not None else _model_device(model),
         fingerprint=model_fingerprint(model), n_folds=n_folds, max_batches=max_batches,
-        max_tokens=max_tokens)
+        max_tokens=max_tokens, sides=tuple(sides), precision=precision,
+        sketch_above=sketch[0], sketch_size=sketch[1], max_memory=max_memory)
 
 
 def _adapted_layers(model: nn.Module, adapters: Mapping[str, LoRAAdapter],
@@ -778,13 +809,14 @@ def _plain_layers(model: nn.Module, targets: Targets | None, skipped: Mapping[st
     return match_layers(model, targets)
 
 
-def _make_collector(plan: _Plan, sides: Sequence[str], precision: str,
-                    sketch_above: int | None, sketch_size: int) -> Collector:
-    """Stage 2: the hooks' state, refused before any batch when it cannot fit in memory."""
-    if sketch_above is not None and plan.n_folds > 1:
+def _make_collector(plan: _Plan) -> Collector:
+    """The hooks' state for one pass, refused before any batch when it cannot fit in
+    memory."""
+    if plan.sketch_above is not None and plan.n_folds > 1:
         raise ValueError("folds need exact summaries; use either folds= or sketch_above=")
-    collector = Collector(plan.layers, sides, precision=precision, folds=plan.n_folds,
-                          sketch_above=sketch_above, sketch_size=sketch_size,
+    collector = Collector(plan.layers, plan.sides, precision=plan.precision,
+                          folds=plan.n_folds, sketch_above=plan.sketch_above,
+                          sketch_size=plan.sketch_size,
                           offsets=_output_offsets(plan.adapters, plan.layers))
     _check_memory(collector, plan.device)
     return collector
@@ -795,15 +827,9 @@ def _collect(model: nn.Module, dataloader: Iterable[Any], plan: _Plan, collector
              loss_fn: Callable[[Any, Any], Tensor] | None, show_progress: bool) -> _Pass:
     """Stage 3: one pass over the data with the hooks in place, then every hook removed and
     the modes and ``requires_grad`` flags restored (also on errors); ranks agree and merge."""
-    modes = {module: module.training for module in model.modules()}
-    flags = {param: param.requires_grad for param in model.parameters()}
     start = time.perf_counter()
     try:
-        # Eval mode by flag, not model.eval(): some LoRA layers (loralib's merge_weights)
-        # merge B·A into the weight inside train()/eval(), which calibration must not do.
-        for module in modes:
-            module.training = False
-        with torch.no_grad(), collector:
+        with _calibration_mode(model), collector:
             batches, positions = _run_batches(model, dataloader, plan, collector, forward_fn,
                                               loss_fn, show_progress)
     except BaseException:
@@ -814,17 +840,168 @@ def _collect(model: nn.Module, dataloader: Iterable[Any], plan: _Plan, collector
         raise
     finally:
         collector.remove()
+    seconds = time.perf_counter() - start
+    _agree_ranks_ok(ok=True)
+    results, shared, own = collector.results(), collector.shared_inputs(), batches
+    if distributed.is_distributed():
+        results, shared, (batches, positions) = _merge_ranks(
+            results, shared, list(plan.layers), [batches, positions])
+    return _Pass(results, shared, batches, positions, seconds, own, collector.shapes,
+                 collector.sides)
+
+
+# ---------------------------------------------------------------------- memory budget
+def _plan_passes(model: nn.Module, dataloader: Iterable[Any], plan: _Plan,
+                 forward_fn: Callable[[nn.Module, Any], Any] | None, show_progress: bool
+                 ) -> CalibrationPlan:
+    """Stage 2: group the layers into passes (one without a budget), announced before any
+    pass.  Layers fed one tensor must share a pass (see :mod:`covinit.budget`): when more
+    than one pass is needed they are found on the first batch by :func:`_probe_sharing`.
+    """
+    def make(units: Sequence[Sequence[str]]) -> CalibrationPlan:
+        return plan_calibration(plan.layers, sides=plan.sides, max_memory=plan.max_memory,
+                                folds=plan.n_folds, sketch_above=plan.sketch_above,
+                                sketch_size=plan.sketch_size, units=units)
+
+    budget = make([[name] for name in plan.layers])  # refuses a layer alone over budget
+    if budget.passes > 1:
+        _require_reiterable(dataloader, budget.passes)
+        budget = make(_probe_sharing(model, dataloader, plan, forward_fn))
+    if plan.max_memory is not None and show_progress and (
+            not distributed.is_distributed() or torch.distributed.get_rank() == 0):
+        print(f"covinit.calibrate: {budget.describe().splitlines()[0]}", file=sys.stderr)
+    return budget
+
+
+def _require_reiterable(dataloader: Iterable[Any], passes: int) -> None:
+    """Refuse, before the first pass, data that cannot be read ``passes`` times alike."""
+    if iter(dataloader) is dataloader:  # generators, iter(...), file objects
+        raise ValueError(
+            f"max_memory needs {passes} or more passes over the data, but the dataloader is "
+            f"a one-shot iterator ({type(dataloader).__name__}) that can be read only once; "
+            "pass a list of batches or a torch DataLoader, or raise max_memory")
+    from torch.utils.data import DataLoader, RandomSampler
+
+    if isinstance(dataloader, DataLoader) and isinstance(dataloader.sampler, RandomSampler):
+        raise ValueError(
+            f"max_memory needs {passes} or more passes over the data, but the DataLoader "
+            "shuffles (shuffle=True), so every pass would see other batches; use "
+            "shuffle=False for calibration")
+
+
+def _probe_sharing(model: nn.Module, dataloader: Iterable[Any], plan: _Plan,
+                   forward_fn: Callable[[nn.Module, Any], Any] | None) -> list[list[str]]:
+    """Layers fed the same tensor in one forward pass of the first batch (the tensors the
+    collector would reduce once), as units in the model's order; one forward, no statistics.
+
+    A tensor is recognised as the collector does (storage pointer, shape, strides, dtype,
+    version, still alive); matching also an observed output covers a layer feeding the next.
+    """
+    batch = next(iter(dataloader), None)
+    if batch is None:  # the first pass reports the empty dataloader
+        return [[name] for name in plan.layers]
+    owner = {name: name for name in plan.layers}
+
+    def root(name: str) -> str:
+        while owner[name] != name:
+            name = owner[name]
+        return name
+
+    seen: dict[tuple[Any, ...], tuple[Any, int, str]] = {}
+
+    def record(name: str, tensor: Any) -> None:
+        if not isinstance(tensor, Tensor) or tensor.is_inference():  # the collector's rule
+            return
+        key = (tensor.data_ptr(), tensor.device, tensor.dtype, tuple(tensor.shape),
+               tensor.stride(), tensor.storage_offset())
+        entry = seen.get(key)
+        if entry is not None and entry[0]() is not None and entry[1] == tensor._version:
+            owner[root(name)] = root(entry[2])
+        else:
+            seen[key] = (weakref.ref(tensor), tensor._version, name)
+
+    def hook(name: str) -> Callable[..., None]:
+        def observe(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    output: Any) -> None:
+            record(name, args[0] if args else next(iter(kwargs.values()), None))
+            if "output" in plan.sides:
+                record(name, output)
+        return observe
+
+    handles = []
+    try:
+        with _calibration_mode(model):
+            for name, module in plan.layers.items():
+                handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
+            call_model(model, move_to_device(batch, plan.device), forward_fn)
+    finally:
+        for handle in handles:
+            handle.remove()
+    units: dict[str, list[str]] = {}
+    for name in plan.layers:
+        units.setdefault(root(name), []).append(name)
+    return list(units.values())
+
+
+def _collect_in_passes(
+    model: nn.Module, dataloader: Iterable[Any], plan: _Plan,
+    forward_fn: Callable[[nn.Module, Any], Any] | None,
+    loss_fn: Callable[[Any, Any], Tensor] | None, show_progress: bool,
+) -> _Pass:
+    """Stage 3: plan the passes (:func:`_plan_passes`), then one pass (:func:`_collect`) per
+    group of layers, the later ones held to the first one's batches; returns their union."""
+    budget = _plan_passes(model, dataloader, plan, forward_fn, show_progress)
+    memory_plan = budget.info() if plan.max_memory is not None else None
+    runs: list[_Pass] = []
+    for index, group in enumerate(budget.groups):
+        limits: dict[str, Any] = {}
+        if runs:  # the same batches as pass 1, wherever its limits stopped it
+            limits = {"max_batches": runs[0].own_batches, "max_tokens": None}
+        label = budget.label(index) if budget.passes > 1 else "calibrate"
+        part = dataclasses.replace(plan, layers={n: plan.layers[n] for n in group.layers},
+                                   label=label, **limits)
+        run = _collect(model, dataloader, part, _make_collector(part), forward_fn, loss_fn,
+                       show_progress)
+        if runs and run.batches != runs[0].batches:
+            raise ValueError(
+                f"pass {index + 1}/{budget.passes} read {run.batches} batches but pass 1 read "
+                f"{runs[0].batches}; with max_memory the dataloader must give the same "
+                "batches on every pass")
+        if budget.passes > 1:  # free the device for the next group
+            _offload(run.results)
+        runs.append(run)
+        if run.batches == 0:  # stage 4 reports the empty dataloader
+            break
+    first = runs[0]
+    results = {key: res for run in runs for key, res in run.results.items()}
+    shapes = {n: kd for run in runs for n, kd in run.shapes.items()}
+    # in the model's order, as one pass gives them
+    return _Pass({(n, side): results[n, side] for n in plan.layers if n in shapes
+                  for side in first.sides},
+                 {layer: o for run in runs for layer, o in run.shared.items()},
+                 first.batches, first.positions, sum(run.seconds for run in runs),
+                 first.own_batches, {n: shapes[n] for n in plan.layers if n in shapes},
+                 first.sides, memory_plan)
+
+
+@contextlib.contextmanager
+def _calibration_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and ``torch.no_grad()`` for a pass; modes and ``requires_grad`` flags are
+    restored afterwards, also on errors."""
+    modes = {module: module.training for module in model.modules()}
+    flags = {param: param.requires_grad for param in model.parameters()}
+    try:
+        # Eval mode by flag, not model.eval(): some LoRA layers (loralib's merge_weights)
+        # merge B·A into the weight inside train()/eval(), which calibration must not do.
+        for module in modes:
+            module.training = False
+        with torch.no_grad():
+            yield
+    finally:
         for module, mode in modes.items():
             module.training = mode
         for param, flag in flags.items():
             param.requires_grad_(flag)
-    seconds = time.perf_counter() - start
-    _agree_ranks_ok(ok=True)
-    results, shared = collector.results(), collector.shared_inputs()
-    if distributed.is_distributed():
-        results, shared, (batches, positions) = _merge_ranks(
-            results, shared, list(plan.layers), [batches, positions])
-    return _Pass(results, shared, batches, positions, seconds)
 
 
 def _run_batches(model: nn.Module, dataloader: Iterable[Any], plan: _Plan,
@@ -836,7 +1013,8 @@ def _run_batches(model: nn.Module, dataloader: Iterable[Any], plan: _Plan,
     rank0 = not distributed.is_distributed() or torch.distributed.get_rank() == 0
     batches = positions = 0
     start = time.perf_counter()
-    with _progress(_length(dataloader, plan.max_batches), show_progress and rank0) as bar:
+    with _progress(_length(dataloader, plan.max_batches), show_progress and rank0,
+                   plan.label) as bar:
         for index, batch in enumerate(dataloader):
             if plan.max_batches is not None and index >= plan.max_batches:
                 break
@@ -855,14 +1033,29 @@ def _run_batches(model: nn.Module, dataloader: Iterable[Any], plan: _Plan,
     return batches, positions
 
 
-def _check_pass(run: _Pass, names: Sequence[str], sides: Sequence[str]) -> None:
+def _offload(results: Mapping[tuple[str, str], StreamResult]) -> None:
+    """Move a finished pass's summaries to CPU memory (exact copies), so that the device
+    holds one group's statistics at a time."""
+    cpu = torch.device("cpu")
+    for res in results.values():
+        # total is folds[0] itself without folds (and cross its G): keep one copy
+        total, res.total = res.total, res.total.to(cpu)
+        res.folds = [res.total if fold is total else fold.to(cpu)  # type: ignore[misc]
+                     for fold in res.folds]
+        if res.cross is not None:
+            cross, res.cross = res.cross, res.cross.to(cpu)
+            res.cross_folds = [res.cross if g is cross else g.to(cpu)
+                               for g in res.cross_folds or []]
+
+
+def _check_pass(run: _Pass, names: Sequence[str]) -> None:
     """Stage 4: refuse a pass without batches, or with a layer never called or whose every
     position was masked out."""
     if run.batches == 0:
         raise ValueError("the dataloader yielded no batches; calibration needs data")
 
     def calls(name: str) -> int:
-        return max(run.results[name, side].calls for side in sides)
+        return max(run.results[name, side].calls for side in run.sides)
 
     for name in names:
         if calls(name) == 0:
@@ -871,15 +1064,15 @@ def _check_pass(run: _Pass, names: Sequence[str], sides: Sequence[str]) -> None:
                 f"target layer {name!r} was never called during calibration ({run.batches} "
                 f"batches); check forward_fn and targets. Layers that were called: "
                 f"{', '.join(called) or '(none)'}")
-        for side in sides:
+        for side in run.sides:
             if run.results[name, side].total.n == 0:
                 raise ValueError(
                     f"target layer {name!r} ({side}) was called {calls(name)} time(s) but "
                     "every position was masked out (attention_mask == 0 or labels == -100)")
 
 
-def _build(run: _Pass, collector: Collector, plan: _Plan, precision: str) -> Calibration:
-    """Stage 5: the :class:`Calibration` of a checked pass."""
+def _build(run: _Pass, plan: _Plan) -> Calibration:
+    """Stage 5: the :class:`Calibration` of a checked pass (with the memory plan, if any)."""
     folded = plan.n_folds > 1
     stats = {key: res.total for key, res in run.results.items()}
     fold_stats = {key: res.folds for key, res in run.results.items()} if folded else None
@@ -887,15 +1080,17 @@ def _build(run: _Pass, collector: Collector, plan: _Plan, precision: str) -> Cal
         stats[layer, "input"] = stats[owner, "input"]
         if fold_stats is not None:
             fold_stats[layer, "input"] = fold_stats[owner, "input"]
-    info = {"batches": run.batches, "positions": run.positions, "precision": precision,
-            "seconds": round(run.seconds, 3),
-            "world_size": torch.distributed.get_world_size()
-            if distributed.is_distributed() else 1}
+    info: dict[str, Any] = {
+        "batches": run.batches, "positions": run.positions, "precision": plan.precision,
+        "seconds": round(run.seconds, 3),
+        "world_size": torch.distributed.get_world_size() if distributed.is_distributed() else 1}
+    if run.memory_plan is not None:
+        info["memory_plan"] = run.memory_plan
     gradient = {name: res for (name, side), res in run.results.items() if side == GRADIENT}
     gradients = {name: res.cross for name, res in gradient.items() if res.cross is not None}
     gradient_folds = {name: res.cross_folds for name, res in gradient.items()
                       if res.cross_folds is not None} if folded else None
-    return Calibration(stats, collector.shapes, plan.fingerprint, folds=fold_stats,
+    return Calibration(stats, dict(run.shapes), plan.fingerprint, folds=fold_stats,
                        shared_inputs=run.shared, info=info, gradients=gradients,
                        gradient_folds=gradient_folds)
 
@@ -1003,10 +1198,10 @@ def _note_device(err: RuntimeError, device: torch.device | None, model: nn.Modul
                      "model, or move the model")
 
 
-def _progress(total: int | None, show: bool) -> Any:
+def _progress(total: int | None, show: bool, desc: str = "calibrate") -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not show, unit="batch", desc="calibrate", leave=False)
+    return tqdm(total=total, disable=not show, unit="batch", desc=desc, leave=False)
 
 
 def _merge_ranks(results: dict[tuple[str, str], StreamResult], shared: dict[str, str],

@@ -29,7 +29,6 @@ import importlib
 import importlib.metadata
 import json
 import os
-import re
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -342,17 +341,16 @@ def statistics_size(layers: Mapping[str, Any], sides: Sequence[str], folds: int 
     list of StatsSize
         One entry per layer and side, in layer order.
     """
-    from covinit.collect import Collector
+    from covinit.collect import Collector, side_bytes
 
     collector = Collector(layers, sides, folds=folds)  # shapes only: no hook, no matrix yet
     stored = folds + 1 if folds > 1 else 1
     rows = []
     for name, (k, d) in collector.shapes.items():
         for side in collector.sides:
-            width = k if side == "input" else d
-            # The gradient side also keeps G = Σ δ·xᵀ (d×k) next to δ's d×d moments.
-            matrix = 8 * width * (width + (k if side == "gradient" else 0))
-            rows.append(StatsSize(name, side, width, (folds + 1) * matrix, stored * matrix))
+            rows.append(StatsSize(name, side, collector.width(name, side),
+                                  side_bytes(k, d, side, folds + 1),
+                                  side_bytes(k, d, side, stored)))
     return rows
 
 
@@ -383,14 +381,13 @@ def _check_size(rows: Sequence[StatsSize], limit: int | None, *, file: bool) -> 
 def _stats_size_arg(text: str) -> int | None:
     """``--max-stats-size``: bytes with an optional unit (kB, MB, GB, TB, KiB, MiB, GiB,
     TiB; B), ``0`` for no limit."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?i?b?)\s*", text, flags=re.IGNORECASE)
-    unit = match.group(2).lower().rstrip("b") if match else ""
-    scales = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-              "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-    if match is None or unit not in scales:
+    from covinit.budget import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError:
         raise argparse.ArgumentTypeError(f"expected a size such as 500MB, 2GB or 8GiB (0 = no "
-                                         f"limit), got {text!r}")
-    value = int(float(match.group(1)) * scales[unit])
+                                         f"limit), got {text!r}") from None
     return value or None
 
 

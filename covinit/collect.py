@@ -72,6 +72,7 @@ __all__ = [
     "move_to_device",
     "rows_of",
     "seq2seq_masks",
+    "side_bytes",
 ]
 
 #: The activation sides (what :func:`covinit.calibrate` collects by default).
@@ -133,6 +134,19 @@ _DRIFT = 64.0
 
 # Recent activations whose reductions are kept for reuse within one forward pass.
 _CACHE_ENTRIES = 4
+
+
+def side_bytes(k: int, d: int, side: str, copies: int = 1) -> int:
+    """Bytes of ``copies`` exact float64 summaries of one side of a k-in, d-out layer.
+
+    The w×w co-moment dominates (w = k for "input", d otherwise); the gradient side also
+    keeps ``G = Σ δ·xᵀ`` (d×k), so it counts ``8·d·(d + k)``.  While collecting a stream
+    holds ``folds + 1`` copies (one accumulator per fold plus a batch's temporary): the one
+    formula behind :meth:`Collector.memory_needs`, the command line's size check and the
+    memory budget's planner (:mod:`covinit.budget`).
+    """
+    width = k if side == "input" else d
+    return copies * 8 * width * (width + (k if side == GRADIENT else 0))
 
 
 
@@ -1072,11 +1086,7 @@ class Collector:
         for (name, side), stream in self._streams.items():
             if stream.sketches is not None:
                 continue
-            width = stream.k
-            needs[name, side] = 8 * width * width * (self.n_folds + 1)
-            if side == GRADIENT:
-                k, d = self.shapes[name]
-                needs[name, side] += 8 * d * k * (self.n_folds + 1)
+            needs[name, side] = side_bytes(*self.shapes[name], side, self.n_folds + 1)
         return needs
 
     def shared_inputs(self) -> dict[str, str]:
