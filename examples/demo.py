@@ -210,10 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     calib_loader = zoo.text_classification_loader(tokenizer, train[:args.n_calib],
                                                   args.batch_size, args.max_length)
     start = time.perf_counter()
-    calibration = covinit.calibrate(base, calib_loader, targets=TARGETS)
+    # The gradient side (one backward per batch, the loss from the batches' labels) only when
+    # a chosen strategy reads it: grad-svd, grad-whiten, kfac, lora-ga.
+    needed = {side for name in names for side in get_strategy(name).tags.get("needs", ())}
+    sides = ("input", "output", "gradient") if "gradient" in needed else ("input", "output")
+    calibration = covinit.calibrate(base, calib_loader, targets=TARGETS, sides=sides)
     calib_s = time.perf_counter() - start
     positions = calibration.info.get("positions", "?")
-    print(f"calibrated {len(calibration.layer_names)} layers (inputs and outputs) on "
+    print(f"calibrated {len(calibration.layer_names)} layers ({', '.join(sides)}) on "
           f"{args.n_calib} examples = {positions} token positions in {calib_s:.1f} s")
 
     rows = []

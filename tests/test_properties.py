@@ -78,6 +78,8 @@ def _init(model: nn.Module, cal, **kw) -> tuple[dict, list[str]]:
 def test_every_strategy_keeps_its_contract(d, k, rank_frac, n, scale, offset, keep, strategy,
                                            estimator, seed):
     r = 1 + int(rank_frac * (min(d, k) - 1))
+    # LoRA-GA takes B from singular vectors r..2r-1: a documented, tested refusal otherwise.
+    assume(strategy != "lora-ga" or 2 * r <= min(d, k))
     x = _rows(n, k, seed, scale, offset)
     mask = None
     if keep < 1.0:
