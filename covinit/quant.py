@@ -32,6 +32,7 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -213,6 +214,82 @@ def _quant_options(ctx: InitContext) -> tuple[int, int, int]:
             _int_option(ctx, "iterations", 1, 1))
 
 
+#: Relative Frobenius distance under which the layer's base counts as ``Q(W)`` (float32
+#: rounding of the same codes and scales) or as ``W`` itself (a plain base, up to bf16).
+_SAME_GRID, _SAME_WEIGHT = 1e-5, 1e-2
+
+
+def _given_weight(ctx: InitContext, source: object) -> Tensor:
+    """Layer ``ctx.name``'s full-precision weight (d, k), float64, from ``full_precision=``:
+    an unquantized model (the layer found by canonical name) or a mapping
+    ``{name or name + ".weight": Tensor (d, k)}``."""
+    from torch import nn
+
+    from covinit._linear import is_conv1d
+    from covinit.adapters import find_linear_layers
+
+    if isinstance(source, nn.Module):
+        layers = find_linear_layers(source)
+        layer = layers.get(ctx.name)
+        if layer is None:
+            raise ValueError(f"full_precision= model has no linear layer {ctx.name!r}; "
+                             f"its layers: {', '.join(list(layers)[:8])}...")
+        weight = layer.weight.T if is_conv1d(layer) else layer.weight  # Conv1D: (k, d)
+    elif isinstance(source, Mapping):
+        weight = source.get(ctx.name, source.get(f"{ctx.name}.weight"))
+        if weight is None:
+            raise ValueError(f"full_precision= mapping has no entry {ctx.name!r} or "
+                             f"{ctx.name + '.weight'!r}")
+    else:
+        raise TypeError("option full_precision= must be the unquantized nn.Module or a "
+                        f"mapping name -> weight (d, k), got {type(source).__name__} "
+                        f"(layer {ctx.name!r})")
+    if not isinstance(weight, Tensor) or not weight.is_floating_point() \
+            or tuple(weight.shape) != ctx.shape:
+        raise ValueError(f"full_precision= weight for layer {ctx.name!r} must be a floating "
+                         f"tensor of shape {ctx.shape}, got "
+                         f"{getattr(weight, 'dtype', type(weight).__name__)} "
+                         f"{tuple(getattr(weight, 'shape', ()))}")
+    return weight.detach().to("cpu", torch.float64)
+
+
+def _relative(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(torch.finfo(torch.float64).tiny))
+
+
+def _full_weight(ctx: InitContext, bits: int, block_size: int) -> Tensor:
+    """The full-precision ``W`` (d, k), float64, that the layer's base quantizes.
+
+    Without ``full_precision=``, the base itself; refused when the base is already on the
+    ``bits``-bit grid (a bitsandbytes ``Linear4bit`` read dequantized): its quantization
+    error is gone, ``E = 0`` and there would be nothing to repair.  With it, the given weight,
+    checked against the base: the base must be that weight (a plain layer) or its
+    quantization in this format (a real quantized layer), else the formats differ.
+    """
+    base = ctx.weight.to(torch.float64)
+    source = _option(ctx, "full_precision", None)
+    if source is None:
+        if _relative(quantize(base, bits, block_size), base) <= _SAME_GRID:
+            raise ValueError(
+                f"layer {ctx.name!r} (d, k = {ctx.shape}): its base is already quantized "
+                f"({bits}-bit NF, block {block_size}; e.g. a bitsandbytes Linear4bit), so its "
+                "quantization error is unknown; pass full_precision=<the unquantized model or "
+                "a mapping name -> weight>")
+        return base
+    w = _given_weight(ctx, source)
+    on_grid = _relative(base, quantize(w, bits, block_size)) <= _SAME_GRID
+    if not on_grid and _relative(base, w) > _SAME_WEIGHT:
+        raise ValueError(
+            f"layer {ctx.name!r}: its base is neither the full_precision= weight nor that "
+            f"weight's {bits}-bit NF quantization with block_size={block_size} (relative "
+            f"distance {_relative(base, quantize(w, bits, block_size)):.3g}); pass the model "
+            "it was quantized from and bits/block_size matching its quantization (nf4 "
+            "without double quantization: bits=4 and its block size; fp4 and double-quantized "
+            "bases are not on covinit's grid); after an earlier residual init of this layer, "
+            "covinit.restore_base(model) first")
+    return w
+
+
 def _alternate(ctx: InitContext, m_half: Tensor | None, m_neg_half: Tensor | None,
                m: Tensor | None) -> LoRAInit:
     """LoftQ-style alternation, weighted by ``M`` when given: ``Q_t = Q(W − c·B_{t−1}·A_{t−1})``,
@@ -220,7 +297,7 @@ def _alternate(ctx: InitContext, m_half: Tensor | None, m_neg_half: Tensor | Non
     ``tr((W − Q_t − c·B_t·A_t)·M·(…)ᵀ)`` is computed and the best round kept: re-quantizing
     minimises an elementwise error, not the weighted one, so later rounds need not improve."""
     bits, block_size, iterations = _quant_options(ctx)
-    w = ctx.weight.to(torch.float64)
+    w = _full_weight(ctx, bits, block_size)
     best: tuple[float, LoRAInit] | None = None
     target = w
     for _ in range(iterations):
@@ -240,10 +317,10 @@ _CONTRACT = """
     ``Q(W0)`` (what a ``bits``-bit layer computes), so the model is *not* unchanged: the
     adapted layer ``Q(W0) + c·B·A`` approximates the full-precision ``W0`` with a measured
     error (``covinit.quant.weighted_error``), which is what these strategies minimise.  On a
-    plain ``nn.Linear`` this simulates a quantized base exactly up to the compute dtype; to
-    run on bitsandbytes' layers, load the base that ``initialize`` wrote in 4 bit (the NF
-    levels are bitsandbytes' ``nf4`` levels, so re-quantizing it is close to a fixed point:
-    measure it).
+    plain ``nn.Linear`` this simulates a quantized base exactly up to the compute dtype.  On
+    a bitsandbytes nf4 ``Linear4bit`` base (PEFT's ``lora.Linear4bit``) pass
+    ``full_precision=``: the written ``Q(W0)`` is re-quantized by the layer and, being on
+    its grid, comes back unchanged (tested to float32 rounding).
 
     Options
     -------
@@ -255,6 +332,14 @@ _CONTRACT = """
         Rounds of LoftQ-style alternation (re-quantize ``W0 − c·B·A``, repair again); the
         round with the smallest {norm} error is kept, so more rounds never do worse on it.
         ``1`` is the closed form.
+    full_precision : nn.Module or mapping, optional
+        The full-precision weights ``W0``: the unquantized model (layers by canonical name)
+        or ``{name: Tensor (d, k)}``.  Needed when the base is already quantized (a
+        bitsandbytes ``Linear4bit``, read dequantized): then ``E = W0 − Q(W0)`` comes from
+        these weights and the written base ``Q(W0)`` is re-quantized into the layer in its
+        own format, which leaves it unchanged when ``bits``/``block_size`` match it (nf4
+        without double quantization; checked: a base that is neither ``W0`` nor ``Q(W0)``
+        is refused).
 
     Returns
     -------
@@ -266,7 +351,8 @@ _CONTRACT = """
 @_REGISTRY.register(
     "quant-residual",
     "quantized base Q(W0); A, B = top-r SVD of (W0−Q)·M^(1/2) mapped back (CLoQ, data-aware)",
-    needs=("input",), preserves="approximate", options=("bits", "block_size", "iterations"),
+    needs=("input",), preserves="approximate",
+    options=("bits", "block_size", "iterations", "full_precision"),
 )
 def quant_residual(ctx: InitContext) -> LoRAInit:
     """Quantize the base and start the adapter at the data-weighted best repair of the error.
@@ -288,7 +374,8 @@ def quant_residual(ctx: InitContext) -> LoRAInit:
 @_REGISTRY.register(
     "quant-svd",
     "quantized base Q(W0); A, B = top-r SVD of W0−Q (LoftQ one-step, data-free)",
-    needs=(), preserves="approximate", options=("bits", "block_size", "iterations"),
+    needs=(), preserves="approximate",
+    options=("bits", "block_size", "iterations", "full_precision"),
 )
 def quant_svd(ctx: InitContext) -> LoRAInit:
     """Quantize the base and start the adapter at the best Frobenius repair of the error.

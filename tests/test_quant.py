@@ -195,7 +195,7 @@ def test_registered_with_tags():
     for name, needs in (("quant-residual", ("input",)), ("quant-svd", ())):
         tags = get_strategy(name).tags
         assert tags["preserves"] == "approximate" and tuple(tags["needs"]) == needs
-        assert set(tags["options"]) == {"bits", "block_size", "iterations"}
+        assert set(tags["options"]) == {"bits", "block_size", "iterations", "full_precision"}
 
 
 @pytest.mark.parametrize("bits", [2, 4])

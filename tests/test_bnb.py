@@ -1,0 +1,191 @@
+"""covinit on real bitsandbytes 4-bit bases (CPU): PEFT ``lora.Linear4bit`` over a tiny random
+Llama loaded in nf4 through transformers.
+
+References independent of the code under test: bitsandbytes' own ``dequantize_4bit`` (on
+shapes its CPU kernel gets right), covinit's NF quantizer applied to the full-precision
+weights (its codes are bitsandbytes' ``quantize_4bit`` codes, tests/test_quant.py), and
+forward hooks that record the base layers' inputs directly.  Widths are multiples of 64 so
+the known-wrong CPU shapes (48×96, 64×96) are avoided, except where that refusal is tested.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed "
+                          "(pip install -e '.[quant]'); the quantized-base path is untested")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import covinit  # noqa: E402
+from covinit.adapters import _dequantize_4bit, find_adapters  # noqa: E402
+from covinit.matched import second_moment  # noqa: E402
+from covinit.quant import quantize, weighted_error  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+DOWN = "model.layers.0.mlp.down_proj"  # d=64, k=128
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(path))
+    return path
+
+
+def _fp(saved: Path) -> nn.Module:
+    return transformers.LlamaForCausalLM.from_pretrained(str(saved), dtype=torch.float32)
+
+
+def _quantized(saved: Path, double: bool = False, quant_type: str = "nf4") -> nn.Module:
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double, bnb_4bit_compute_dtype=torch.float32)
+    return transformers.LlamaForCausalLM.from_pretrained(
+        str(saved), quantization_config=config, dtype=torch.float32)
+
+
+def _nf4(saved: Path, double: bool = False, quant_type: str = "nf4", **lora) -> nn.Module:
+    return peft.get_peft_model(_quantized(saved, double, quant_type), peft.LoraConfig(
+        **{"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **lora}))
+
+
+def _batches() -> list[dict[str, Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [{"input_ids": torch.randint(0, 100, (2, 16), generator=g)} for _ in range(3)]
+
+
+def _logits(model: nn.Module) -> Tensor:
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(**b).logits for b in _batches()])
+
+
+def _fp_weight(fp: nn.Module, name: str) -> Tensor:
+    return fp.get_submodule(name).weight.detach().to(torch.float64)
+
+
+@pytest.mark.parametrize("double,quant_type", [(False, "nf4"), (True, "nf4"), (False, "fp4")])
+def test_reads_the_dequantized_codes(saved, double, quant_type):
+    model = _nf4(saved, double, quant_type)
+    adapters = find_adapters(model)
+    assert list(adapters) == [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "v_proj")] \
+        + [f"model.layers.0.mlp.{p}" for p in ("gate_proj", "down_proj")]
+    for name, adapter in adapters.items():
+        weight = adapter.base_layer.weight
+        reference = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        torch.testing.assert_close(adapter.base_weight(), reference, rtol=0, atol=0)
+        if not double and quant_type == "nf4":  # covinit's own quantizer of the fp weight
+            q = quantize(_fp_weight(_fp(saved), name).float())
+            torch.testing.assert_close(adapter.base_weight(), q, rtol=1e-6, atol=1e-7)
+
+
+def test_calibration_sees_the_float32_dequantized_forward(saved):
+    """Input moments equal what a hook records; the output side is Q(W)·x exactly, also in
+    eval mode without autograd (where bitsandbytes would otherwise repack to bf16)."""
+    model = _nf4(saved)
+    cal = covinit.calibrate(model, _batches(), sides=("input", "output"))
+    base = find_adapters(model)[DOWN].base_layer
+    seen: list[Tensor] = []
+    hook = base.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().reshape(-1, 128)))
+    _logits(model)
+    hook.remove()
+    x = torch.cat(seen).to(torch.float64)  # (n, k)
+    torch.testing.assert_close(second_moment(cal.moments(DOWN, "input")), x.T @ x / len(x))
+    w = find_adapters(model)[DOWN].base_weight().to(torch.float64)
+    y = x @ w.T
+    torch.testing.assert_close(second_moment(cal.moments(DOWN, "output")), y.T @ y / len(y),
+                               rtol=1e-5, atol=1e-8)
+    assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
+
+
+def test_residual_strategy_requantizes_its_base_with_a_measured_error(saved):
+    model = _nf4(saved)
+    cal = covinit.calibrate(model, _batches())
+    before = {n: a.base_weight().clone() for n, a in find_adapters(model).items()}
+    covinit.initialize(model, cal, strategy="pissa")
+    for name, adapter in find_adapters(model).items():
+        base = adapter.base_weight()
+        a, b = adapter.get_lora()
+        # The layer re-quantized W0 − c·B·A: its base is on the nf4 grid again ...
+        torch.testing.assert_close(quantize(base), base, rtol=1e-6, atol=1e-7)
+        # ... so base + c·B·A misses W0 by a quantization error: measured, not zero.
+        gap = float((base + adapter.scaling * b @ a - before[name]).norm()
+                    / before[name].norm())
+        assert 0.01 < gap < 0.15, (name, gap)
+
+
+def test_quant_residual_takes_full_precision_weights(saved):
+    fp, model = _fp(saved), _nf4(saved)
+    cal = covinit.calibrate(model, _batches())
+    with pytest.raises(ValueError, match=r"already quantized.*full_precision="):
+        covinit.initialize(model, cal, strategy="quant-residual")
+    with pytest.raises(ValueError, match=r"neither the full_precision= weight.*2-bit"):
+        covinit.initialize(model, cal, strategy="quant-residual", full_precision=fp, bits=2)
+    adapter = find_adapters(model)[DOWN]
+    q0 = adapter.base_weight().clone()
+    covinit.initialize(model, cal, strategy="quant-residual", full_precision=fp)
+    # The base written is Q(W0) itself: re-quantized by the layer, it comes back unchanged.
+    torch.testing.assert_close(adapter.base_weight(), q0, rtol=0, atol=0)
+    w, m = _fp_weight(fp, DOWN), second_moment(cal.moments(DOWN, "input"))
+    a, b = (t.to(torch.float64) for t in adapter.get_lora())
+    repaired = weighted_error(w - q0.double() - adapter.scaling * b @ a, m)
+    assert repaired < 0.95 * weighted_error(w - q0.double(), m)
+    # A state dict gives the same factors as the model (on a fresh copy: this one's base
+    # record now holds Q(W0) + c·B·A, which is neither W0 nor Q(W0)).
+    with pytest.raises(ValueError, match="restore_base"):
+        covinit.initialize(model, cal, strategy="quant-residual", full_precision=fp)
+    other = _nf4(saved)
+    covinit.initialize(other, cal, strategy="quant-residual",
+                       full_precision=dict(fp.state_dict()))
+    for got, want in zip(find_adapters(other)[DOWN].get_lora(), adapter.get_lora(),
+                         strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_save_load_and_export_round_trip(saved, tmp_path):
+    model = _nf4(saved)
+    covinit.initialize(model, covinit.calibrate(model, _batches()), strategy="pissa")
+    want = _logits(model)
+    covinit.save_lora(model, tmp_path / "a.safetensors")
+    fresh = _nf4(saved)
+    covinit.load_lora(fresh, tmp_path / "a.safetensors")
+    torch.testing.assert_close(_logits(fresh), want, rtol=0, atol=0)
+    covinit.export_lora(model, tmp_path / "peft", format="peft")
+    exported = peft.PeftModel.from_pretrained(_quantized(saved), tmp_path / "peft")
+    # Exported for the original nf4 base: off only by the residual base's re-quantization.
+    gap = float((_logits(exported) - want).norm() / want.norm())
+    assert 0 < gap < 0.05, gap
+
+
+def test_unsupported_kinds_are_refused(saved):
+    with pytest.raises(ValueError, match="DoRA adapter over a bitsandbytes 4-bit base"):
+        find_adapters(_nf4(saved, use_dora=True), dora=True)
+    eight = transformers.LlamaForCausalLM.from_pretrained(
+        str(saved), dtype=torch.float32,
+        quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True))
+    eight = peft.get_peft_model(eight, peft.LoraConfig(r=2, target_modules=["o_proj"]))
+    with pytest.raises(TypeError, match=r"Linear8bitLt.*not supported"):
+        find_adapters(eight)
+
+
+def test_wrong_cpu_shape_is_refused():
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(96, 48, compute_dtype=torch.float32, quant_type="nf4")
+    layer.load_state_dict(nn.Linear(96, 48).state_dict())
+    net = peft.get_peft_model(nn.Sequential(layer.to("cpu")),
+                              peft.LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match="disagrees with its own 4-bit codes"):
+        find_adapters(net)
+    # The codes themselves decode correctly (covinit's dequantization, bnb's quantizer).
+    state = layer.weight.quant_state
+    weight = _dequantize_4bit(layer.weight.data, state)
+    assert float((weight - quantize(weight)).abs().max()) < 1e-6
