@@ -17,6 +17,13 @@ and reports seconds, ratios and the peak resident memory added during each run (
     ... --quick          # (a)-(c) on less data (< 2 minutes), written to *_quick.{csv,md}
 
 SmolLM2's weights are dequantized Q4_1 (4-bit noise), cached as safetensors in ``.cache/``.
+
+``--models bert-random`` adds issue 16's shape: a MiniLM-shaped BERT with random weights
+(hidden 384, 6 layers, FFN 1536), 32,768 positions of random tokens in batches of 1, 16 and 64
+sequences of 128, with 1 and 2 torch threads, inputs of ``query/key/value/dense`` only; CorDA
+runs once, at 2 threads (EVA is left out there).  Written to ``calibration_speed_shapes``:
+
+    ... benchmarks/calibration_speed.py --models bert-random --output calibration_speed_shapes
 """
 
 from __future__ import annotations
@@ -53,6 +60,14 @@ MINILM = {"full": (128, 32, 64), "quick": (64, 32, 64)}
 SMOLLM2 = {"full": (16, 8, 128), "quick": (2, 2, 128)}
 MINILM_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
                   "output.dense"]  # every encoder linear (3-D inputs; pooler/classifier left out)
+# Issue 16's configuration: (positions, sequence length), batch sizes and torch threads swept.
+BERT_RANDOM = {"full": (32768, 128), "quick": (4096, 128)}
+BERT_BATCH_SIZES = (1, 16, 64)
+BERT_THREADS = (1, 2)
+BERT_TARGETS = ["query", "key", "value", "dense"]  # every linear of the encoder and the pooler
+# CorDA's hook squeezes dim 0, which leaves the pooler's (1, 384) input a vector it cannot
+# take: CorDA gets the encoder's layers only (covinit keeps the pooler: slightly more work).
+BERT_CORDA_TARGETS = r".*encoder\..*\.(query|key|value|dense)"
 SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # EVA loops until convergence with no cap; we stop it after this many passes over the data
 # (--eva-max-passes).  Its real cost is the time to converge, so the full run allows enough
@@ -195,7 +210,7 @@ def eva(model: nn.Module, batches: list[dict[str, Tensor]], targets: list[str],
     return f"converged after {calls} batches ({calls / len(batches):.1f} passes)"
 
 
-def corda(model: nn.Module, singles: list[dict[str, Tensor]], targets: list[str],
+def corda(model: nn.Module, singles: list[dict[str, Tensor]], targets: list[str] | str,
           rank: int) -> str:
     from peft import LoraConfig
     from peft.tuners.lora.config import CordaConfig
@@ -241,9 +256,31 @@ def smollm2_setup(mode: str) -> tuple[nn.Module, list[dict[str, Tensor]], list[d
     return model, batches, blocks
 
 
+def bert_random_setup(mode: str, batch_size: int
+                      ) -> tuple[nn.Module, list[dict[str, Tensor]], list[dict[str, Tensor]]]:
+    """MiniLM-shaped BERT with seeded random weights and random tokens, no padding."""
+    from transformers import BertConfig, BertModel
+
+    positions, length = BERT_RANDOM[mode]
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                        intermediate_size=1536)
+    model = BertModel(config)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (positions // length, length), generator=gen)
+
+    def split(size: int) -> list[dict[str, Tensor]]:
+        return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+                for chunk in ids.split(size)]
+
+    return model, split(batch_size), split(1)
+
+
 # ---------------------------------------------------------------------- driver
 def bench_model(name: str, setup: Callable[[str], Any], targets: list[str], mode: str,
-                repeats: int, baselines: bool, rank: int, eva_passes: int) -> list[Row]:
+                repeats: int, baselines: bool, rank: int, eva_passes: int,
+                sides_list: tuple[tuple[str, ...], ...] = (("input", "output"), ("input",)),
+                eva_baseline: bool = True, baseline_targets: Any = None) -> list[Row]:
     model, batches, singles = setup(mode)
     model.eval()
     layers = match_layers(model, targets)
@@ -251,7 +288,8 @@ def bench_model(name: str, setup: Callable[[str], Any], targets: list[str], mode
     print(f"\n== {name}: {len(layers)} target layers, {len(batches)} batches, "
           f"{positions} positions", flush=True)
     methods: dict[str, Callable[[], Any]] = {"a_forward": lambda: forward_all(model, batches)}
-    for sides, tag in ((("input", "output"), "in+out"), (("input",), "in")):
+    for sides in sides_list:
+        tag = "in+out" if "output" in sides else "in"
         methods[f"b_floor_fp32_gram[{tag}]"] = (
             lambda sides=sides: forward_with_gram(model, batches, layers, sides))
         for precision in ("float64", "mixed"):
@@ -272,12 +310,28 @@ def bench_model(name: str, setup: Callable[[str], Any], targets: list[str], mode
                   flush=True)
     rows = [Row(name, method, seconds, peak) for method, (seconds, peak) in best.items()]
     if baselines:
-        for method, fn in (
-                ("d_peft_eva", lambda: eva(model, batches, targets, rank, eva_passes)),
-                ("e_peft_corda(bs=1)", lambda: corda(model, singles, targets, rank))):
+        runs = [("d_peft_eva", lambda: eva(model, batches, targets, rank, eva_passes)),
+                ("e_peft_corda(bs=1)",
+                 lambda: corda(model, singles, baseline_targets or targets, rank))]
+        for method, fn in runs[0 if eva_baseline else 1:]:
             seconds, peak, note = timed(fn, 1)
             rows.append(Row(name, method, seconds, peak, note))
             print(f"  {method:<38} {seconds:8.2f} s  {peak:8.1f} MiB  {note}", flush=True)
+    return rows
+
+
+def bench_bert_random(mode: str, repeats: int, baselines: bool, rank: int) -> list[Row]:
+    """Issue 16's shape swept over torch threads and batch sizes (inputs only); CorDA once,
+    at 2 threads and batch size 16 (its own pass is always batch size 1)."""
+    rows: list[Row] = []
+    for threads in BERT_THREADS:
+        torch.set_num_threads(threads)
+        for bs in BERT_BATCH_SIZES:
+            rows += bench_model(
+                f"bert-random[t{threads},bs{bs}]",
+                lambda mode, bs=bs: bert_random_setup(mode, bs), BERT_TARGETS, mode, repeats,
+                baselines and threads == 2 and bs == 16, rank, 0, sides_list=(("input",),),
+                eva_baseline=False, baseline_targets=BERT_CORDA_TARGETS)
     return rows
 
 
@@ -297,14 +351,15 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
 
 def write(table: list[dict[str, Any]], rows: list[Row], args: argparse.Namespace,
           load: tuple[float, float, float], command: str) -> None:
-    suffix = "_quick" if args.quick else ""
-    write_rows(RESULTS / f"calibration_speed{suffix}.csv", table, list(table[0]))
+    stem = args.output + ("_quick" if args.quick else "")
+    write_rows(RESULTS / f"{stem}.csv", table, list(table[0]))
     lines = [
         "# Calibration speed",
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine()}; load average before: "
-        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after: {load_average()}  ",
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after: {load_average()} "
+        "(bert-random rows: threads and batch size in the model name)  ",
         f"Times are the best of {args.repeats} interleaved round(s) (EVA and CorDA: one run); "
         "`x_floor` compares with "
         "(b) for the same sides. SmolLM2's weights are dequantized Q4_1 (4-bit noise).",
@@ -325,14 +380,17 @@ def write(table: list[dict[str, Any]], rows: list[Row], args: argparse.Namespace
                      if key in same and c]
             if parts:
                 lines.append(f"- {model}, {precision}: " + ", ".join(parts))
-    (RESULTS / f"calibration_speed{suffix}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small data (< 2 minutes)")
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"],
-                        choices=["minilm", "smollm2"])
+                        choices=["minilm", "smollm2", "bert-random"])
+    parser.add_argument("--output", default="calibration_speed",
+                        help="results file stem under benchmarks/results (default "
+                             "calibration_speed; _quick is appended in --quick mode)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="interleaved rounds of (a)-(c), best kept (default 3, quick 1)")
@@ -356,9 +414,13 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     specs = {"minilm": (minilm_setup, MINILM_TARGETS), "smollm2": (smollm2_setup,
                                                                    SMOLLM2_TARGETS)}
+    baselines = not args.no_baselines and (args.baselines or not args.quick)
     for name in args.models:
+        if name == "bert-random":
+            rows += bench_bert_random(mode, repeats, baselines, args.rank)
+            torch.set_num_threads(args.threads)
+            continue
         setup, targets = specs[name]
-        baselines = not args.no_baselines and (args.baselines or not args.quick)
         rows += bench_model(name, setup, targets, mode, repeats, baselines, args.rank,
                             args.eva_max_passes or EVA_MAX_PASSES[mode])
     table = ratios(rows)

@@ -348,12 +348,13 @@ def rows_of(x: Tensor, masks: Sequence[Tensor]) -> Tensor:
     for mask in masks:
         if mask.device != x.device:
             mask = mask.to(x.device)
-        if mask.shape == lead:
-            return x[mask]
-        if len(lead) > mask.ndim and lead[: mask.ndim] == mask.shape:
+        fits = mask.shape == lead or (len(lead) > mask.ndim and lead[: mask.ndim] == mask.shape)
+        if not fits and len(lead) == 1 and lead[0] == mask.numel() and mask.ndim > 1:
+            mask, fits = mask.reshape(-1), True  # flattened positions
+        if fits:
+            if bool(mask.all()):  # nothing masked (no padding): a view, not a gathered copy
+                break
             return x[mask].reshape(-1, k)
-        if len(lead) == 1 and lead[0] == mask.numel() and mask.ndim > 1:
-            return x.reshape(-1, k)[mask.reshape(-1)]
     return x.reshape(-1, k)
 
 
@@ -393,6 +394,15 @@ class _Accumulator:
     # s2 is a reduction's own tensor, possibly still read by layers sharing that reduction in
     # this forward pass: copy before writing (cleared at the end of each batch).
     borrowed: bool = False
+    # (centre, (1e-14·|centre|)²): the drift test's floor, computed once per centre
+    _floor: tuple[Tensor, Tensor] | None = None
+
+    def drift_floor(self) -> Tensor:
+        """``(1e-14·|shift|)²`` (k,): a few ulps of the centre, for :func:`_reduce`'s test."""
+        assert self.shift is not None
+        if self._floor is None or self._floor[0] is not self.shift:
+            self._floor = (self.shift, (1e-14 * self.shift.abs()) ** 2)
+        return self._floor[1]
 
     def _fold(self) -> None:
         if self.n:
@@ -452,7 +462,10 @@ class _Accumulator:
 
 
 def _panels(k: int) -> list[tuple[int, int]]:
-    """Column panels ``[i, j)`` of a k×k "lower" matrix: blocks ``[i:, i:j]`` are its data."""
+    """Column panels ``[i, j)`` of a k×k "lower" matrix: blocks ``[i:, i:j]`` are its data.
+
+    A function of k alone: writers and readers of one matrix must agree on it.
+    """
     if k < 128:
         return [(0, k)]
     b = -(-k // 8)
@@ -476,26 +489,40 @@ def _add_lower(out: Tensor, other: Tensor, overwrite: bool = False) -> None:
             out[i:, i:j].add_(other[i:, i:j])
 
 
-def _add_lower_gram(out: Tensor, y: Tensor, dtype: torch.dtype, overwrite: bool = False
-                    ) -> None:
+def _add_lower_gram(out: Tensor, y: Tensor, dtype: torch.dtype, overwrite: bool = False,
+                    work: _Workspace | None = None) -> None:
     """``out += yᵀy`` (or ``out = yᵀy``) on the panel blocks of a "lower" matrix ``out``
     ((k, k) float64).
 
     A Gram matrix is symmetric, but a GEMM computes both halves.  Splitting the columns into
     8 panels and multiplying each panel by the columns from its own start onwards costs
     ~9/16 of the flops; :func:`_symmetrize` restores the full matrix once, at the end.  With
-    ``dtype=float32`` each panel product runs in float32 and is added into float64.
+    ``dtype=float32`` each panel product runs in float32 and is added into float64 (``work``
+    then holds the float32 copy of ``y`` and the panel products, instead of fresh tensors).
     """
-    yg = y if y.dtype == dtype else y.to(dtype)
-    for i, j in _panels(y.shape[1]):
+    n, k = y.shape
+    if y.dtype == dtype:
+        yg = y
+    elif work is None:
+        yg = y.to(dtype)
+    else:
+        yg = work.take("gemm", n * k, dtype, y.device).view(n, k).copy_(y)
+    panels = _panels(k)
+    for i, j in panels:
         block = out[i:, i:j]  # (k−i, j−i)
         if dtype == torch.float64:
             # beta=0 ignores the block's old contents, even uninitialised NaN/Inf
             block.addmm_(yg[:, i:].T, yg[:, i:j], beta=0.0 if overwrite else 1.0)
-        elif overwrite:
-            block.copy_(yg[:, i:].T @ yg[:, i:j])
+            continue
+        if work is None:
+            product = yg[:, i:].T @ yg[:, i:j]
         else:
-            block.add_(yg[:, i:].T @ yg[:, i:j])
+            product = work.take("panel", (k - i) * (j - i), dtype, y.device).view(k - i, j - i)
+            torch.mm(yg[:, i:].T, yg[:, i:j], out=product)
+        if overwrite:
+            block.copy_(product)
+        else:
+            block.add_(product)
 
 
 def _symmetrize(lower: Tensor) -> Tensor:
@@ -513,40 +540,87 @@ def _symmetrize(lower: Tensor) -> Tensor:
     return out
 
 
+class _Workspace:
+    """Scratch buffers reused across a collector's calls, one per purpose and device.
+
+    The centred rows of a call (n×k float64, 100 MB at 8192×1536) are dropped as soon as they
+    are reduced; allocating them afresh each call costs the kernel's zeroing of new pages,
+    measured at a third of the GEMM's cost beyond the float32 floor.  A buffer only grows.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def take(self, purpose: str, numel: int, dtype: torch.dtype, device: torch.device
+             ) -> Tensor:
+        """A flat buffer of at least ``numel`` elements (its contents are undefined)."""
+        key = (purpose, dtype, device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
 def _reduce(rows: Tensor, acc: _Accumulator, gemm_dtype: torch.dtype, serial: int,
-            direct: bool = False) -> _Reduction:
+            direct: bool = False, work: _Workspace | None = None) -> _Reduction:
     """Reduce ``rows`` (n, k) to power sums about ``acc``'s centre, re-centring on drift.
 
     With ``direct`` the co-moment is accumulated straight into ``acc`` (no k×k temporary)
     and the returned reduction has no ``s2``, so it cannot be shared with another layer.
+    The centred rows live in ``work`` (when given) only until this call returns.
+
+    Besides the ``yᵀy`` GEMM the centred rows ``y`` (n, k) are written once and read twice
+    (``‖y‖²`` per row, then ``s1`` and ``s3`` as one (2, n)·(n, k) product).
     """
-    n = rows.shape[0]
+    n, k = rows.shape
     before = acc.shift
     shift = rows.mean(dim=0, dtype=torch.float64) if before is None else before
-    y = torch.sub(rows, shift) if rows.is_floating_point() else rows.double() - shift  # f64
+    if work is None:
+        y = rows.to(torch.float64, copy=True)
+    else:
+        y = work.take("rows", n * k, torch.float64, rows.device).view(n, k).copy_(rows)
+    y.sub_(shift)  # a copy then an in-place float64 subtraction: ~2× a type-promoting sub
+    s1, s3, s4 = _low_sums(y)
     if before is not None and acc.n:
-        # Drift test, per feature: batch-mean offset² against the stream's variance so far
-        # (plus a few ulps of the centre, so that constant features never trigger it).
-        offset = y.mean(dim=0)  # (k,)
-        var = torch.diagonal(acc.s2) / acc.n - (acc.s1 / acc.n) ** 2
-        floor = (1e-14 * shift.abs()) ** 2
-        if bool((offset * offset > _DRIFT * var.clamp_min(0) + floor).any()):
+        # Drift test, per feature: the offset² of the sums' mean from the centre, with this
+        # batch added (union = u/N, N = acc.n + n), against a lower bound of their variance
+        # (the batch's Σy² is at least s1²/n), plus a few ulps of the centre so that constant
+        # features never trigger it.  That ratio is what s2 − n·δδᵀ cancels; bounding the old
+        # variance alone re-centred every call of a stream fed one row per batch (a pooler at
+        # batch size 1).  union² > D·var + floor, multiplied out to use few tensor ops:
+        # u² > D·N/(1+D)·(diag(s2) + s1²/n) + floor·N²/(1+D).
+        total = acc.n + n
+        u = acc.s1 + s1
+        bound = torch.addcmul(torch.diagonal(acc.s2), s1, s1, value=1.0 / n)
+        bound.mul_(_DRIFT * total / (1 + _DRIFT)).add_(acc.drift_floor(),
+                                                        alpha=total * total / (1 + _DRIFT))
+        if bool((u * u > bound).any()):
+            offset = s1 / n  # (k,) the batch mean's offset: its own mean becomes the centre
             shift = shift + offset
-            y = y - offset
-    s1 = y.sum(dim=0)
-    sq = (y * y).sum(dim=1)  # (n,) ‖y‖²
-    s3 = y.T @ sq
-    s4 = (sq * sq).sum()
-    k = y.shape[1]
+            y.sub_(offset)
+            s1, s3, s4 = _low_sums(y)
     if not direct:
         s2 = torch.empty(k, k, dtype=torch.float64, device=y.device)  # panels only, below
-        _add_lower_gram(s2, y, gemm_dtype, overwrite=True)
+        _add_lower_gram(s2, y, gemm_dtype, overwrite=True, work=work)
         return _Reduction(before, shift, n, s1, s2, s3, s4, serial)
     red = _Reduction(before, shift, n, s1, None, s3, s4, serial)
     acc.prepare(red)
-    _add_lower_gram(acc.s2, y, gemm_dtype)
+    _add_lower_gram(acc.s2, y, gemm_dtype, work=work)
     acc.take(red)
     return red
+
+
+def _low_sums(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Σ y, Σ ‖y‖²·y, Σ ‖y‖⁴)`` of centred rows ``y`` (n, k) float64: shapes (k,), (k,),
+    ()."""
+    sq = torch.linalg.vector_norm(y, dim=1).square_()  # (n,) ‖y‖², one pass, no n×k temporary
+    weights = torch.stack((torch.ones_like(sq), sq))  # (2, n)
+    # (2, n)·(n, k), not yᵀ·(n, 2): MKL runs the row form ~10× faster (one read of y)
+    s13 = weights @ y  # (2, k): s1 and s3
+    return s13[0], s13[1], sq @ sq
 
 
 @dataclass
@@ -733,6 +807,7 @@ class Collector:
                 self._streams[name, side] = stream
         self._handles: list[Any] = []
         self._cache: dict[tuple[Any, ...], _CacheEntry] = {}
+        self._work = _Workspace()
         self._masks: list[Tensor] = []
         # Encoder-decoder models: the encoder's masks, the layers inside the encoder and the
         # (pointer, shape) of the encoder's output in this batch (the cross-attention input).
@@ -774,6 +849,7 @@ class Collector:
             handle.remove()
         self._handles.clear()
         self._cache.clear()
+        self._work.clear()
         self._layout = None  # holds the model
 
     def _make_hook(self, name: str) -> Callable[..., Tensor | None]:
@@ -889,7 +965,8 @@ class Collector:
             # After one full batch every sharing pattern has been seen once: layers whose
             # reductions nobody reused accumulate in place, without a k×k temporary.
             direct = self._batches_done > 0 and not stream.shares
-            red = _reduce(rows, acc, self.gemm_dtype, self._serial, direct=direct)
+            red = _reduce(rows, acc, self.gemm_dtype, self._serial, direct=direct,
+                          work=self._work)
             if not bool(torch.isfinite(red.s4)):
                 self._raise_non_finite(name, side, rows)
             self._producers[red.serial] = stream

@@ -250,6 +250,38 @@ def test_drifting_mean_is_recentred():
     assert_matches(col.results()["0", "input"].total, dense(torch.cat(batches).numpy()))
 
 
+def test_single_row_batches_are_not_recentred_every_call(monkeypatch):
+    # A pooler at batch size 1 feeds one row per batch: the stream's variance before the
+    # second row is 0, and a drift test against it alone folded (k×k work) on every call.
+    # The test bounds the cancellation of the sums with the batch added, which stays exact.
+    import covinit.collect as collect_mod
+
+    folds = []
+    original = collect_mod._Accumulator._fold
+
+    def counting(self):
+        folds.append(self.n)
+        original(self)
+
+    monkeypatch.setattr(collect_mod._Accumulator, "_fold", counting)
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(1, 6, generator=gen, dtype=torch.float64) + 50.0 for _ in range(40)]
+    model = nn.Sequential(nn.Linear(6, 2)).double()
+    col = collect(model, batches, sides=("input",))
+    assert_matches(col.results()["0", "input"].total, dense(torch.cat(batches).numpy()))
+    assert sum(n > 0 for n in folds) <= 2  # the final fold, not one per batch
+
+
+def test_unmasked_rows_are_a_view():
+    # No padding: the rows are the activation itself, not a gathered copy.
+    x = torch.randn(2, 5, 4)
+    rows = rows_of(x, [torch.ones(2, 5, dtype=torch.bool)])
+    assert rows.shape == (10, 4) and rows.data_ptr() == x.data_ptr()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 4] = False
+    assert rows_of(x, [mask]).shape == (9, 4)
+
+
 def test_large_mean_fp32_model():
     lin = nn.Linear(4, 3)
     gen = torch.Generator().manual_seed(2)
