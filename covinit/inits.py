@@ -583,8 +583,7 @@ _COV_SVD_DOC = """
         ``"matched"`` picks ``γ`` so that the first Adam step moves the layer's output as
         much as Kaiming's expected first step (needs a gradient side).
     lr : float, optional
-        The training rate: with it, ``scale="matched"`` also matches the step's second-order
-        term ``ΔB·ΔA`` (both factors move); without, the rate-free first-order gain.
+        The training rate, for ``scale="matched"``: as for ``pissa``.
 
     Returns
     -------
@@ -717,8 +716,7 @@ _GRAD_OPTIONS_DOC = """
         factor, each column with the norm of A's matching row, and ``base = W0 − c·B·A``, so
         the model is unchanged at step 0 while both factors move from the first step.
     lr : float, optional
-        The training rate: with it, ``scale="matched"`` also matches the step's second-order
-        term ``ΔB·ΔA`` (both factors move); without, the rate-free first-order gain.
+        The training rate, for ``scale="matched"``: as for ``pissa``.
 
     Returns
     -------
@@ -838,8 +836,7 @@ def lora_ga(ctx: InitContext) -> LoRAInit:
     gamma : float, default=16
         LoRA-GA's ``stable_gamma``.
     lr : float, optional
-        The training rate: with it, ``scale="matched"`` also matches the step's second-order
-        term ``ΔB·ΔA`` (both factors move); without, the rate-free first-order gain.
+        The training rate, for ``scale="matched"``: as for ``pissa``.
 
     Returns
     -------
