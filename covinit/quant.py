@@ -204,14 +204,22 @@ def _int_option(ctx: InitContext, key: str, default: int, low: int) -> int:
     return value
 
 
-def _quant_options(ctx: InitContext) -> tuple[int, int, int]:
+#: ``keep=`` values: which alternation round the strategy returns.
+KEEP = ("best", "last")
+
+
+def _quant_options(ctx: InitContext) -> tuple[int, int, int, str]:
     bits = _option(ctx, "bits", 4)
     try:
         _check_bits(bits)
     except ValueError as err:
         raise ValueError(f"layer {ctx.name!r}: {err}") from None
+    keep = _option(ctx, "keep", "best")
+    if keep not in KEEP:
+        raise ValueError(f"option keep= must be one of {list(KEEP)}, got {keep!r} "
+                         f"(layer {ctx.name!r})")
     return (bits, _int_option(ctx, "block_size", 64, 1),
-            _int_option(ctx, "iterations", 1, 1))
+            _int_option(ctx, "iterations", 1, 1), keep)
 
 
 #: Relative Frobenius distance under which the layer's base counts as ``Q(W)`` (float32
@@ -293,10 +301,11 @@ def _full_weight(ctx: InitContext, bits: int, block_size: int) -> Tensor:
 def _alternate(ctx: InitContext, m_half: Tensor | None, m_neg_half: Tensor | None,
                m: Tensor | None) -> LoRAInit:
     """LoftQ-style alternation, weighted by ``M`` when given: ``Q_t = Q(W − c·B_{t−1}·A_{t−1})``,
-    then ``(B_t, A_t)`` = the weighted repair of ``W − Q_t``.  Each round's objective
-    ``tr((W − Q_t − c·B_t·A_t)·M·(…)ᵀ)`` is computed and the best round kept: re-quantizing
-    minimises an elementwise error, not the weighted one, so later rounds need not improve."""
-    bits, block_size, iterations = _quant_options(ctx)
+    then ``(B_t, A_t)`` = the weighted repair of ``W − Q_t``.  With ``keep="best"`` each
+    round's objective ``tr((W − Q_t − c·B_t·A_t)·M·(…)ᵀ)`` is computed and the best round
+    kept: re-quantizing minimises an elementwise error, not the weighted one, so later rounds
+    need not improve.  ``keep="last"`` returns the last round, as PEFT's ``loftq_init`` does."""
+    bits, block_size, iterations, keep = _quant_options(ctx)
     w = _full_weight(ctx, bits, block_size)
     best: tuple[float, LoRAInit] | None = None
     target = w
@@ -304,8 +313,8 @@ def _alternate(ctx: InitContext, m_half: Tensor | None, m_neg_half: Tensor | Non
         q = quantize(target, bits, block_size)  # (d, k)
         a, b = repair(w - q, ctx.rank, ctx.scaling, m_half, m_neg_half)
         delta = ctx.scaling * (b @ a)  # (d, k)
-        score = weighted_error(w - q - delta, m)
-        if best is None or score < best[0]:
+        score = weighted_error(w - q - delta, m) if keep == "best" else 0.0
+        if best is None or score < best[0] or keep == "last":
             best = (score, LoRAInit(a, b, q))
         target = w - delta
     assert best is not None
@@ -329,9 +338,15 @@ _CONTRACT = """
     block_size : int, default=64
         Weights per absmax scale (bitsandbytes' default).
     iterations : int, default=1
-        Rounds of LoftQ-style alternation (re-quantize ``W0 − c·B·A``, repair again); the
-        round with the smallest {norm} error is kept, so more rounds never do worse on it.
+        Rounds of LoftQ-style alternation (re-quantize ``W0 − c·B·A``, repair again); with
+        the default ``keep="best"`` the round with the smallest {norm} error is kept, so
+        more rounds never do worse on it.
         ``1`` is the closed form.
+    keep : {"best", "last"}, default="best"
+        Which round to return: the one with the smallest {norm} error, or the last one
+        (PEFT's ``loftq_init`` returns its last round; with ``keep="last"``,
+        ``iterations=5`` and ``quant-svd`` this is LoftQ's algorithm with ``T = 5``, except
+        that ``c = α/r`` is accounted for: PEFT's factors ignore it, see its issue #1982).
     full_precision : nn.Module or mapping, optional
         The full-precision weights ``W0``: the unquantized model (layers by canonical name)
         or ``{name: Tensor (d, k)}``.  Needed when the base is already quantized (a
@@ -352,7 +367,7 @@ _CONTRACT = """
     "quant-residual",
     "quantized base Q(W0); A, B = top-r SVD of (W0−Q)·M^(1/2) mapped back (CLoQ, data-aware)",
     needs=("input",), preserves="approximate",
-    options=("bits", "block_size", "iterations", "full_precision"),
+    options=("bits", "block_size", "iterations", "keep", "full_precision"),
 )
 def quant_residual(ctx: InitContext) -> LoRAInit:
     """Quantize the base and start the adapter at the data-weighted best repair of the error.
@@ -375,7 +390,7 @@ def quant_residual(ctx: InitContext) -> LoRAInit:
     "quant-svd",
     "quantized base Q(W0); A, B = top-r SVD of W0−Q (LoftQ one-step, data-free)",
     needs=(), preserves="approximate",
-    options=("bits", "block_size", "iterations", "full_precision"),
+    options=("bits", "block_size", "iterations", "keep", "full_precision"),
 )
 def quant_svd(ctx: InitContext) -> LoRAInit:
     """Quantize the base and start the adapter at the best Frobenius repair of the error.

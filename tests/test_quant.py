@@ -195,7 +195,8 @@ def test_registered_with_tags():
     for name, needs in (("quant-residual", ("input",)), ("quant-svd", ())):
         tags = get_strategy(name).tags
         assert tags["preserves"] == "approximate" and tuple(tags["needs"]) == needs
-        assert set(tags["options"]) == {"bits", "block_size", "iterations", "full_precision"}
+        assert set(tags["options"]) == {"bits", "block_size", "iterations", "keep",
+                                        "full_precision"}
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -231,6 +232,36 @@ def test_alternation_never_worse_and_one_round_is_the_closed_form():
     a, b = repair(w - quantize(w, 2), 3, 2.0)
     torch.testing.assert_close(res.a, a)
     torch.testing.assert_close(res.b, b)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_keep_last_is_peft_loftq_loop(bits):
+    """``quant-svd`` with ``iterations=5, keep="last"`` at ``c = 1`` is PEFT's ``loftq_init``
+    loop (its own ``_low_rank_decomposition``; the nf quantizer in place of bitsandbytes'
+    CUDA path, which cannot run here), round for round."""
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    w = _weight(16, 24)
+    res = weight = w.float()
+    for i in range(5):  # PEFT's loop, with covinit's quantizer standing in for bitsandbytes
+        deq = quantize(res, bits)
+        res = weight - deq
+        out = _low_rank_decomposition(res, reduced_rank=3)
+        big_l, big_r = out["L"], out["R"]
+        if i + 1 == 5:
+            break
+        res = weight - big_l @ big_r
+    got = get_strategy("quant-svd").fn(_context(_rows(40, 24), w, 3, scaling=1.0, bits=bits,
+                                                iterations=5, keep="last"))
+    torch.testing.assert_close(got.base.float(), deq)
+    torch.testing.assert_close((got.b @ got.a).float(), big_l @ big_r, atol=1e-5, rtol=1e-4)
+    if bits == 2:  # here the rounds are not monotone: the default keeps another round
+        best = get_strategy("quant-svd").fn(_context(_rows(40, 24), w, 3, scaling=1.0,
+                                                     bits=bits, iterations=5))
+        assert not torch.equal(best.base, got.base)
+    with pytest.raises(ValueError, match=r"option keep= must be one of \['best', 'last'\], "
+                                         r"got 'first' \(layer 'layer'\)"):
+        get_strategy("quant-svd").fn(_context(_rows(4, 24), w, 3, keep="first"))
 
 
 def test_shrinkage_helps_on_held_out_inputs_with_few_samples():
