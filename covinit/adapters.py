@@ -33,6 +33,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from covinit._bnb import QuantizedBase, canonical_4bit, quantized_kind
 from covinit._linear import is_linear, linear_shape
 from covinit.distributed import copy_full_, full_tensor, is_sharded, reshard_fsdp
 from covinit.lora import LoRALinear
@@ -144,159 +145,14 @@ def _check_shape(name: str, label: str, value: Tensor, expected: tuple[int, ...]
                          f"got {tuple(value.shape)}")
 
 
-# ---------------------------------------------------------------------- quantized bases
-def _bnb_module(name: str) -> object | None:
-    """``bitsandbytes.<name>`` if bitsandbytes is already imported (a model holding its layers
-    has imported it), else None: covinit never imports bitsandbytes itself."""
-    if "bitsandbytes" not in sys.modules:
-        return None
-    import importlib
-
-    return importlib.import_module(f"bitsandbytes.{name}")
-
-
-def quantized_kind(module: nn.Module) -> str | None:
-    """``"4bit"`` for a bitsandbytes ``Linear4bit``, ``"8bit"`` for ``Linear8bitLt``, else None."""
-    bnb_nn = _bnb_module("nn")
-    if bnb_nn is None:
-        return None
-    if isinstance(module, bnb_nn.Linear4bit):  # type: ignore[attr-defined]
-        return "4bit"
-    if isinstance(module, bnb_nn.Linear8bitLt):  # type: ignore[attr-defined]
-        return "8bit"
-    return None
-
-
-def _canonical_4bit(layer: nn.Module) -> object:
-    """The layer's ``QuantState`` with its weight in bitsandbytes' canonical packing.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit`` the first time it
-    runs in eval mode without autograd and then computes in bfloat16 (0.3 % off the float32
-    result; and it fails for ``out_features`` not a multiple of 32).  Undo such a repacking
-    with bitsandbytes' own inverse (what its ``state_dict`` does) and switch it off for this
-    layer, so calibration sees the same float32 computation as training and covinit's reads
-    see the canonical codes.
-    """
-    weight = layer.weight  # type: ignore[attr-defined]
-    if getattr(weight.quant_state, "packing_format_for_cpu", False):
-        functional = _bnb_module("functional")
-        weight.data, weight.quant_state = \
-            functional._convert_weight_packed_for_cpu_inverse(  # type: ignore[attr-defined]
-                weight.data, weight.quant_state)
-        layer.quant_state = weight.quant_state
-    layer.support_avx512bf16_for_cpu = False
-    return weight.quant_state
-
-
-def _dequantize_4bit(packed: Tensor, state: object) -> Tensor:
-    """``Q(W)`` (d, k), float32, from a ``Linear4bit``'s packed codes and ``QuantState``.
-
-    Computed here from the codes (two per byte, high nibble first; block absmax, itself
-    8-bit-quantized in blocks of 256 with double quantization) rather than with
-    ``bitsandbytes.functional.dequantize_4bit``, whose CPU kernel in 0.50.2 returns wrong
-    values for some shapes (48×96, 64×96, 16×32 at block 64: 15–30 % off its own codes).
-    """
-    flat = packed.detach().reshape(-1).view(torch.uint8)
-    codes = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)  # (≥ d·k,)
-    d, k = (int(s) for s in state.shape)  # type: ignore[attr-defined]
-    absmax = state.absmax  # type: ignore[attr-defined]
-    if state.nested:  # type: ignore[attr-defined]
-        inner = state.state2  # type: ignore[attr-defined]
-        groups = torch.arange(absmax.numel()) // inner.blocksize
-        absmax = inner.code[absmax.long()] * inner.absmax[groups] + state.offset  # type: ignore[attr-defined]
-    scale = absmax.float().repeat_interleave(state.blocksize)[: d * k]  # type: ignore[attr-defined]
-    table = state.code.float()  # type: ignore[attr-defined]
-    return (table[codes[: d * k].long()] * scale).reshape(d, k)
-
-
-def _probe_4bit(name: str, layer: nn.Module, weight: Tensor) -> None:
-    """Refuse a ``Linear4bit`` whose own forward disagrees with its codes.
-
-    bitsandbytes 0.50.2's CPU forward dequantizes with the kernel above, so for the shapes it
-    gets wrong the layer computes with another matrix than the one it stores; reading ``W0``
-    would then describe a different layer.  Checked once per quantization state on 4 random
-    inputs through ``matmul_4bit`` itself (with autograd on, its unpacked path).
-    """
-    state = layer.weight.quant_state  # type: ignore[attr-defined]
-    if getattr(layer, "_covinit_probed", None) is state:
-        return
-    bnb = _bnb_module("autograd._functions")
-    x = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(0),
-                    dtype=torch.float32).requires_grad_(True)
-    with torch.enable_grad():
-        got = bnb.matmul_4bit(x, layer.weight.t(), quant_state=state)  # type: ignore[attr-defined]
-    want = x.detach() @ weight.T
-    gap = float((got.detach() - want).norm() / want.norm().clamp_min(1e-30))
-    if gap > 1e-4:
-        d, k = weight.shape
-        raise ValueError(
-            f"layer {name!r} (bitsandbytes Linear4bit, d={d}, k={k}): its CPU forward "
-            f"disagrees with its own 4-bit codes (relative {gap:.3f}); bitsandbytes 0.50.2's "
-            "CPU dequantize_4bit is wrong for some shapes (seen for k not a multiple of the "
-            "block size, e.g. 48x96, 64x96), so the model does not compute its stored layer. "
-            "Use a GPU, or a plain nn.Linear holding the dequantized weight "
-            "(covinit.quant.quantize)")
-    layer._covinit_probed = state
-
-
-class _QuantizedBase:
-    """Read and write a bitsandbytes 4-bit base: reads dequantize the codes; writes
-    re-quantize with the layer's own format (quant type, block size, double quantization,
-    storage dtype) through ``bitsandbytes.functional.quantize_4bit``.
-
-    A write is therefore *not* exact: the layer then computes ``Q(W)`` for the ``W`` written
-    (a residual init's ``W0 − c·B·A`` loses its quantization error; a weight already on the
-    layer's grid, such as what :meth:`read` returned, comes back unchanged).
-    """
-
-    def __init__(self, name: str, layer: nn.Module) -> None:
-        kind = quantized_kind(layer)
-        if kind == "8bit":
-            raise TypeError(
-                f"layer {name!r}: bitsandbytes Linear8bitLt (d={layer.out_features}, "
-                f"k={layer.in_features}) bases are not supported by covinit (its CPU forward "
-                "runs, but covinit reads and re-quantizes 4-bit bases only); load the model "
-                "with BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4')")
-        self.name, self.layer = name, layer
-        state = _canonical_4bit(layer)
-        if state is None:
-            raise TypeError(f"layer {name!r}: its Linear4bit weight is not quantized yet "
-                            "(no quant_state); move the model to its device first")
-        self.shape = tuple(int(s) for s in state.shape)  # type: ignore[attr-defined]
-        if len(self.shape) != 2:
-            raise TypeError(f"layer {name!r}: Linear4bit quant_state shape {self.shape} is "
-                            "not 2-D (d, k)")
-        _probe_4bit(name, layer, self.read())
-
-    def read(self) -> Tensor:
-        """``Q(W)`` (d, k) in the layer's original dtype."""
-        state = _canonical_4bit(self.layer)
-        return _dequantize_4bit(self.layer.weight.data, state).to(state.dtype)  # type: ignore[attr-defined]
-
-    def write(self, weight: Tensor) -> None:
-        """Re-quantize ``weight`` (d, k) into the layer in its own 4-bit format."""
-        layer = self.layer
-        state = _canonical_4bit(layer)
-        functional = _bnb_module("functional")
-        packed, new_state = functional.quantize_4bit(  # type: ignore[attr-defined]
-            weight.detach().to(state.dtype).contiguous(),  # type: ignore[attr-defined]
-            blocksize=state.blocksize, compress_statistics=state.nested,  # type: ignore[attr-defined]
-            quant_type=state.quant_type, quant_storage=layer.weight.dtype)  # type: ignore[attr-defined]
-        with torch.no_grad():
-            layer.weight.data = packed
-        layer.weight.quant_state = new_state
-        layer.quant_state = new_state
-        layer._covinit_probed = new_state  # same shape and format as the probed state
-
-
 def _plain_weight(name: str, weight: object) -> Tensor:
     """The base weight if it is a plain floating tensor we can write into."""
     if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.ndim != 2:
         raise TypeError(
             f"layer {name!r}: the base weight is {type(weight).__name__} "
             f"({getattr(weight, 'dtype', '?')}); covinit reads and writes plain floating-point "
-            "2-D weights and bitsandbytes Linear4bit bases only (other quantized bases are not "
-            "supported)"
+            "2-D weights and bitsandbytes Linear4bit / Linear8bitLt bases only (other quantized "
+            "bases are not supported)"
         )
     return weight
 
@@ -313,8 +169,8 @@ class _ParamAdapter:
         self.name = name
         self.module = module
         self.base_layer = base_layer
-        # A bitsandbytes base is read dequantized and written re-quantized (_QuantizedBase).
-        self._quant = _QuantizedBase(name, base_layer) if quantized_kind(base_layer) else None
+        # A bitsandbytes base is read dequantized and written re-quantized (QuantizedBase).
+        self._quant = QuantizedBase(name, base_layer) if quantized_kind(base_layer) else None
         self._weight = weight if self._quant else _plain_weight(name, weight)
         self._a = lora_a
         self._b = lora_b
@@ -468,8 +324,9 @@ class _PeftAdapter(_ParamAdapter):
         if is_dora and self._quant:
             raise ValueError(
                 f"PEFT layer {name!r}: adapter {adapter!r} is a DoRA adapter over a "
-                "bitsandbytes 4-bit base; covinit does not recompute DoRA's magnitude over a "
-                "quantized base. Use plain LoRA (use_dora=False) on quantized bases")
+                f"bitsandbytes {self._quant.bits}-bit base; covinit does not recompute DoRA's "
+                "magnitude over a quantized base. Use plain LoRA (use_dora=False) on quantized "
+                "bases")
         self.adapter_name = adapter
         self.peft_init = peft_init
         self.dora = is_dora
@@ -875,7 +732,7 @@ def find_linear_layers(model: nn.Module) -> dict[str, nn.Module]:
         if kind in ("covinit", "peft"):
             layers[name] = module.base_layer if kind == "covinit" else module.get_base_layer()
             if quantized_kind(layers[name]) == "4bit":
-                _canonical_4bit(layers[name])  # hooks then see the float32 forward
+                canonical_4bit(layers[name])  # hooks then see the float32 forward
         elif kind in ("loralib", "linear"):
             layers[name] = module
         elif kind == "peft-other":

@@ -93,6 +93,7 @@ from covinit.adapters import (
     is_inert,
     matches_initialized,
     model_fingerprint,
+    quantized_kind,
     skipped_warning,
 )
 from covinit.budget import CalibrationPlan, plan_calibration
@@ -986,15 +987,17 @@ def _collect_in_passes(
 
 @contextlib.contextmanager
 def _calibration_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and ``torch.no_grad()`` for a pass; modes and ``requires_grad`` flags are
-    restored afterwards, also on errors."""
+    """Eval mode (bitsandbytes 8-bit layers: training mode) and ``torch.no_grad()`` for a
+    pass; modes and ``requires_grad`` flags are restored afterwards, also on errors."""
     modes = {module: module.training for module in model.modules()}
     flags = {param: param.requires_grad for param in model.parameters()}
     try:
         # Eval mode by flag, not model.eval(): some LoRA layers (loralib's merge_weights)
         # merge B·A into the weight inside train()/eval(), which calibration must not do.
         for module in modes:
-            module.training = False
+            # bitsandbytes' Linear8bitLt quantizes its inputs to int8 in eval mode and
+            # computes x·Q(W)ᵀ in training mode: calibrate on what training computes.
+            module.training = quantized_kind(module) == "8bit"
         with torch.no_grad():
             yield
     finally:

@@ -10,6 +10,11 @@ dict keeps ``...query.base_layer.weight`` next to the new ``...query.lora_A`` an
 
 in two thin matrix products, never forming the d×k matrix ``B·A``.
 
+The base may also be a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (both ``nn.Linear``
+subclasses): its forward is bitsandbytes' own, :meth:`LoRALinear.base_weight` returns the
+dequantized ``Q(W)`` and :meth:`LoRALinear.set_base_weight` re-quantizes (see
+:mod:`covinit._bnb`); the factors are then float (the dequantized weight's dtype).
+
 Example
 -------
 >>> import torch
@@ -28,6 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from covinit._bnb import QuantizedBase, quantized_kind
 from covinit._linear import is_conv1d, is_linear, linear_shape
 
 __all__ = ["LoRALinear", "check_rank", "scaling_for"]
@@ -55,9 +61,10 @@ class LoRALinear(nn.Module):
 
     Parameters
     ----------
-    base_layer : nn.Linear or transformers Conv1D
+    base_layer : nn.Linear, transformers Conv1D, or bitsandbytes Linear4bit / Linear8bitLt
         The layer to adapt.  It is kept as ``self.base_layer`` (not copied) and left as is;
-        :func:`add_lora` is what freezes it.
+        :func:`add_lora` is what freezes it.  A bitsandbytes layer must hold quantized
+        weights already (loaded with ``BitsAndBytesConfig``, or moved to its device).
     rank : int, default=8
         ``r``, with ``1 <= r <= min(d, k)``.
     alpha : float, default=16
@@ -83,8 +90,14 @@ class LoRALinear(nn.Module):
 
     Notes
     -----
-    ``A`` and ``B`` take the base weight's dtype and device.  Shapes: ``d`` = out_features,
-    ``k`` = in_features; input ``x`` is ``(..., k)`` and the output ``(..., d)``.
+    ``A`` and ``B`` take the base weight's dtype and device (over a bitsandbytes base, the
+    dtype of its dequantized weight: the original dtype for 4-bit, float32 for 8-bit).
+    Shapes: ``d`` = out_features, ``k`` = in_features; input ``x`` is ``(..., k)`` and the
+    output ``(..., d)``.
+
+    Over a bitsandbytes base the layer cannot be merged (re-quantizing ``W + c·B·A`` would
+    lose the adapter's precision, and unmerging would not give ``W`` back); export the
+    adapter instead (:func:`covinit.export_lora`).
     """
 
     def __init__(
@@ -121,9 +134,12 @@ class LoRALinear(nn.Module):
         self.name = name
         self.merged = False
         self.base_replaced = False
+        # A bitsandbytes base stores codes; reads dequantize them, writes re-quantize.
+        self._quant = QuantizedBase(name, base_layer) if quantized_kind(base_layer) else None
         weight = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, k, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(d, rank, dtype=weight.dtype, device=weight.device))
+        dtype = self._quant.dtype if self._quant else weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, k, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(d, rank, dtype=dtype, device=weight.device))
         # Same default as PEFT and loralib: A as nn.Linear's own init, B = 0 (so ΔW = 0).
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -150,13 +166,19 @@ class LoRALinear(nn.Module):
 
         A detached view of the stored parameter (transposed for Conv1D), not a copy: do not
         modify it in place; use :meth:`set_base_weight`.  While :attr:`merged`, it includes
-        ``scaling·B·A``.
+        ``scaling·B·A``.  Over a bitsandbytes base, a new tensor holding the dequantized
+        ``Q(W)``.
         """
+        if self._quant is not None:
+            return self._quant.read()
         w = self.base_layer.weight.detach()
         return w.T if self.fan_in_fan_out else w
 
     def set_base_weight(self, weight: Tensor, replaced: bool = True) -> None:
         """Overwrite the base weight in place (keeps the parameter, its dtype and device).
+
+        Over a bitsandbytes base, ``weight`` is re-quantized in the layer's format, so the
+        base then holds ``Q(weight)``: exact only for a weight on the layer's grid.
 
         Parameters
         ----------
@@ -172,8 +194,11 @@ class LoRALinear(nn.Module):
                 f"base weight for layer {self.name!r} must have shape {expected}, "
                 f"got {tuple(weight.shape)}"
             )
-        with torch.no_grad():
-            self.base_weight().copy_(weight)
+        if self._quant is not None:
+            self._quant.write(weight)
+        else:
+            with torch.no_grad():
+                self.base_weight().copy_(weight)
         self.base_replaced = replaced
 
     def get_lora(self) -> tuple[Tensor, Tensor]:
@@ -231,6 +256,13 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             raise ValueError(f"layer {self.name!r} is already merged")
+        if self._quant is not None:
+            raise ValueError(
+                f"cannot merge layer {self.name!r} (d={self.out_features}, "
+                f"k={self.in_features}): its base is a bitsandbytes {self._quant.bits}-bit "
+                "layer, and re-quantizing W + scaling·B·A would round the adapter away "
+                "(unmerge could not restore W); export the adapter (covinit.export_lora) and "
+                "merge it into the full-precision model")
         self._add_delta(+1.0)
         self.merged = True
 

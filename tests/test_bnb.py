@@ -1,11 +1,14 @@
-"""covinit on real bitsandbytes 4-bit bases (CPU): PEFT ``lora.Linear4bit`` over a tiny random
-Llama loaded in nf4 through transformers.
+"""covinit on real bitsandbytes bases (CPU): PEFT ``lora.Linear4bit`` / ``lora.Linear8bitLt``
+and covinit's own ``LoRALinear`` over a tiny random Llama loaded in nf4 or int8 through
+transformers.
 
 References independent of the code under test: bitsandbytes' own ``dequantize_4bit`` (on
-shapes its CPU kernel gets right), covinit's NF quantizer applied to the full-precision
-weights (its codes are bitsandbytes' ``quantize_4bit`` codes, tests/test_quant.py), and
-forward hooks that record the base layers' inputs directly.  Widths are multiples of 64 so
-the known-wrong CPU shapes (48×96, 64×96) are avoided, except where that refusal is tested.
+shapes its CPU kernel gets right) and ``int8_vectorwise_dequant``, covinit's NF quantizer
+applied to the full-precision weights (its codes are bitsandbytes' ``quantize_4bit`` codes,
+tests/test_quant.py), LLM.int8's row-absmax rounding written out here, a dense float model
+holding the dequantized weights, and forward hooks that record the base layers' inputs
+directly.  Widths are multiples of 64 so the known-wrong CPU shapes (48×96, 64×96) are
+avoided, except where that refusal is tested.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import covinit  # noqa: E402
-from covinit.adapters import _dequantize_4bit, find_adapters  # noqa: E402
+from covinit._bnb import dequantize_4bit as _dequantize_4bit  # noqa: E402
+from covinit.adapters import find_adapters  # noqa: E402
 from covinit.matched import second_moment  # noqa: E402
 from covinit.quant import quantize, weighted_error  # noqa: E402
 
@@ -51,6 +55,46 @@ def _quantized(saved: Path, double: bool = False, quant_type: str = "nf4") -> nn
         bnb_4bit_use_double_quant=double, bnb_4bit_compute_dtype=torch.float32)
     return transformers.LlamaForCausalLM.from_pretrained(
         str(saved), quantization_config=config, dtype=torch.float32)
+
+
+def _int8(saved: Path) -> nn.Module:
+    return transformers.LlamaForCausalLM.from_pretrained(
+        str(saved), dtype=torch.float32,
+        quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True))
+
+
+def _peft8(saved: Path, **lora) -> nn.Module:
+    return peft.get_peft_model(_int8(saved), peft.LoraConfig(
+        **{"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **lora}))
+
+
+def _bnb_dequantize(layer: nn.Module) -> Tensor:
+    """``Q(W)`` (d, k) by bitsandbytes' own dequantization of a Linear4bit / Linear8bitLt."""
+    weight = layer.weight
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        scb = weight.SCB if weight.SCB is not None else layer.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scb)
+    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+
+
+def _int8_grid(w: Tensor) -> Tensor:
+    """LLM.int8's row-absmax rounding of ``w`` (d, k), written out: float16 values, codes
+    ``round(w·127/absmax)`` in float32 (bitsandbytes' order), returned as float64."""
+    half = w.to(torch.float16).float()
+    absmax = half.abs().amax(dim=1, keepdim=True)
+    codes = torch.round(half * (127.0 / absmax))
+    return codes.double() * absmax.double() / 127
+
+
+def _assert_int8_rounding(got: Tensor, target: Tensor) -> None:
+    """``got`` (d, k) is on the int8 grid of ``target``'s rows and rounds each entry to the
+    nearest level (within half a step, plus ``target``'s own float16 rounding)."""
+    got, target = got.double(), target.double()
+    torch.testing.assert_close(_int8_grid(got), got, rtol=1e-6, atol=1e-9)
+    step = target.to(torch.float16).double().abs().amax(dim=1, keepdim=True) / 127
+    torch.testing.assert_close(got.abs().amax(dim=1, keepdim=True), 127 * step,
+                               rtol=1e-6, atol=0)
+    assert bool(((got - target).abs() <= step / 2 + target.abs() * 2 ** -10).all())
 
 
 def _nf4(saved: Path, double: bool = False, quant_type: str = "nf4", **lora) -> nn.Module:
@@ -169,12 +213,11 @@ def test_save_load_and_export_round_trip(saved, tmp_path):
 def test_unsupported_kinds_are_refused(saved):
     with pytest.raises(ValueError, match="DoRA adapter over a bitsandbytes 4-bit base"):
         find_adapters(_nf4(saved, use_dora=True), dora=True)
-    eight = transformers.LlamaForCausalLM.from_pretrained(
-        str(saved), dtype=torch.float32,
-        quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True))
-    eight = peft.get_peft_model(eight, peft.LoraConfig(r=2, target_modules=["o_proj"]))
-    with pytest.raises(TypeError, match=r"Linear8bitLt.*not supported"):
-        find_adapters(eight)
+    # An int8 layer that keeps float16 master weights computes Q(W) of another matrix
+    # than the one it stores: refused, by add_lora as by the adapters.
+    layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=True)
+    with pytest.raises(TypeError, match=r"'0'.*Linear8bitLt \(d=64, k=64\).*load_in_8bit"):
+        covinit.add_lora(nn.Sequential(layer), ["0"], rank=2)
 
 
 def test_wrong_cpu_shape_is_refused():
@@ -189,3 +232,159 @@ def test_wrong_cpu_shape_is_refused():
     state = layer.weight.quant_state
     weight = _dequantize_4bit(layer.weight.data, state)
     assert float((weight - quantize(weight)).abs().max()) < 1e-6
+
+
+# ---------------------------------------------------------------------- int8 (Linear8bitLt)
+def test_8bit_reads_the_dequantized_codes(saved):
+    fp, model = _fp(saved), _peft8(saved)
+    adapters = find_adapters(model)
+    assert list(adapters) == list(find_adapters(_nf4(saved)))
+    for name, adapter in adapters.items():
+        assert type(adapter.module).__name__ == "Linear8bitLt"
+        got = adapter.base_weight()
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, _bnb_dequantize(adapter.base_layer), rtol=1e-6,
+                                   atol=0)
+        torch.testing.assert_close(got.double(), _int8_grid(_fp_weight(fp, name)),
+                                   rtol=1e-6, atol=1e-9)
+
+
+def test_8bit_calibration_sees_the_dequantized_forward(saved):
+    """Moments equal those of a dense float32 model holding bitsandbytes' dequantized Q(W),
+    not those of the int8-activation forward bitsandbytes runs in eval mode."""
+    model = _peft8(saved)
+    dense = _fp(saved)
+    for name, layer in plain_layers(model).items():
+        dense.get_submodule(name).weight.data = _bnb_dequantize(layer)
+    modes = {m: m.training for m in model.modules()}
+    cal = covinit.calibrate(model, _batches(), sides=("input", "output"))
+    assert modes == {m: m.training for m in model.modules()}  # restored
+    seen: list[Tensor] = []
+    hook = dense.get_submodule(DOWN).register_forward_hook(
+        lambda m, i, o: seen.append(i[0].detach().reshape(-1, 128)))
+    _logits(dense)
+    hook.remove()
+    x = torch.cat(seen).to(torch.float64)  # (n, k)
+    torch.testing.assert_close(second_moment(cal.moments(DOWN, "input")), x.T @ x / len(x),
+                               rtol=1e-5, atol=1e-8)
+    y = x @ _bnb_dequantize(find_adapters(model)[DOWN].base_layer).double().T  # (n, d)
+    torch.testing.assert_close(second_moment(cal.moments(DOWN, "output")), y.T @ y / len(y),
+                               rtol=1e-5, atol=1e-8)
+
+
+def plain_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The bitsandbytes layers of ``model`` by canonical name (PEFT prefix dropped)."""
+    return {name.removeprefix("base_model.model.").removesuffix(".base_layer"): module
+            for name, module in model.named_modules()
+            if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))}
+
+
+def test_8bit_residual_requantizes_to_int8_with_a_measured_error(saved, tmp_path):
+    model = _peft8(saved)
+    cal = covinit.calibrate(model, _batches())
+    before = {n: a.base_weight().clone() for n, a in find_adapters(model).items()}
+    covinit.initialize(model, cal, strategy="pissa")
+    for name, adapter in find_adapters(model).items():
+        base = adapter.base_weight().double()
+        a, b = (t.double() for t in adapter.get_lora())
+        # Re-quantized to int8: the int8 rounding of W0 − c·B·A, which it misses by a
+        # measured error.
+        _assert_int8_rounding(base, before[name].double() - adapter.scaling * b @ a)
+        gap = float((base + adapter.scaling * b @ a - before[name]).norm()
+                    / before[name].norm())
+        assert 1e-3 < gap < 0.01, (name, gap)
+    want = _logits(model)
+    covinit.save_lora(model, tmp_path / "a.safetensors")
+    fresh = _peft8(saved)
+    covinit.load_lora(fresh, tmp_path / "a.safetensors")
+    torch.testing.assert_close(_logits(fresh), want, rtol=0, atol=0)
+    covinit.export_lora(model, tmp_path / "peft", format="peft")
+    exported = peft.PeftModel.from_pretrained(_int8(saved), tmp_path / "peft")
+    gap = float((_logits(exported) - want).norm() / want.norm())
+    assert 0 < gap < 0.02, gap
+
+
+def test_dora_over_8bit_is_refused(saved):
+    with pytest.raises(ValueError, match="DoRA adapter over a bitsandbytes 8-bit base"):
+        find_adapters(_peft8(saved, use_dora=True), dora=True)
+
+
+# ---------------------------------------------------------------------- covinit's own layers
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_lora_linear_over_a_quantized_base_computes_q_plus_lora(saved, kind):
+    model = covinit.add_lora(_nf4_plain(saved) if kind == "nf4" else _int8(saved), TARGETS,
+                             rank=4, alpha=8)
+    layer = model.get_submodule(DOWN)
+    assert isinstance(layer, covinit.LoRALinear)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        f"{n}.lora_{f}" for n in find_adapters(model) for f in "AB"]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    q = _bnb_dequantize(layer.base_layer)  # (d, k), bitsandbytes' own dequantization
+    torch.testing.assert_close(layer.base_weight(), q, rtol=1e-6, atol=0)
+    x = torch.randn(5, 128)
+    want = x @ q.T + layer.scaling * (x @ layer.lora_A.detach().T) @ layer.lora_B.detach().T
+    layer.train()
+    got = layer(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.square().sum().backward()  # autograd through bitsandbytes' forward to A and B
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+    layer.eval()
+    with torch.no_grad():  # int8: bitsandbytes also quantizes x in eval mode (LLM.int8)
+        gap = float((layer(x) - want).norm() / want.norm())
+    assert gap < (1e-6 if kind == "nf4" else 0.02), gap
+    with pytest.raises(ValueError, match=rf"cannot merge layer '{DOWN}'.*bitsandbytes"):
+        layer.merge()
+
+
+def _nf4_plain(saved: Path) -> nn.Module:
+    return _quantized(saved)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_lora_linear_over_a_quantized_base_round_trips(saved, tmp_path, kind):
+    make = _nf4_plain if kind == "nf4" else _int8
+    model = covinit.add_lora(make(saved), TARGETS, rank=4, alpha=8)
+    cal = covinit.calibrate(model, _batches())
+    # Calibration hooks the quantized base: the same moments as on the PEFT model.
+    peft_model = _nf4(saved) if kind == "nf4" else _peft8(saved)
+    torch.testing.assert_close(second_moment(cal.moments(DOWN, "input")), second_moment(
+        covinit.calibrate(peft_model, _batches()).moments(DOWN, "input")), rtol=0, atol=0)
+    before = {n: a.base_weight().clone() for n, a in find_adapters(model).items()}
+    covinit.initialize(model, cal, strategy="pissa")
+    for name, adapter in find_adapters(model).items():
+        assert adapter.base_replaced
+        base = adapter.base_weight()
+        a, b = adapter.get_lora()
+        if kind == "nf4":  # re-quantized: back on the nf4 grid
+            torch.testing.assert_close(quantize(base), base, rtol=1e-6, atol=1e-7)
+        else:
+            _assert_int8_rounding(base, before[name].double()
+                                  - adapter.scaling * b.double() @ a.double())
+    want = _logits(model)
+    covinit.save_lora(model, tmp_path / "a.safetensors")
+    fresh = covinit.load_lora(make(saved), tmp_path / "a.safetensors")  # wraps bnb layers
+    assert isinstance(fresh.get_submodule(DOWN), covinit.LoRALinear)
+    assert type(fresh.get_submodule(DOWN).base_layer) is type(model.get_submodule(DOWN).base_layer)
+    torch.testing.assert_close(_logits(fresh), want, rtol=0, atol=0)
+    covinit.export_lora(model, tmp_path / "e.safetensors")
+    exported = covinit.load_lora(make(saved), tmp_path / "e.safetensors")
+    # On the original quantized base: off by the re-quantization of pissa's residual base.
+    gap = float((_logits(exported) - want).norm() / want.norm())
+    assert 0 < gap < 0.05, gap
+
+
+def test_quant_residual_on_lora_linear_over_nf4(saved):
+    fp, model = _fp(saved), covinit.add_lora(_nf4_plain(saved), TARGETS, rank=4, alpha=8)
+    cal = covinit.calibrate(model, _batches())
+    adapter = find_adapters(model)[DOWN]
+    q0 = adapter.base_weight().clone()
+    covinit.initialize(model, cal, strategy="quant-residual", full_precision=fp)
+    # base := Q(W0), on the layer's own grid: written back bit for bit.
+    torch.testing.assert_close(adapter.base_weight(), q0, rtol=0, atol=0)
+    w, m = _fp_weight(fp, DOWN), second_moment(cal.moments(DOWN, "input"))
+    a, b = (t.to(torch.float64) for t in adapter.get_lora())
+    repaired = weighted_error(w - q0.double() - adapter.scaling * b @ a, m)
+    assert repaired < 0.95 * weighted_error(w - q0.double(), m)
