@@ -188,7 +188,7 @@ def plan_calibration(
     model: nn.Module | Mapping[str, nn.Module], targets: Targets | None = None,
     sides: Sequence[str] = SIDES, *, max_memory: int | str | None, folds: int = 1,
     sketch_above: int | None = None, sketch_size: int = 256,
-    units: Sequence[Sequence[str]] | None = None,
+    units: Sequence[Sequence[str]] | None = None, precision: str = "float64",
 ) -> CalibrationPlan:
     """Split the target layers into passes whose statistics fit in ``max_memory``.
 
@@ -213,6 +213,9 @@ def plan_calibration(
         sketch, a batch's part and the test matrix Ω).
     units : sequence of sequence of str, optional
         Layers to keep in one pass; default :func:`sharing_units`.
+    precision : {"float64", "mixed"}, default="float64"
+        ``"mixed"`` also counts each fold's float32 pending co-moment (``4·w²`` bytes, see
+        :func:`covinit.collect.side_bytes`).
 
     Returns
     -------
@@ -228,7 +231,8 @@ def plan_calibration(
     budget = None if max_memory is None else parse_size(max_memory)
     if budget is not None and budget <= 0:
         raise ValueError(f"max_memory must be a positive size, got {max_memory!r}")
-    collector = Collector(layers, sides, folds=folds)  # shapes and checked sides only
+    # shapes, checked sides and precision only: no hook, no matrix
+    collector = Collector(layers, sides, folds=folds, precision=precision)
     need, sketched = _layer_bytes(collector, sketch_above, sketch_size)
     found = sharing_units(layers) if units is None else _check_units(units, layers)
     groups: list[_Group] = []
@@ -276,7 +280,8 @@ def _layer_bytes(collector: Collector, sketch_above: int | None, sketch_size: in
                 sketched.append((name, side))
                 need[name] += 3 * 8 * width * min(sketch_size, width)
             else:
-                need[name] += side_bytes(k, d, side, collector.n_folds + 1)
+                need[name] += side_bytes(k, d, side, collector.n_folds + 1,
+                                         collector.precision)
     return need, sketched
 
 

@@ -862,7 +862,8 @@ def _plan_passes(model: nn.Module, dataloader: Iterable[Any], plan: _Plan,
     def make(units: Sequence[Sequence[str]]) -> CalibrationPlan:
         return plan_calibration(plan.layers, sides=plan.sides, max_memory=plan.max_memory,
                                 folds=plan.n_folds, sketch_above=plan.sketch_above,
-                                sketch_size=plan.sketch_size, units=units)
+                                sketch_size=plan.sketch_size, units=units,
+                                precision=plan.precision)
 
     budget = make([[name] for name in plan.layers])  # refuses a layer alone over budget
     if budget.passes > 1:

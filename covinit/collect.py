@@ -26,6 +26,13 @@ are computed (~9/16 of the flops, :func:`_add_lower_gram`), which makes the floa
 about as fast as a plain float32 ``XᵀX``; from the second batch on, layers whose reductions
 nobody shares accumulate straight into their sums, with no k×k temporary.
 
+``precision="mixed"`` centres float32 rows in float32 about the float32-rounded centre (one
+pass over the rows instead of a float64 copy, a subtraction and a float32 copy) and runs the
+product in float32 *in place* into a float32 pending co-moment per accumulator, as the floor
+does; the pending sum is added into the float64 one every :data:`_FLUSH_ROWS` rows and before
+anything reads, merges, folds or re-centres the sums.  Adding each call's product into a
+float64 k×k matrix instead cost more than the product itself at 128 rows a call (batch size 1).
+
 Layers fed the very same tensor in one forward pass (q/k/v projections, gate/up projections)
 reduce it once: a tensor is recognised by its storage pointer, shape, strides, dtype and
 version counter while a weak reference shows it is still alive, so its memory cannot have
@@ -135,18 +142,32 @@ _DRIFT = 64.0
 # Recent activations whose reductions are kept for reuse within one forward pass.
 _CACHE_ENTRIES = 4
 
+# Mixed precision: rows summed in an accumulator's float32 pending co-moment before it is added
+# into the float64 one.  Each in-place addition rounds to float32 relative to the pending sum,
+# so the error grows like sqrt(calls between flushes)·2⁻²⁴; 4096 rows keep it at the size of
+# one float32 product over a batch of 32 sequences of 128 (~1e-7 of the spread), while the
+# float64 k×k read-modify-write is paid once per 4096 rows instead of once per call.
+_FLUSH_ROWS = 4096
 
-def side_bytes(k: int, d: int, side: str, copies: int = 1) -> int:
+
+def side_bytes(k: int, d: int, side: str, copies: int = 1, precision: str = "float64") -> int:
     """Bytes of ``copies`` exact float64 summaries of one side of a k-in, d-out layer.
 
     The w×w co-moment dominates (w = k for "input", d otherwise); the gradient side also
     keeps ``G = Σ δ·xᵀ`` (d×k), so it counts ``8·d·(d + k)``.  While collecting a stream
-    holds ``folds + 1`` copies (one accumulator per fold plus a batch's temporary): the one
-    formula behind :meth:`Collector.memory_needs`, the command line's size check and the
-    memory budget's planner (:mod:`covinit.budget`).
+    holds ``folds + 1`` copies (one accumulator per fold plus a batch's temporary); with
+    ``precision="mixed"`` each of the ``copies − 1`` accumulators also holds a float32 pending
+    w×w co-moment (``4·w²``; the temporary, float32 there, is still counted as a float64
+    copy).  The one formula behind :meth:`Collector.memory_needs`, the command line's size
+    check and the memory budget's planner (:mod:`covinit.budget`); a file holds ``copies``
+    summaries of the default precision.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     width = k if side == "input" else d
-    return copies * 8 * width * (width + (k if side == GRADIENT else 0))
+    exact = copies * 8 * width * (width + (k if side == GRADIENT else 0))
+    pending = max(copies - 1, 0) * 4 * width * width if precision == "mixed" else 0
+    return exact + pending
 
 
 
@@ -361,8 +382,8 @@ def rows_of(x: Tensor, masks: Sequence[Tensor]) -> Tensor:
 # ---------------------------------------------------------------------- accumulation
 @dataclass
 class _Reduction:
-    """One batch of rows reduced to power sums about ``shift_after`` (``s2``: lower
-    triangle valid only, see :func:`_lower_gram`)."""
+    """One batch of rows reduced to power sums about ``shift_after`` (``s2``: a "lower"
+    matrix, see :func:`_panels`; float32 in mixed precision)."""
 
     shift_before: Tensor | None
     shift_after: Tensor
@@ -381,6 +402,11 @@ class _Accumulator:
     ``s2`` is a "lower" matrix: only the blocks on and below the diagonal panels of
     :func:`_panels` are ever written or read (see :func:`_symmetrize`); the rest is left
     uninitialised on purpose, to save a k×k fill per stream.
+
+    In mixed precision, float32 co-moments go to ``pending`` (a float32 "lower" matrix, about
+    the same centre) and reach ``s2`` at :meth:`flush`: every :data:`_FLUSH_ROWS` rows and
+    before ``s2`` is read (:meth:`_fold`, called by :meth:`moments` and on a re-centre).
+    ``pending_rows == 0`` means ``pending`` holds nothing (its contents are stale).
     """
 
     k: int
@@ -396,6 +422,8 @@ class _Accumulator:
     borrowed: bool = False
     # (centre, (1e-14·|centre|)²): the drift test's floor, computed once per centre
     _floor: tuple[Tensor, Tensor] | None = None
+    pending: Tensor | None = None
+    pending_rows: int = 0
 
     def drift_floor(self) -> Tensor:
         """``(1e-14·|shift|)²`` (k,): a few ulps of the centre, for :func:`_reduce`'s test."""
@@ -404,7 +432,45 @@ class _Accumulator:
             self._floor = (self.shift, (1e-14 * self.shift.abs()) ** 2)
         return self._floor[1]
 
+    def variance_bound(self) -> Tensor:
+        """``diag(s2)`` (k,) float64 with the pending rows included: the drift test's
+        variance term (float32 rounding of the pending part is harmless in a bound)."""
+        assert self.s2 is not None
+        diag = torch.diagonal(self.s2)
+        if self.pending_rows:
+            assert self.pending is not None
+            return diag + torch.diagonal(self.pending)
+        return diag
+
+    def flush(self) -> None:
+        """Add the float32 pending co-moment into the float64 ``s2``."""
+        if not self.pending_rows:
+            return
+        assert self.s2 is not None and self.pending is not None
+        if self.borrowed:
+            self.s2, self.borrowed = self.s2.clone(), False
+        _add_lower(self.s2, self.pending)
+        self.pending_rows = 0
+
+    def _pending_buffer(self, device: torch.device) -> Tensor:
+        if self.pending is None or self.pending.device != device:
+            self.pending = torch.empty(self.k, self.k, dtype=torch.float32, device=device)
+        return self.pending
+
+    def add_gram(self, y: Tensor, work: _Workspace | None) -> None:
+        """``pending += yᵀy`` in float32, in place (mixed precision, ``y`` (n, k) centred
+        about ``shift``): the floor's own ``addmm_``, no k×k float64 traffic per call."""
+        pending = self._pending_buffer(y.device)
+        _add_lower_gram(pending, y, overwrite=not self.pending_rows, work=work)
+        self._pended(y.shape[0])
+
+    def _pended(self, n: int) -> None:
+        self.pending_rows += n
+        if self.pending_rows >= _FLUSH_ROWS:
+            self.flush()
+
     def _fold(self) -> None:
+        self.flush()
         if self.n:
             assert self.shift is not None and self.s1 is not None
             part = Moments.from_shifted_sums(self.n, self.shift, self.s1,
@@ -428,17 +494,23 @@ class _Accumulator:
             self.s1 = torch.zeros(self.k, dtype=torch.float64, device=device)
             self.s3 = torch.zeros(self.k, dtype=torch.float64, device=device)
             self.s4 = torch.zeros((), dtype=torch.float64, device=device)
-            if red.s2 is not None and adopt:
+            if red.s2 is not None and adopt and red.s2.dtype == torch.float64:
                 self.s2, self.borrowed = red.s2, True
                 return
             self.s2 = _new_lower(self.k, device)
-            if red.s2 is not None:
+            if red.s2 is not None:  # a float32 s2 is widened by the copy
                 _add_lower(self.s2, red.s2, overwrite=True)
+            return
+        if red.s2 is None:
+            return
+        if red.s2.dtype == torch.float32:  # mixed: a shared reduction's product
+            _add_lower(self._pending_buffer(red.s2.device), red.s2,
+                       overwrite=not self.pending_rows)
+            self._pended(red.n)
             return
         if self.borrowed:
             self.s2, self.borrowed = self.s2.clone(), False
-        if red.s2 is not None:
-            _add_lower(self.s2, red.s2)
+        _add_lower(self.s2, red.s2)
 
     def take(self, red: _Reduction, adopt: bool = False) -> None:
         """Add ``red`` (whose ``s2`` is ``None`` when it was already added in place)."""
@@ -489,40 +561,29 @@ def _add_lower(out: Tensor, other: Tensor, overwrite: bool = False) -> None:
             out[i:, i:j].add_(other[i:, i:j])
 
 
-def _add_lower_gram(out: Tensor, y: Tensor, dtype: torch.dtype, overwrite: bool = False,
+def _add_lower_gram(out: Tensor, y: Tensor, overwrite: bool = False,
                     work: _Workspace | None = None) -> None:
     """``out += yᵀy`` (or ``out = yᵀy``) on the panel blocks of a "lower" matrix ``out``
-    ((k, k) float64).
+    ((k, k), float64, or float32 in mixed precision), in place.
 
     A Gram matrix is symmetric, but a GEMM computes both halves.  Splitting the columns into
     8 panels and multiplying each panel by the columns from its own start onwards costs
-    ~9/16 of the flops; :func:`_symmetrize` restores the full matrix once, at the end.  With
-    ``dtype=float32`` each panel product runs in float32 and is added into float64 (``work``
-    then holds the float32 copy of ``y`` and the panel products, instead of fresh tensors).
+    ~9/16 of the flops; :func:`_symmetrize` restores the full matrix once, at the end.  The
+    product runs in ``out``'s dtype; ``y`` of another dtype is converted into ``work``'s
+    buffer (a fresh tensor without one).
     """
     n, k = y.shape
+    dtype = out.dtype
     if y.dtype == dtype:
         yg = y
     elif work is None:
         yg = y.to(dtype)
     else:
         yg = work.take("gemm", n * k, dtype, y.device).view(n, k).copy_(y)
-    panels = _panels(k)
-    for i, j in panels:
-        block = out[i:, i:j]  # (k−i, j−i)
-        if dtype == torch.float64:
-            # beta=0 ignores the block's old contents, even uninitialised NaN/Inf
-            block.addmm_(yg[:, i:].T, yg[:, i:j], beta=0.0 if overwrite else 1.0)
-            continue
-        if work is None:
-            product = yg[:, i:].T @ yg[:, i:j]
-        else:
-            product = work.take("panel", (k - i) * (j - i), dtype, y.device).view(k - i, j - i)
-            torch.mm(yg[:, i:].T, yg[:, i:j], out=product)
-        if overwrite:
-            block.copy_(product)
-        else:
-            block.add_(product)
+    yt = yg.T  # one view, sliced per panel (a batch-1 call is 128 rows: views add up)
+    for i, j in _panels(k):
+        # beta=0 ignores the block's old contents, even uninitialised NaN/Inf
+        out[i:, i:j].addmm_(yt[i:], yg[:, i:j], beta=0.0 if overwrite else 1.0)
 
 
 def _symmetrize(lower: Tensor) -> Tensor:
@@ -574,15 +635,24 @@ def _reduce(rows: Tensor, acc: _Accumulator, gemm_dtype: torch.dtype, serial: in
 
     Besides the ``yᵀy`` GEMM the centred rows ``y`` (n, k) are written once and read twice
     (``‖y‖²`` per row, then ``s1`` and ``s3`` as one (2, n)·(n, k) product).
+
+    Mixed precision (``gemm_dtype`` float32) on rows narrower than float64: ``y`` is centred
+    in float32 about the float32-rounded centre, which is the centre the float64 sums are
+    kept about, so ``y`` differs from the exact ``x − centre`` by one float32 rounding of
+    ``y`` itself (~6e-8 of ``|y|``, not of ``|x|``); its low sums are taken in float32 per
+    call and accumulated in float64.
     """
     n, k = rows.shape
     before = acc.shift
-    shift = rows.mean(dim=0, dtype=torch.float64) if before is None else before
-    if work is None:
-        y = rows.to(torch.float64, copy=True)
+    # float64 rows keep float64 centring: a float32 centre could sit far from their mean
+    dtype = torch.float64 if rows.dtype == torch.float64 else gemm_dtype
+    if before is None:
+        shift = rows.mean(dim=0, dtype=torch.float64)
+        if dtype != torch.float64:
+            shift = shift.to(dtype).double()
     else:
-        y = work.take("rows", n * k, torch.float64, rows.device).view(n, k).copy_(rows)
-    y.sub_(shift)  # a copy then an in-place float64 subtraction: ~2× a type-promoting sub
+        shift = before
+    y = _centred(rows, shift, dtype, work)
     s1, s3, s4 = _low_sums(y)
     if before is not None and acc.n:
         # Drift test, per feature: the offset² of the sums' mean from the centre, with this
@@ -594,33 +664,59 @@ def _reduce(rows: Tensor, acc: _Accumulator, gemm_dtype: torch.dtype, serial: in
         # u² > D·N/(1+D)·(diag(s2) + s1²/n) + floor·N²/(1+D).
         total = acc.n + n
         u = acc.s1 + s1
-        bound = torch.addcmul(torch.diagonal(acc.s2), s1, s1, value=1.0 / n)
+        bound = torch.addcmul(acc.variance_bound(), s1, s1, value=1.0 / n)
         bound.mul_(_DRIFT * total / (1 + _DRIFT)).add_(acc.drift_floor(),
                                                         alpha=total * total / (1 + _DRIFT))
         if bool((u * u > bound).any()):
             offset = s1 / n  # (k,) the batch mean's offset: its own mean becomes the centre
             shift = shift + offset
-            y.sub_(offset)
+            if dtype == torch.float64:
+                y.sub_(offset)
+            else:  # about the new float32 centre, from the rows (not y: one rounding only)
+                shift = shift.to(dtype).double()
+                y = _centred(rows, shift, dtype, work)
             s1, s3, s4 = _low_sums(y)
     if not direct:
-        s2 = torch.empty(k, k, dtype=torch.float64, device=y.device)  # panels only, below
-        _add_lower_gram(s2, y, gemm_dtype, overwrite=True, work=work)
+        s2 = torch.empty(k, k, dtype=gemm_dtype, device=y.device)  # panels only, below
+        _add_lower_gram(s2, y, overwrite=True, work=work)
         return _Reduction(before, shift, n, s1, s2, s3, s4, serial)
     red = _Reduction(before, shift, n, s1, None, s3, s4, serial)
     acc.prepare(red)
-    _add_lower_gram(acc.s2, y, gemm_dtype, work=work)
+    if gemm_dtype == torch.float64:
+        _add_lower_gram(acc.s2, y, work=work)
+    else:
+        acc.add_gram(y, work)
     acc.take(red)
     return red
 
 
+def _centred(rows: Tensor, shift: Tensor, dtype: torch.dtype, work: _Workspace | None
+             ) -> Tensor:
+    """``rows − shift`` (n, k) in ``dtype``, written into ``work``'s buffer when given.
+
+    float64: a copy then an in-place subtraction (~2× faster than a type-promoting
+    subtraction).  float32: one subtraction of the float32 ``shift`` (exactly the float64
+    one, which :func:`_reduce` rounded), whose only rounding is that of the result.
+    """
+    n, k = rows.shape
+    if work is None:
+        y = torch.empty(n, k, dtype=dtype, device=rows.device)
+    else:
+        y = work.take("rows", n * k, dtype, rows.device).view(n, k)
+    if dtype == torch.float64:
+        return y.copy_(rows).sub_(shift)
+    return torch.sub(rows, shift.to(dtype), out=y)
+
+
 def _low_sums(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(Σ y, Σ ‖y‖²·y, Σ ‖y‖⁴)`` of centred rows ``y`` (n, k) float64: shapes (k,), (k,),
-    ()."""
+    """``(Σ y, Σ ‖y‖²·y, Σ ‖y‖⁴)`` of centred rows ``y`` (n, k): float64 shapes (k,), (k,),
+    (); computed in ``y``'s dtype (float32 in mixed precision, summed in float64 across
+    calls by the accumulator)."""
     sq = torch.linalg.vector_norm(y, dim=1).square_()  # (n,) ‖y‖², one pass, no n×k temporary
     weights = torch.stack((torch.ones_like(sq), sq))  # (2, n)
     # (2, n)·(n, k), not yᵀ·(n, 2): MKL runs the row form ~10× faster (one read of y)
-    s13 = weights @ y  # (2, k): s1 and s3
-    return s13[0], s13[1], sq @ sq
+    s13 = (weights @ y).double()  # (2, k): s1 and s3
+    return s13[0], s13[1], (sq @ sq).double()
 
 
 @dataclass
@@ -725,10 +821,11 @@ class Collector:
         :meth:`run_batch`) runs a backward pass per batch and keeps the moments of the output
         gradients ``δ = ∂L/∂y`` (width d) and the cross-moment ``G = Σ δ·xᵀ`` (d×k).
     precision : {"float64", "mixed"}
-        ``"float64"``: everything in float64 (exact to ~1e-13).  ``"mixed"``: rows are centred
-        in float64 but the ``yᵀy`` GEMM (and the ``δᵀx`` product of ``G``) runs in float32
-        (relative error ~1e-7 of the spread, about half the time); sums are accumulated in
-        float64 either way.
+        ``"float64"``: everything in float64 (exact to ~1e-13).  ``"mixed"``: float32 rows are
+        centred in float32 about a float32 centre, and the ``yᵀy`` GEMM (and the ``δᵀx``
+        product of ``G``) runs in float32, in place into a float32 pending sum added to the
+        float64 one every 4096 rows (relative error ~1e-7 of the spread, about half the
+        time; float64 rows are centred in float64); the sums are float64 either way.
     folds : int
         Number of fold accumulators per stream (batch ``i`` goes to fold ``i % folds``).
     sketch_above : int, optional
@@ -790,6 +887,7 @@ class Collector:
         self.layers = dict(layers)
         self.sides = sides
         self.offsets = {name: pq for name, pq in (offsets or {}).items() if name in self.layers}
+        self.precision = precision
         self.gemm_dtype = torch.float64 if precision == "float64" else torch.float32
         self.n_folds = folds
         self.shapes = {name: _features(name, m) for name, m in self.layers.items()}
@@ -1157,13 +1255,15 @@ class Collector:
 
     def memory_needs(self) -> dict[tuple[str, str], int]:
         """Bytes of the exact float64 statistics per ``(layer, side)``: per stream, one k×k
-        co-moment per fold plus the first batch's temporary; a gradient side adds its d×k
-        ``G`` per fold plus the product's temporary.  Sketched streams are left out (k×ℓ)."""
+        co-moment per fold plus the first batch's temporary, and in mixed precision a float32
+        pending k×k per fold; a gradient side adds its d×k ``G`` per fold plus the product's
+        temporary.  Sketched streams are left out (k×ℓ)."""
         needs = {}
         for (name, side), stream in self._streams.items():
             if stream.sketches is not None:
                 continue
-            needs[name, side] = side_bytes(*self.shapes[name], side, self.n_folds + 1)
+            needs[name, side] = side_bytes(*self.shapes[name], side, self.n_folds + 1,
+                                           self.precision)
         return needs
 
     def shared_inputs(self) -> dict[str, str]:

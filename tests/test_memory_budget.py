@@ -281,3 +281,30 @@ def test_calibration_with_a_budget_saves_and_reloads(tmp_path) -> None:
     back = Calibration.load(tmp_path / "cal.safetensors", model)
     assert back.info["memory_plan"] == cal.info["memory_plan"]
     assert_bitwise_equal(cal, back)
+
+
+def test_mixed_precision_counts_each_fold_s_float32_pending_sum() -> None:
+    # Mixed precision keeps a float32 w×w pending co-moment per accumulator (fold) beside
+    # the float64 one: the one formula, the collector's needs and the planner all count it.
+    from covinit.cli import statistics_size
+    from covinit.collect import Collector
+
+    assert side_bytes(30, 20, "input", 3, "mixed") == 3 * 8 * 900 + 2 * 4 * 900
+    assert side_bytes(30, 20, "gradient", 2, "mixed") == 2 * 8 * 20 * 50 + 4 * 400
+    assert side_bytes(30, 20, "output", 1, "mixed") == side_bytes(30, 20, "output")  # a file
+    with pytest.raises(ValueError, match="precision"):
+        side_bytes(3, 2, "input", 2, "half")
+    layers = {"a": nn.Linear(30, 20), "b": nn.Linear(20, 30)}
+    needs = Collector(layers, ("input", "gradient"), folds=2, precision="mixed").memory_needs()
+    assert needs["a", "input"] == 3 * 8 * 900 + 2 * 4 * 900
+    assert needs["b", "gradient"] == 3 * 8 * 30 * 50 + 2 * 4 * 900
+    mixed = plan_calibration(layers, sides=("input",), max_memory=None, precision="mixed")
+    exact = plan_calibration(layers, sides=("input",), max_memory=None)
+    assert mixed.total_bytes - exact.total_bytes == 4 * (900 + 400)
+    # a budget that fits float64's 2·8·w² but not mixed's extra 4·w² for the first layer
+    with pytest.raises(ValueError, match=r"layer 'a' needs 18\.00 kB .* max_memory=14\.40 kB"):
+        plan_calibration(layers, sides=("input",), max_memory=2 * 8 * 900, precision="mixed",
+                         units=[["a"], ["b"]])
+    rows = statistics_size(layers, ("input",), folds=1, precision="mixed")
+    assert [(r.memory, r.file) for r in rows] == [(2 * 8 * 900 + 4 * 900, 8 * 900),
+                                                  (2 * 8 * 400 + 4 * 400, 8 * 400)]
