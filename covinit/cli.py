@@ -318,8 +318,8 @@ class StatsSize(NamedTuple):
     file: int
 
 
-def statistics_size(layers: Mapping[str, Any], sides: Sequence[str], folds: int = 1
-                    ) -> list[StatsSize]:
+def statistics_size(layers: Mapping[str, Any], sides: Sequence[str], folds: int = 1,
+                    precision: str = "float64") -> list[StatsSize]:
     """Upper bounds on the memory and file size of calibrating ``layers``, before any batch.
 
     Per layer side of width w (k inputs, d outputs; the gradient side is d wide and adds the
@@ -335,6 +335,8 @@ def statistics_size(layers: Mapping[str, Any], sides: Sequence[str], folds: int 
         Linear layers by name (:func:`covinit.collect.match_layers`).
     sides : sequence of {"input", "output", "gradient"}
     folds : int, default=1
+    precision : {"float64", "mixed"}, default="float64"
+        ``"mixed"`` adds each fold's float32 pending co-moment (``4·w²``) to the memory.
 
     Returns
     -------
@@ -349,7 +351,7 @@ def statistics_size(layers: Mapping[str, Any], sides: Sequence[str], folds: int 
     for name, (k, d) in collector.shapes.items():
         for side in collector.sides:
             rows.append(StatsSize(name, side, collector.width(name, side),
-                                  side_bytes(k, d, side, folds + 1),
+                                  side_bytes(k, d, side, folds + 1, precision),
                                   side_bytes(k, d, side, stored)))
     return rows
 
@@ -389,6 +391,20 @@ def _stats_size_arg(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a size such as 500MB, 2GB or 8GiB (0 = no "
                                          f"limit), got {text!r}") from None
     return value or None
+
+
+def _memory_arg(text: str) -> int:
+    """``--max-memory``: a positive size with an optional unit, as ``--max-stats-size``."""
+    from covinit.budget import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size such as 512MiB, 8GB or "
+                                         f"24GiB, got {text!r}")
+    return value
 
 
 def build_loader(spec: str, tokenizer: Any, *, batch_size: int, max_length: int,
@@ -457,8 +473,12 @@ def _prepare(args: argparse.Namespace, sides: Sequence[str], *, file: bool
     layers, peft_targets = _select_layers(model, args.targets, args.model, args.quiet)
     recorded = "all" if args.targets == ["all"] else (
         peft_targets if isinstance(peft_targets, str) else " ".join(peft_targets))
-    _check_size(statistics_size(layers, sides, args.folds or 1), args.max_stats_size,
-                file=file)
+    sizes = statistics_size(layers, sides, args.folds or 1, args.precision)
+    if args.max_memory is not None:
+        # The budget bounds what collecting holds at once (calibrate plans the passes and
+        # refuses a layer alone over it); what stays is the finished summaries, file-sized.
+        sizes = [row._replace(memory=row.file) for row in sizes]
+    _check_size(sizes, args.max_stats_size, file=file)
     if device is not None:
         # calibrate(device=) moves the batches only; the weights must be there too.
         model.to(device)
@@ -481,7 +501,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                     targets=lambda name, _module: name in chosen, sides=tuple(args.sides),
                     forward_fn=_forward_fn(args.sides, causal), max_batches=args.max_batches,
                     device=device, show_progress=not args.quiet, folds=args.folds,
-                    precision=args.precision)
+                    precision=args.precision, max_memory=args.max_memory)
     cal.info.update({"model": args.model, "data": args.data, "targets": recorded})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -532,7 +552,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
                     forward_fn=_forward_fn(sides, causal), max_batches=args.max_batches,
                     device=device, show_progress=not args.quiet, folds=args.folds,
                     precision=args.precision, strategy=args.strategy, estimator=args.estimator,
-                    seed=args.seed)
+                    seed=args.seed, max_memory=args.max_memory)
     from covinit.export import export_lora
 
     out = Path(args.out)
@@ -687,6 +707,13 @@ def _add_run_arguments(sub: argparse.ArgumentParser) -> None:
                      help="refuse (before loading data) statistics estimated above this "
                           "size in memory or on disk: 500MB, 2GB, 8GiB; 0 = no limit "
                           f"(default: {_gb(DEFAULT_MAX_STATS_SIZE)})")
+    sub.add_argument("--max-memory", type=_memory_arg, default=None, metavar="SIZE",
+                     help="memory budget for the statistics while collecting, e.g. 8GB, "
+                          "512MiB (kB/MB/GB/TB = powers of 1000, KiB/MiB/GiB/TiB = powers "
+                          "of 1024): the target layers are planned into groups that fit and "
+                          "the data is read once per group (the plan is printed first; the "
+                          "statistics equal one pass's). Then --max-stats-size checks the "
+                          "finished statistics only. Default: one pass, no budget")
     sub.add_argument("--device", default=None,
                      help="move the model and batches there, e.g. cuda:0 (default: where the "
                           "model loads, the CPU)")

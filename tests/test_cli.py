@@ -633,3 +633,69 @@ def test_calibrate_a_gguf_file_caches_nothing(texts, tmp_path, monkeypatch, caps
                                    "model.layers.0.self_attn.v_proj"]
     assert sorted(p.name for p in gguf.parent.iterdir()) == beside
     assert not any((tmp_path / var).exists() for var in ("COVINIT_CACHE", "XDG_CACHE_HOME"))
+
+
+# ---------------------------------------------------------------------- memory budget
+@pytest.mark.parametrize(("text", "expected"), [
+    ("8GB", 8 * 10**9), ("512MiB", 512 * 2**20), ("1.5GB", 15 * 10**8), ("4096", 4096)])
+def test_max_memory_units(text, expected) -> None:
+    from covinit.cli import _memory_arg
+
+    assert _memory_arg(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "0GB", "lots", "-1GB", ""])
+def test_max_memory_rejects_zero_and_other_text(text, capsys) -> None:
+    argv = ["calibrate", "--model", "m", "--data", "x", "--out", "o", f"--max-memory={text}"]
+    assert _run(argv) == 2
+    err = capsys.readouterr().err
+    assert "--max-memory" in err and "512MiB, 8GB or 24GiB" in err
+
+
+def test_max_memory_help_names_the_format(capsys) -> None:
+    assert _run(["calibrate", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--max-memory SIZE" in out and "8GB, 512MiB" in out
+
+
+def test_max_memory_calibrates_in_passes_with_one_pass_s_statistics(
+        tiny_llama_dir, texts, tmp_path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    from covinit.calibration import Calibration
+
+    one, budgeted = tmp_path / "one.safetensors", tmp_path / "budget.safetensors"
+    targets = ("--targets", "q_proj", "v_proj", "down_proj", "--sides", "input")
+    assert _run(_calibrate_argv(tiny_llama_dir, texts, one, *targets)) == 0
+    # q/v (fed one tensor: one unit, 2·2·8·16² B) and down_proj (2·8·32² B) per layer:
+    # 20 kB holds two q/v units or one down_proj
+    assert _run(_calibrate_argv(tiny_llama_dir, texts, budgeted, *targets,
+                                "--max-memory", "20kB")) == 0
+    capsys.readouterr()
+    plan = Calibration.load(budgeted).info["memory_plan"]
+    assert plan["max_memory"] == 2 * 10**4 and plan["passes"] == 3  # first fit: qv qv, down, down
+    a, b = load_file(one), load_file(budgeted)
+    assert a.keys() == b.keys() and all(a[key].equal(b[key]) for key in a)
+
+
+@pytest.mark.filterwarnings(_PEFT_WARNING)
+def test_init_passes_max_memory_to_calibrate(tiny_llama_dir, texts, tmp_path, monkeypatch,
+                                             capsys) -> None:
+    pytest.importorskip("peft")
+    import covinit.calibration
+
+    seen: list = []
+    original = covinit.calibration.calibrate
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("max_memory"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(covinit.calibration, "calibrate", recording)
+    argv = ["init", "--model", str(tiny_llama_dir), "--data", str(texts), "--out",
+            str(tmp_path / "adapter"), "--max-batches", "2", "--batch-size", "4",
+            "--max-length", "12", "--quiet", "--strategy", "input-pca", "--max-memory",
+            "512MiB"]
+    assert _run(argv) == 0
+    capsys.readouterr()
+    assert seen == [512 * 2**20]
