@@ -47,6 +47,7 @@ from covinit.adapters import (
     find_adapters,
     find_skipped_adapters,
     mark_initialized,
+    quantized_kind,
     skipped_warning,
 )
 from covinit.allocation import allocate_ranks, rank_cap
@@ -394,6 +395,14 @@ def _plan_layer(request: _Request, estimates: _Estimates, name: str, rank: int) 
         raise ValueError(f"strategy {entry.name!r} needs rank <= min(d, k) = {min(d, k)} "
                          f"but layer {name!r} (d={d}, k={k}) has rank {rank}; recreate the "
                          "adapter with a smaller rank or use 'kaiming' / 'gaussian'")
+    if (entry.tags.get("preserves") == "approximate"
+            and quantized_kind(adapter.base_layer) == "8bit"):
+        # The quantized-base strategies write an NF-k (4-bit-style) grid; an int8 layer
+        # would store that grid re-rounded to int8, worse than the int8 base it replaced.
+        raise ValueError(f"strategy {entry.name!r} writes an NF-k quantized base, but layer "
+                         f"{name!r} (d={d}, k={k}) is a bitsandbytes 8-bit (Linear8bitLt) "
+                         "base; use it on a 4-bit (nf4) base or a full-precision layer, or "
+                         "a residual strategy such as 'pissa' on the int8 base")
     # A layer an earlier residual init changed starts again from the original weight
     # W0 = base + P·Q, so re-initializing never drops that init's c·B0·A0 silently.
     w0 = original_weight(adapter)
@@ -459,8 +468,11 @@ class _LayerWrite:
     b: Tensor  # (d, r)
     #: The new base (d, k), or None to keep the layer's base.
     base: Tensor | None
-    #: Whether ``base`` is a residual ``W0 − c·B·A`` (else the original ``W0`` restored).
+    #: Whether ``base`` is a residual ``W0 − c·B·A`` (recorded, so exports can fold it).
     residual: bool
+    #: Whether ``base`` replaces ``W0`` (a residual, or an approximating strategy's own base
+    #: such as ``Q(W0)``); False when the original ``W0`` is restored.
+    replaced: bool = False
 
 
 def _compute(model: nn.Module, request: _Request, estimates: _Estimates,
@@ -536,11 +548,16 @@ def _layer_write(plan: _LayerPlan, result: LoRAInit) -> _LayerWrite:
     a_now, b_now = adapter.get_lora()
     a = result.a.to(dtype=a_now.dtype, device=a_now.device)
     b = result.b.to(dtype=b_now.dtype, device=b_now.device)
-    residual = result.base is not None
-    new_base = _rounded_residual(result, a, b, adapter.scaling) if residual else plan.original
+    replaced = result.base is not None
+    # An approximating strategy (a quantized base Q(W0)) writes its own base: W0 is not
+    # base + c·B·A, so no offset is recorded and exports give (A, B) for that base, as a
+    # QLoRA adapter is given for its quantized base.
+    residual = replaced and plan.strategy.tags.get("preserves") != "approximate"
+    new_base = _rounded_residual(result, a, b, adapter.scaling) if replaced else plan.original
     w0 = adapter.base_weight()
     base = None if new_base is None else new_base.to(dtype=w0.dtype, device=w0.device)
-    return _LayerWrite(adapter=adapter, rank=plan.rank, a=a, b=b, base=base, residual=residual)
+    return _LayerWrite(adapter=adapter, rank=plan.rank, a=a, b=b, base=base, residual=residual,
+                       replaced=replaced)
 
 
 def _rounded_residual(result: LoRAInit, a: Tensor, b: Tensor, scaling: float) -> Tensor:
@@ -586,9 +603,17 @@ def _apply(model: nn.Module, writes: list[_LayerWrite], *, patterns: bool) -> No
         if w.rank != adapter.rank:
             adapter.resize(w.rank)
         if w.base is not None:
-            adapter.set_base_weight(w.base, replaced=w.residual)
-            # Remember W0 = base + c·B0·A0 (or forget it when W0 itself was restored), so
-            # export_lora can target the original base.
+            approximating = w.replaced and not w.residual
+            before = adapter.base_weight() if approximating else None
+            was_replaced = adapter.base_replaced
+            adapter.set_base_weight(w.base, replaced=w.replaced)
+            if before is not None and torch.equal(before, adapter.base_weight()):
+                # A quantized layer took Q(W0) back onto its own grid bit for bit: the base
+                # the user loaded is unchanged, so exports and saves need not carry it
+                # (rewriting the same codes is the only way to reset the flag).
+                adapter.set_base_weight(before, replaced=was_replaced)
+            # Remember W0 = base + c·B0·A0 (or forget it when W0 itself was restored, or
+            # replaced by an approximating base), so export_lora can target the original.
             record_offset(adapter, w.b if w.residual else None, w.a if w.residual else None)
         adapter.set_lora(w.a, w.b)
         mark_initialized(adapter)  # lets calibrate tell these factors from trained ones

@@ -329,7 +329,12 @@ _CONTRACT = """
     plain ``nn.Linear`` this simulates a quantized base exactly up to the compute dtype.  On
     a bitsandbytes nf4 ``Linear4bit`` base (PEFT's ``lora.Linear4bit``) pass
     ``full_precision=``: the written ``Q(W0)`` is re-quantized by the layer and, being on
-    its grid, comes back unchanged (tested to float32 rounding).
+    its grid, comes back unchanged (tested to float32 rounding).  No residual offset is
+    recorded (``W0`` is not ``Q(W0) + c·B·A``): where the layer's base comes back unchanged,
+    ``export_lora`` and PEFT's ``save_pretrained`` give ``(A, B)`` for that quantized base,
+    as a QLoRA adapter is given; where the base changed (a plain layer, or ``iterations``
+    moving the codes), ``export_lora`` refuses and ``covinit.save_lora`` keeps the new base.
+    A bitsandbytes int8 (``Linear8bitLt``) base is refused: it would re-round the NF grid.
 
     Options
     -------
