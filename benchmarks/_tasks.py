@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["DROPIN", "LRS_X2", "TASKS", "Task", "TaskData", "TinyClassifier", "TinyOutput",
-           "get_task"]
+           "get_task", "quantize_base"]
 
 Batch = dict[str, Tensor]
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +77,10 @@ class TaskData:
         PEFT's token-level mask cannot handle.
     reseed_head : callable
         ``(model, seed) -> None`` re-draws the fresh head of a copy of ``base`` in place.
+    full_precision : dict of str to Tensor, optional
+        Set by :func:`quantize_base`: the unquantized weights (d, k) of the layers whose
+        base was quantized, by canonical name (``full_precision=`` of the ``quant-*``
+        strategies); ``None`` for a full-precision base.
     """
 
     base: nn.Module
@@ -92,6 +96,7 @@ class TaskData:
     eva_label_mask: bool = False
     reseed_head: Callable[[nn.Module, int], None] = lambda model, seed: None
     validation_curve: list[Batch] | None = None
+    full_precision: dict[str, Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.validation_curve is None:
@@ -134,6 +139,57 @@ class TaskData:
         loss = total / count
         metric = math.exp(loss) if self.metric == "perplexity" else correct / count
         return loss, metric
+
+
+@torch.no_grad()
+def quantize_base(data: TaskData, layers: list[str], bits: int,
+                  block_size: int = 64) -> list[str]:
+    """Quantize ``data.base`` in place: every linear layer ``layers`` selects gets the
+    dequantized ``bits``-bit NF weight ``Q(W)`` (``covinit.quant.quantize``; a plain layer
+    holding it computes what a quantized layer computes, see the README's "Quantized
+    bases"), and ``data.full_precision`` the original weights, so every init starts from the
+    same quantized model and the ``quant-*`` strategies can still read ``W``.
+
+    Parameters
+    ----------
+    data : TaskData
+        Its ``base`` is changed; ``fresh_model`` copies it afterwards.
+    layers : list of str
+        Target specification (``covinit.selection``: name suffixes), e.g. the task's
+        ``all_targets``.
+    bits, block_size : int
+        The quantizer's bit width (4 = bitsandbytes' nf4 codes) and absmax block.
+
+    Returns
+    -------
+    list of str
+        The canonical names of the quantized layers.
+
+    Raises
+    ------
+    ValueError
+        If the base is already quantized here (called twice), or ``layers`` selects nothing.
+    """
+    from covinit._linear import is_conv1d
+    from covinit.adapters import find_linear_layers
+    from covinit.quant import quantize
+    from covinit.selection import select
+
+    if data.full_precision is not None:
+        raise ValueError("quantize_base: this task's base is already quantized "
+                         f"({len(data.full_precision)} layers)")
+    found = find_linear_layers(data.base)
+    names = select(found, layers)
+    full: dict[str, Tensor] = {}
+    for name in names:
+        layer = found[name]
+        # HF Conv1D stores (k, d): quantize and hand over W as (d, k), as the strategies read it.
+        weight = layer.weight.T if is_conv1d(layer) else layer.weight  # (d, k)
+        full[name] = weight.detach().clone()
+        q = quantize(weight.detach(), bits, block_size)
+        layer.weight.copy_(q.T if is_conv1d(layer) else q)
+    data.full_precision = full
+    return names
 
 
 @dataclass(frozen=True)

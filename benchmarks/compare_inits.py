@@ -72,7 +72,7 @@ from _common import (
     mean_std,
     read_rows,
 )
-from _tasks import TASKS, TaskData, get_task
+from _tasks import TASKS, TaskData, get_task, quantize_base
 
 import covinit
 from covinit.inits import get_strategy
@@ -127,8 +127,36 @@ FIELDS = [
 CONFIG_KEYS = ("targets", "rank", "alpha", "steps", "batch_size", "max_length", "n_train",
                "n_val", "n_val_curve", "n_test", "n_calib", "calib_batch_size", "folds",
                "eval_points", "eva_max_passes", "heldout_fraction")
+#: Settings that change what a run measures only when set: in the config id only then, so
+#: adding one leaves every existing configuration's id (and its runs.csv rows) valid.
+OPTIONAL_CONFIG_KEYS = ("quantize",)
+#: Quantized-base methods (issue 17): QLoRA, LoftQ one step, LoftQ's algorithm (T = 5, its
+#: last round, as PEFT's ``loftq_init``), CLoQ with the shrunk second moment.
+QUANT_METHODS = ("kaiming,quant-svd,quant-svd+iterations=5+keep=last,"
+                 "quant-residual@ledoit_wolf")
+#: What each quantized-base method is, for the summary.
+QUANT_NAMES = {
+    "kaiming": "QLoRA (Kaiming A, B = 0)",
+    "quant-svd": "LoftQ one step (top-r SVD of W − Q, data-free)",
+    "quant-svd+iterations=5+keep=last": (
+        "LoftQ algorithm (T = 5 alternations, last round kept), run by covinit on CPU: "
+        "PEFT's own code needs CUDA"),
+    "quant-residual@ledoit_wolf": "CLoQ (top-r SVD of (W − Q)·M^½, Ledoit-Wolf M)",
+}
+
+
+def _quant_regime(bits: int) -> dict[str, Any]:
+    """A quantized-base regime: the base settings, every linear layer the task's
+    ``all_targets`` cover quantized to ``bits``-bit NF (block 64), the quantized-base
+    methods (:data:`QUANT_METHODS`)."""
+    return {"quantize": {"bits": bits, "block_size": 64, "layers": "all"},
+            "strategies": QUANT_METHODS}
+
+
 #: Named regimes (DESIGN.md §9): overrides of a task's full settings.  ``epochs`` sets the
-#: steps from the training-set size; ``targets: "all"`` takes the task's ``all_targets``.
+#: steps from the training-set size; ``targets: "all"`` takes the task's ``all_targets``;
+#: ``quantize`` simulates a quantized base (:func:`_tasks.quantize_base`; its ``layers:
+#: "all"`` is the task's ``all_targets``).
 REGIMES: dict[str, dict[str, Any]] = {
     "base": {},
     "low-data": {"n_train": 256, "epochs": 4},
@@ -136,7 +164,26 @@ REGIMES: dict[str, dict[str, Any]] = {
     "r4": {"rank": 4, "alpha": 8.0},
     "r32": {"rank": 32, "alpha": 64.0},
     "all-linear": {"targets": "all"},
+    "nf4": _quant_regime(4),
+    "nf3": _quant_regime(3),
+    "nf2": _quant_regime(2),
 }
+#: Regime keys that also apply in ``--quick`` mode (which otherwise ignores the regime): a
+#: quick run of a quantized regime must still quantize, and run its own methods.
+QUICK_REGIME_KEYS = ("quantize", "strategies")
+#: Keys that make a regime a variant of another (its full-precision reference).
+VARIANT_KEYS = ("quantize", "strategies")
+
+
+def reference_regime(regime: str) -> str | None:
+    """The full-precision regime a quantized ``regime`` is compared with: the one whose
+    overrides equal ``regime``'s without :data:`VARIANT_KEYS` (``nf4`` → ``base``); None for
+    a regime that does not quantize."""
+    own = REGIMES[regime]
+    if "quantize" not in own:
+        return None
+    rest = {k: v for k, v in own.items() if k not in VARIANT_KEYS}
+    return next((name for name, over in REGIMES.items() if over == rest), None)
 
 
 # ---------------------------------------------------------------------------- methods
@@ -382,19 +429,48 @@ def prepare_covinit(method: Method, data: TaskData, s: dict[str, Any], seed: int
                              alpha=s["alpha"])
     for name in data.head:
         model.get_submodule(name).requires_grad_(True)
+    options = {**method.init_options(lr), **quant_options(method, data, s)}
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         info = covinit.initialize(model, calibration if method.needs_calibration else None,
                                   strategy=method.name,
                                   estimator=method.estimator or "ledoit_wolf", seed=seed,
-                                  **method.init_options(lr))
+                                  **options)
     init_s = time.perf_counter() - start
     fallbacks = sorted(n for n, i in info.items() if "fallback" in i)
     note = f"kaiming fallback on {fallbacks}" if fallbacks else ""
     if caught and not fallbacks:
         note = "; ".join(sorted({str(w.message)[:120] for w in caught}))
     return model, init_s, note
+
+
+#: Options a quantized regime sets on the strategies that take ``full_precision=``.
+QUANT_OPTIONS = ("bits", "block_size", "full_precision")
+
+
+def quant_options(method: Method, data: TaskData, s: dict[str, Any]) -> dict[str, Any]:
+    """In a quantized regime, the options of a ``quant-*`` strategy: the regime's ``bits``
+    and ``block_size``, and ``full_precision=`` the weights the base was quantized from (so
+    it repairs the base every method shares, and refuses a target the regime did not
+    quantize).  Empty for other methods and regimes.
+
+    Raises
+    ------
+    ValueError
+        When the method's label sets one of :data:`QUANT_OPTIONS` itself.
+    """
+    quant = s.get("quantize")
+    if quant is None or method.family != "covinit" \
+            or "full_precision" not in (get_strategy(method.name).tags.get("options") or ()):
+        return {}
+    clash = sorted(set(QUANT_OPTIONS) & set(dict(method.options)))
+    if clash:
+        raise ValueError(f"{method.label!r} sets {clash}, which the quantized regime sets "
+                         f"({quant['bits']}-bit NF, block {quant['block_size']}, the "
+                         "full-precision weights): drop them from the label")
+    return {"bits": quant["bits"], "block_size": quant["block_size"],
+            "full_precision": data.full_precision}
 
 
 def prepare_peft(method: Method, data: TaskData, s: dict[str, Any],
@@ -534,8 +610,11 @@ def train(model: nn.Module, data: TaskData, s: dict[str, Any], seed: int,
 
 # ---------------------------------------------------------------------------- driver
 def config_id(task: str, s: dict[str, Any]) -> str:
-    """Short hash of the settings that change what a run measures."""
-    blob = json.dumps({"task": task, **{k: s.get(k) for k in CONFIG_KEYS}}, sort_keys=True)
+    """Short hash of the settings that change what a run measures (:data:`CONFIG_KEYS`, and
+    :data:`OPTIONAL_CONFIG_KEYS` where set)."""
+    keys = {k: s.get(k) for k in CONFIG_KEYS}
+    keys.update({k: s[k] for k in OPTIONAL_CONFIG_KEYS if s.get(k) is not None})
+    blob = json.dumps({"task": task, **keys}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -619,6 +698,13 @@ def run_all(task_name: str, s: dict[str, Any], methods: list[Method], out: Path,
             print(f"[{task_name}/{regime}] building model and data ...", flush=True)
             data = get_task(task_name).build(s)
             print(f"[{task_name}/{regime}] {data.sizes}", flush=True)
+            quant = s.get("quantize")
+            if quant is not None:
+                names = quantize_base(data, quant["layers"], quant["bits"],
+                                      quant["block_size"])
+                print(f"[{task_name}/{regime}] base quantized: {len(names)} linear layers "
+                      f"({', '.join(quant['layers'])}) to {quant['bits']}-bit NF, block "
+                      f"{quant['block_size']} (simulated: dequantized weights)", flush=True)
         return data
 
     def calibrate_for(seed: int) -> tuple[Any, float]:
@@ -859,19 +945,104 @@ def paired_delta(st: dict[str, Any], ref: dict[str, Any], key: str) -> list[floa
                                                   strict=True) if seed in theirs]
 
 
+def ratio_interval(num: Sequence[float], den: Sequence[float],
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """``(ratio, low, high)``: the ratio of paired means ``mean(num)/mean(den)`` and its
+    Fieller confidence interval.
+
+    The interval holds every ``ρ`` that a paired t-test does not reject as the mean of
+    ``num − ρ·den`` being 0: ``(ā − ρ·b̄)² ≤ t²·(s_aa − 2ρ·s_ab + ρ²·s_bb)/n`` (sample
+    (co)variances with ddof = 1, ``t = t_{(1+level)/2, n−1}``), a quadratic in ``ρ``.  When
+    ``den``'s mean is not itself resolved from 0 at that level the set is unbounded:
+    ``(−inf, +inf)`` bounds.  NaN bounds for fewer than two pairs.
+
+    Parameters
+    ----------
+    num, den : sequence of float, shape (n,)
+        Paired per-seed numerators and denominators.
+    level : float, default=0.95
+    """
+    from scipy.stats import t as student_t
+
+    a = [float(x) for x in num]
+    b = [float(x) for x in den]
+    if len(a) != len(b):
+        raise ValueError(f"ratio_interval needs paired values, got {len(a)} and {len(b)}")
+    n = len(a)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    a_bar, b_bar = sum(a) / n, sum(b) / n
+    ratio = a_bar / b_bar if b_bar != 0 else math.nan
+    if n < 2:
+        return ratio, math.nan, math.nan
+    s_aa = sum((x - a_bar) ** 2 for x in a) / (n - 1)
+    s_bb = sum((y - b_bar) ** 2 for y in b) / (n - 1)
+    s_ab = sum((x - a_bar) * (y - b_bar) for x, y in zip(a, b, strict=True)) / (n - 1)
+    q = float(student_t.ppf((1 + level) / 2, n - 1)) ** 2 / n
+    qa, qb, qc = b_bar ** 2 - q * s_bb, a_bar * b_bar - q * s_ab, a_bar ** 2 - q * s_aa
+    if qa <= 0:  # the denominator's interval contains 0: no finite bound
+        return ratio, -math.inf, math.inf
+    root = math.sqrt(max(qb * qb - qa * qc, 0.0))  # ≥ 0: ratio itself is in the set
+    return ratio, (qb - root) / qa, (qb + root) / qa
+
+
+def fmt_share(num: Sequence[float], den: Sequence[float]) -> str:
+    """``"48 % [21 %, 75 %] (5)"``: :func:`ratio_interval` as percentages; bold when the
+    interval excludes 0; "gap not resolved" when it is unbounded."""
+    if not num:
+        return "–"
+    ratio, lo, hi = ratio_interval(num, den)
+    if not math.isfinite(ratio):
+        return f"– (gap 0) ({len(num)})"
+    if math.isnan(lo):
+        return f"{100 * ratio:.0f} % ({len(num)})"
+    if math.isinf(lo):
+        return f"{100 * ratio:.0f} % [unbounded: gap not resolved] ({len(num)})"
+    text = f"{100 * ratio:.0f} % [{100 * lo:.0f} %, {100 * hi:.0f} %] ({len(num)})"
+    return f"**{text}**" if lo > 0 or hi < 0 else text
+
+
+def _by_seed(rows: list[dict[str, Any]], label: str, lr: float | None,
+             key: str) -> dict[int, float]:
+    """``seed -> row[key]`` for ``label``'s finished runs at ``lr`` (any rate: None)."""
+    out: dict[int, float] = {}
+    for r in rows:
+        if r["method"] == label and r["status"] == "ok" and (
+                lr is None or math.isclose(float(r["lr"]), lr)):
+            out.setdefault(int(r["seed"]), _float(r, key))
+    return out
+
+
+def gap_pairs(rows: list[dict[str, Any]], fp_rows: list[dict[str, Any]], label: str,
+              ref_label: str, lr: float | None, key: str) -> tuple[list[float], list[float]]:
+    """Per seed where ``label``, the quantized base's ``ref_label`` (QLoRA) and the
+    full-precision ``ref_label`` all ran at ``lr`` (any rate: None, for step 0):
+    ``(QLoRA − method, QLoRA − full precision)`` of ``key``, in seed order.  Their ratio
+    of means is the share of the full-precision gap the method restores."""
+    mine = _by_seed(rows, label, lr, key)
+    qlora = _by_seed(rows, ref_label, lr, key)
+    full = _by_seed(fp_rows, ref_label, lr, key)
+    seeds = sorted(set(mine) & set(qlora) & set(full))
+    return ([qlora[x] - mine[x] for x in seeds], [qlora[x] - full[x] for x in seeds])
+
+
 def _highlights(stats: dict[str, dict[str, Any]], n_covinit: int = 3) -> list[str]:
     """Methods drawn in colour: the Kaiming baselines, the best covinit methods and the best
-    PEFT data-driven one by mean final validation loss."""
+    PEFT data-driven one by mean final validation loss, and every quantized-base method
+    (:data:`QUANT_NAMES`) that ran."""
     ok = {k: v for k, v in stats.items() if "rows" in v}
     by_val = sorted(ok, key=lambda k: _mean(ok[k]["final_val"]))
     cov = [k for k in by_val if ok[k]["method"].needs_calibration][:n_covinit]
     peft = [k for k in by_val if k in PEFT_DATA_DRIVEN][:1]
-    return [k for k in ("kaiming", "peft:true") if k in ok] + cov + peft
+    shown = [k for k in ("kaiming", "peft:true") if k in ok] + cov + peft
+    return shown + [k for k in QUANT_NAMES if k in ok and k not in shown]
 
 
-def plot(stats: dict[str, dict[str, Any]], path: Path, title: str, metric: str) -> None:
+def plot(stats: dict[str, dict[str, Any]], path: Path, title: str, metric: str,
+         reference_curve: tuple[list[int], list[float], str] | None = None) -> None:
     """Validation curves (highlighted methods in colour, the rest grey) and, per method, the
-    final validation loss and test metric as mean ± std bars."""
+    final validation loss and test metric as mean ± std bars; ``reference_curve`` (steps,
+    mean losses, label) is drawn in black (a quantized regime's full-precision Kaiming)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -900,6 +1071,9 @@ def plot(stats: dict[str, dict[str, Any]], path: Path, title: str, metric: str) 
         ax_v.plot(steps, mu, color=colour[label], linestyle="--" if dashed else "-",
                   linewidth=1.8, zorder=3, label=f"{label} (lr {st['lr']:g}, {len(runs)} seeds)")
         ax_v.fill_between(steps, mu - sd, mu + sd, color=colour[label], alpha=0.15, zorder=2)
+    if reference_curve is not None:
+        ax_v.plot(reference_curve[0], reference_curve[1], color="k", linewidth=1.6,
+                  linestyle="-.", zorder=4, label=reference_curve[2])
     ref = next(iter(stats.values()), {}).get("ref_loss")
     if ref is not None:
         ax_v.axhline(ref, color="k", linewidth=0.8, linestyle=":",
@@ -970,11 +1144,92 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], methods: list[Method], path:
     plt.close(fig)
 
 
+def full_precision_rows(task_name: str, s: dict[str, Any],
+                        reference: Path | None) -> tuple[list[dict[str, Any]], str]:
+    """A quantized regime's full-precision reference: the rows of ``reference/runs.csv``
+    whose config is this one's without quantization (same settings otherwise), and that
+    config id.  Empty when the file or the rows are missing."""
+    cfg = config_id(task_name, {**s, "quantize": None})
+    if reference is None:
+        return [], cfg
+    return [r for r in read_rows(reference / "runs.csv") if r["config"] == cfg], cfg
+
+
+def gap_section(rows: list[dict[str, Any]], fp_rows: list[dict[str, Any]],
+                stats: dict[str, dict[str, Any]], s: dict[str, Any], reference: Path | None,
+                fp_cfg: str, metric: str) -> list[str]:
+    """The summary's "share of the full-precision gap restored" section (quantized
+    regimes): at step 0, at QLoRA's tuned rate and at each method's own rate."""
+    quant = s["quantize"]
+    ref_label = reference_label(stats)
+    where = (f"`{reference.relative_to(ROOT) if reference.is_relative_to(ROOT) else reference}"
+             f"/runs.csv`" if reference is not None else "(no reference folder)")
+    lines = ["## How much of the full-precision gap does each init restore?", "",
+             f"Base: every linear layer matching {', '.join(quant['layers'])} quantized to "
+             f"{quant['bits']}-bit NF, block {quant['block_size']} (simulated: a plain layer "
+             "holding the dequantized weight, the same forward math as a bitsandbytes "
+             "layer); every init starts from this same quantized model, the `quant-*` ones "
+             "with the full-precision weights (`full_precision=`).  Full precision: the "
+             f"Kaiming runs in {where} with config `{fp_cfg}` (these settings without "
+             "quantization).  Share restored = (QLoRA − method) / (QLoRA − full precision) "
+             "of the validation loss, paired by seed at the same rate; 95% Fieller interval "
+             "of that ratio of paired means (unbounded when the gap itself is not resolved "
+             "from 0); **bold** when it excludes 0.", ""]
+    fp_ok = [r for r in fp_rows if r["method"] == ref_label and r["status"] == "ok"]
+    if ref_label is None or not fp_ok:
+        lines += [f"No full-precision `{ref_label or 'kaiming'}` runs found in {where} with "
+                  f"config `{fp_cfg}`: run that regime's Kaiming at the same settings first "
+                  "(see benchmarks/results/PLAN.md).", ""]
+        return lines
+    q_lr = stats[ref_label]["lr"]
+    gap0 = gap_pairs(rows, fp_rows, ref_label, ref_label, None, "step0_val_loss")[1]
+    gap_f = gap_pairs(rows, fp_rows, ref_label, ref_label, q_lr, "final_val_loss")[1]
+    lines += [f"- The gap, QLoRA − full precision (paired by seed): step-0 validation loss "
+              f"{fmt_interval(gap0)}; final validation loss at QLoRA's lr* = {q_lr:g} "
+              f"{fmt_interval(gap_f)}.",
+              "- Step 0 is the curve's validation subset before training (for a classifier "
+              "with a fresh head, the head's loss: it shows little of the encoder's "
+              "quantization damage; benchmarks/quant_init.py measures that).", "",
+              f"| method | what | step-0 share [95% CI] (n) | final share at QLoRA's lr* "
+              f"{q_lr:g} [95% CI] (n) | final share at own lr* [95% CI] (n) |",
+              "|---|---|---|---|---|"]
+    for label, st in stats.items():
+        if "rows" not in st:
+            continue
+        what = QUANT_NAMES.get(label, "")
+        if label == ref_label:
+            lines.append(f"| `{label}` | {what} | 0 (ref.) | 0 (ref.) | 0 (ref.) |")
+            continue
+        step0 = gap_pairs(rows, fp_rows, label, ref_label, None, "step0_val_loss")
+        at_q = gap_pairs(rows, fp_rows, label, ref_label, q_lr, "final_val_loss")
+        own = gap_pairs(rows, fp_rows, label, ref_label, st["lr"], "final_val_loss")
+        lines.append(f"| `{label}` | {what} | {fmt_share(*step0)} | {fmt_share(*at_q)} | "
+                     f"{fmt_share(*own)} (lr {st['lr']:g}) |")
+    return [*lines, ""]
+
+
+def _reference_curve(fp_rows: list[dict[str, Any]], label: str | None,
+                     lr: float | None) -> tuple[list[int], list[float], str] | None:
+    """Mean validation curve of the full-precision ``label`` runs at ``lr``."""
+    runs = [r for r in fp_rows if r["method"] == label and r["status"] == "ok"
+            and lr is not None and math.isclose(float(r["lr"]), lr)]
+    if not runs:
+        return None
+    curves = [_curve(r) for r in runs]
+    steps = curves[0][0]
+    same = [c[1] for c in curves if c[0] == steps]
+    mean = [sum(v) / len(same) for v in zip(*same, strict=True)]
+    return steps, mean, f"full precision {label} (lr {lr:g}, {len(same)} seeds)"
+
+
 def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out: Path,
                   sweep_all: bool, started: dict[str, str], quick: bool,
-                  regime: str = "base") -> Path:
+                  regime: str = "base", reference: Path | None = None) -> Path:
     """``summary.md``, ``learning_curves.png`` and ``lr_sensitivity.png`` from every matching
-    row of runs.csv."""
+    row of runs.csv.
+
+    ``reference``: for a quantized regime, the folder whose ``runs.csv`` holds the
+    full-precision Kaiming runs (:func:`full_precision_rows`)."""
     task = get_task(task_name)
     cfg = config_id(task_name, s)
     rows = [r for r in read_rows(out / "runs.csv") if r["config"] == cfg]
@@ -987,7 +1242,10 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
     steps = int(s["steps"])
     scaling = float(s["alpha"]) / int(s["rank"])
     what = f"{task.description} [{regime}]: LoRA r={s['rank']}, {steps} steps"
-    plot(stats, out / "learning_curves.png", what + " (lr chosen on validation)", metric)
+    fp_rows, fp_cfg = (full_precision_rows(task_name, s, reference) if s.get("quantize")
+                       else ([], ""))
+    plot(stats, out / "learning_curves.png", what + " (lr chosen on validation)", metric,
+         _reference_curve(fp_rows, ref_label, ref["lr"] if ref else None))
     plot_lr_sensitivity(rows, methods, out / "lr_sensitivity.png", sweep_seeds, what)
 
     head_ref = ("| method | Δ final val [95% CI] (n) | Δ val AUC [95% CI] (n) | final val |")
@@ -1007,7 +1265,8 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
              f"an edge), sweep seeds {sweep_seeds}, seeds {seeds}, calibration "
              f"{s['n_calib']} examples; validation curve every {steps // int(s['eval_points'])}"
              f" steps on {s.get('n_val_curve', s['n_val'])} examples, final on all; config id "
-             f"`{cfg}`.",
+             f"`{cfg}`." + (f"  Quantized base: {s['quantize']['bits']}-bit NF (below)."
+                            if s.get("quantize") else ""),
              "- Statistics: Δ = method − Kaiming per seed (paired: a seed fixes the data order,"
              " head and dropout for every method); 95% interval = paired t over seeds "
              "(mean ± t₀.₉₇₅,ₙ₋₁·sd/√n); **bold** when it excludes 0. AUC = area under the "
@@ -1045,6 +1304,8 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
             f"{fmt_interval(dv) if own else 'ref.'} | {fmt_interval(da) if own else 'ref.'} | "
             f"{fmt_mean_std(st['final_val'])} | {reach_s} | {fmt_mean_std(st['test_metric'])} | "
             f"{_mean(st['calib_s']):.1f} | {_mean(st['init_s']):.2f} |")
+    if s.get("quantize"):
+        lines += ["", *gap_section(rows, fp_rows, stats, s, reference, fp_cfg, metric)]
     missing = [m.label for m in methods if m.label not in stats]
     train_s = [_float(r, "train_s") for r in rows if r["status"] == "ok"]
     lines += ["", "## Which is least sensitive to the rate?", "",
@@ -1115,7 +1376,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation evaluations during training (besides step 0)")
     p.add_argument("--regime", default="base", choices=list(REGIMES),
                    help="named configuration (see REGIMES): low-data, long, r4, r32, "
-                        "all-linear")
+                        "all-linear; nf4, nf3, nf2: a quantized base (QLoRA, LoftQ, CLoQ)")
+    p.add_argument("--reference", default=None,
+                   help="quantized regimes: folder whose runs.csv holds the full-precision "
+                        "Kaiming runs (default benchmarks/results/<task>-base, or "
+                        "<task>/quick with --quick)")
     p.add_argument("--phases", default="dropin,sweep,seeds",
                    help="comma-separated subset, run in this order: dropin (every method at "
                         "Kaiming's rate, all seeds), sweep (own rate grids), seeds (own rate, "
@@ -1150,9 +1415,16 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
              "seeds": args.seeds and ints(args.seeds), "n_calib": args.n_calib,
              "n_train": args.n_train, "eval_points": args.eval_points,
              "strategies": args.strategies, "sweep_seeds": args.sweep_seeds}
-    regime = dict(REGIMES[getattr(args, "regime", "base")]) if not args.quick else {}
+    regime = dict(REGIMES[getattr(args, "regime", "base")])
+    if args.quick:
+        regime = {k: v for k, v in regime.items() if k in QUICK_REGIME_KEYS}
     if regime.get("targets") == "all":
         regime["targets"] = list(s.get("all_targets", s["targets"]))
+    if "quantize" in regime:
+        quant = dict(regime["quantize"])
+        if quant["layers"] == "all":
+            quant["layers"] = list(s.get("all_targets", s["targets"]))
+        regime["quantize"] = quant
     epochs = regime.pop("epochs", None)
     s.update(regime)
     if epochs is not None:  # steps from the (regime's) training-set size
@@ -1190,8 +1462,17 @@ def main(argv: list[str] | None = None) -> int:
     # warning concerns PEFT's code, not the benchmark, and would repeat in every run's output.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                             category=FutureWarning)
-    out = (Path(args.out) if args.out else RESULTS / args.task / "quick" if args.quick
+    quantized = "quantize" in REGIMES[args.regime]
+    out = (Path(args.out) if args.out
+           else RESULTS / f"{args.task}-{args.regime}" / "quick" if args.quick and quantized
+           else RESULTS / args.task / "quick" if args.quick
            else RESULTS / f"{args.task}-{args.regime}")
+    reference = None
+    if quantized:  # the full-precision runs the gap is measured against
+        fp_regime = reference_regime(args.regime)
+        reference = (Path(args.reference) if args.reference
+                     else RESULTS / args.task / "quick" if args.quick
+                     else RESULTS / f"{args.task}-{fp_regime}" if fp_regime else None)
     out.mkdir(parents=True, exist_ok=True)
     script = "benchmarks/compare_inits.py"
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--summary-only"]
@@ -1214,7 +1495,7 @@ def main(argv: list[str] | None = None) -> int:
     data_facts = _task_facts(args.task, s)
     started.update(data_facts)
     path = write_summary(args.task, s, methods, out, args.sweep_all_seeds, started, args.quick,
-                         args.regime)
+                         args.regime, reference)
     print(f"[{task.name}] wrote {out / 'runs.csv'}, {path}, {out / 'learning_curves.png'} "
           f"in {time.perf_counter() - t0:.0f} s")
     print(path.read_text(encoding="utf-8"))
