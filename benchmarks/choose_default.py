@@ -40,10 +40,17 @@ from _common import command_line, read_rows
 REFERENCE = "kaiming"
 
 
+def _quantized(regime: str) -> bool:
+    """A quantized-base regime (``nf4``, ...): its methods start from another model, so it
+    says nothing about the default for a full-precision base."""
+    return "quantize" in compare_inits.REGIMES.get(regime, {})
+
+
 def folder_stats(csv_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """``{"task/regime": compare_inits.summarize(...)}`` for each configuration in a runs.csv
-    written by the interval-era ``compare_inits`` (rows with a ``regime`` column)."""
-    rows = [r for r in read_rows(csv_path) if r.get("regime")]
+    written by the interval-era ``compare_inits`` (rows with a ``regime`` column), quantized
+    regimes left out."""
+    rows = [r for r in read_rows(csv_path) if r.get("regime") and not _quantized(r["regime"])]
     out = {}
     for cfg in sorted({r["config"] for r in rows}):
         mine = [r for r in rows if r["config"] == cfg]

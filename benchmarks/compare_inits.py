@@ -31,6 +31,11 @@ Usage::
     python benchmarks/compare_inits.py --task smollm2-hamlet --strategies kaiming,peft:eva
     python benchmarks/compare_inits.py --list                        # tasks and methods
 
+Quantized bases (issue 17): ``--regime nf4`` (``nf3``, ``nf2``) quantizes every linear layer of
+the task's ``all_targets`` first (simulated NF-k) and compares QLoRA (``kaiming``), LoftQ and
+CLoQ (:data:`QUANT_METHODS`) from that same model; the summary adds the share of the
+full-precision gap each restores, against the ``base`` regime's Kaiming runs (``--reference``).
+
 Methods are ``STRATEGY`` or ``STRATEGY@ESTIMATOR`` (covinit) and ``peft:INIT`` with INIT in
 ``true, gaussian, pissa, olora, eva, corda-ipm, corda-kpm, lora_ga``; ``--strategies full``
 (every covinit strategy × its estimators, then PEFT's, in :data:`PRIORITY` order), ``lean``
@@ -337,7 +342,8 @@ def full_methods() -> list[str]:
     """
     labels = []
     for name in covinit.strategies():
-        # quant-* replace the base by a quantized one: compared in benchmarks/quant_init.py.
+        # quant-* replace the base by a quantized one: compared in the nf4/nf3/nf2 regimes
+        # (QUANT_METHODS) and, at step 0, in benchmarks/quant_init.py.
         if name == "zero" or get_strategy(name).tags.get("preserves") == "approximate":
             continue
         if not get_strategy(name).tags.get("needs"):

@@ -230,3 +230,23 @@ def test_quantized_regime_end_to_end_on_tiny(tmp_path: Path) -> None:
                                "--reference", str(tmp_path / "none")]) == 0
     assert "No full-precision `kaiming` runs found" in (q / "summary.md").read_text(
         encoding="utf-8")
+
+
+def test_choose_default_leaves_quantized_regimes_out(tmp_path: Path) -> None:
+    """The default strategy is chosen for full-precision bases: an nf4 configuration (other
+    methods, another starting model) must not enter the choice."""
+    choose_default = pytest.importorskip("choose_default")
+    path = tmp_path / "runs.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=compare_inits.FIELDS)
+        writer.writeheader()
+        for lr in (1e-3, 2e-3):
+            for regime in ("nf4", "base"):
+                writer.writerow({"task": "minilm-rt", "regime": regime, "config": regime,
+                                 "method": "kaiming", "seed": 0, "lr": lr, "status": "ok",
+                                 "steps": 4, "curve_steps": "[0, 4]",
+                                 "curve_val_loss": "[0.7, 0.6]", "final_val_loss": 0.6,
+                                 "val_auc": 0.65, "test_metric": 0.7, "test_loss": 0.6,
+                                 "calib_s": 0, "init_s": 0, "step0_val_loss": 0.7,
+                                 "base_val_loss": 0.7})
+    assert list(choose_default.folder_stats(path)) == ["minilm-rt/base"]
