@@ -380,6 +380,14 @@ def write(table: list[dict[str, Any]], rows: list[Row], args: argparse.Namespace
                      if key in same and c]
             if parts:
                 lines.append(f"- {model}, {precision}: " + ", ".join(parts))
+        corda = same.get("e_peft_corda(bs=1)")
+        floor = same.get("b_floor_fp32_gram[in]")
+        if corda and floor:
+            # 3× faster than CorDA needs covinit at CorDA/3: below the floor's time or not?
+            lines.append(f"- {model}: CorDA ÷ 3 = {corda / 3:.2f} s against the floor's "
+                         f"{floor:.2f} s ({corda / 3 / floor:.2f}× the floor)")
+    if args.note:
+        lines += ["", args.note]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -399,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="run EVA and CorDA in --quick mode too (they have fixed costs of "
                              "minutes: CorDA's per-layer SVDs, EVA's incremental SVDs)")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--note", default="",
+                        help="a line written under the table (e.g. what else ran meanwhile)")
     parser.add_argument("--eva-max-passes", type=int, default=None,
                         help="stop EVA after this many passes over the data (default 10, "
                              "quick 1); a stopped run is reported as a lower bound")
