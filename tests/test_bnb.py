@@ -174,15 +174,7 @@ def test_quant_residual_takes_full_precision_weights(saved):
         covinit.initialize(model, cal, strategy="quant-residual")
     with pytest.raises(ValueError, match=r"neither the full_precision= weight.*2-bit"):
         covinit.initialize(model, cal, strategy="quant-residual", full_precision=fp, bits=2)
-    adapter = find_adapters(model)[DOWN]
-    q0 = adapter.base_weight().clone()
-    covinit.initialize(model, cal, strategy="quant-residual", full_precision=fp)
-    # The base written is Q(W0) itself: re-quantized by the layer, it comes back unchanged.
-    torch.testing.assert_close(adapter.base_weight(), q0, rtol=0, atol=0)
-    w, m = _fp_weight(fp, DOWN), second_moment(cal.moments(DOWN, "input"))
-    a, b = (t.to(torch.float64) for t in adapter.get_lora())
-    repaired = weighted_error(w - q0.double() - adapter.scaling * b @ a, m)
-    assert repaired < 0.95 * weighted_error(w - q0.double(), m)
+    adapter = _assert_repairs_on_the_same_grid(model, cal, fp)
     # No offset record (W0 is not Q(W0) + c·B·A): initializing again starts from the same
     # quantized base and gives the same factors; so does a state dict on a fresh copy.
     first = adapter.get_lora()
@@ -200,16 +192,23 @@ def test_quant_residual_takes_full_precision_weights(saved):
 def test_save_load_and_export_round_trip(saved, tmp_path):
     model = _nf4(saved)
     covinit.initialize(model, covinit.calibrate(model, _batches()), strategy="pissa")
+    # Exported for the original nf4 base: off only by the residual base's re-quantization.
+    _assert_peft_round_trip(model, _nf4(saved), _quantized(saved), tmp_path, max_gap=0.05)
+
+
+def _assert_peft_round_trip(model: nn.Module, fresh: nn.Module, base: nn.Module,
+                            tmp_path: Path, max_gap: float) -> None:
+    """``save_lora`` → ``load_lora`` into ``fresh`` (a PEFT model over the same quantized
+    base) gives the same logits exactly; ``export_lora`` → PEFT over ``base`` is off by the
+    residual base's re-quantization only: a gap in (0, ``max_gap``)."""
     want = _logits(model)
     covinit.save_lora(model, tmp_path / "a.safetensors")
-    fresh = _nf4(saved)
     covinit.load_lora(fresh, tmp_path / "a.safetensors")
     torch.testing.assert_close(_logits(fresh), want, rtol=0, atol=0)
     covinit.export_lora(model, tmp_path / "peft", format="peft")
-    exported = peft.PeftModel.from_pretrained(_quantized(saved), tmp_path / "peft")
-    # Exported for the original nf4 base: off only by the residual base's re-quantization.
+    exported = peft.PeftModel.from_pretrained(base, tmp_path / "peft")
     gap = float((_logits(exported) - want).norm() / want.norm())
-    assert 0 < gap < 0.05, gap
+    assert 0 < gap < max_gap, gap
 
 
 def test_unsupported_kinds_are_refused(saved):
@@ -295,15 +294,7 @@ def test_8bit_residual_requantizes_to_int8_with_a_measured_error(saved, tmp_path
         gap = float((base + adapter.scaling * b @ a - before[name]).norm()
                     / before[name].norm())
         assert 1e-3 < gap < 0.01, (name, gap)
-    want = _logits(model)
-    covinit.save_lora(model, tmp_path / "a.safetensors")
-    fresh = _peft8(saved)
-    covinit.load_lora(fresh, tmp_path / "a.safetensors")
-    torch.testing.assert_close(_logits(fresh), want, rtol=0, atol=0)
-    covinit.export_lora(model, tmp_path / "peft", format="peft")
-    exported = peft.PeftModel.from_pretrained(_int8(saved), tmp_path / "peft")
-    gap = float((_logits(exported) - want).norm() / want.norm())
-    assert 0 < gap < 0.02, gap
+    _assert_peft_round_trip(model, _peft8(saved), _int8(saved), tmp_path, max_gap=0.02)
 
 
 def test_dora_over_8bit_is_refused(saved):
@@ -380,16 +371,23 @@ def test_lora_linear_over_a_quantized_base_round_trips(saved, tmp_path, kind):
 
 def test_quant_residual_on_lora_linear_over_nf4(saved):
     fp, model = _fp(saved), covinit.add_lora(_nf4_plain(saved), TARGETS, rank=4, alpha=8)
-    cal = covinit.calibrate(model, _batches())
+    _assert_repairs_on_the_same_grid(model, covinit.calibrate(model, _batches()), fp)
+
+
+def _assert_repairs_on_the_same_grid(model: nn.Module, cal: covinit.Calibration,
+                                     fp: nn.Module) -> object:
+    """``quant-residual`` on an nf4 model: the base written is Q(W0) itself (re-quantized by
+    the layer, it comes back bit for bit) and the adapter lowers the M-weighted error of
+    the down projection; returns that layer's adapter."""
     adapter = find_adapters(model)[DOWN]
     q0 = adapter.base_weight().clone()
     covinit.initialize(model, cal, strategy="quant-residual", full_precision=fp)
-    # base := Q(W0), on the layer's own grid: written back bit for bit.
     torch.testing.assert_close(adapter.base_weight(), q0, rtol=0, atol=0)
     w, m = _fp_weight(fp, DOWN), second_moment(cal.moments(DOWN, "input"))
     a, b = (t.to(torch.float64) for t in adapter.get_lora())
     repaired = weighted_error(w - q0.double() - adapter.scaling * b @ a, m)
     assert repaired < 0.95 * weighted_error(w - q0.double(), m)
+    return adapter
 
 
 def test_quant_residual_exports_the_repair_for_the_quantized_base(saved, tmp_path):
