@@ -445,13 +445,11 @@ def _matched_inputs(calibration: CalibrationLike | None, name: str,
                     estimates: Mapping[str, Any]) -> dict[str, Callable[[], Tensor] | None]:
     """Lazy ``gradient`` (G, (d, k)) and ``input_moment`` (empirical E[xxᵀ], (k, k)) of one
     layer for the strategies (float64 on CPU), or ``None`` where the side is missing."""
-    from covinit.matched import second_moment
-
     def grad() -> Tensor:
         return calibration.gradient(name).to("cpu", torch.float64)
 
     def moment() -> Tensor:
-        return second_moment(calibration.moments(name, "input"))
+        return calibration.moments(name, "input").to("cpu").second_moment()
 
     return {"gradient": grad if estimates["gradient"] is not None else None,
             "input_moment": moment if estimates["input"] is not None else None}

@@ -51,25 +51,8 @@ __all__ = [
     "first_step_energy",
     "kaiming_step_energy",
     "matched_gain",
-    "second_moment",
     "step_ratio",
 ]
-
-
-def second_moment(moments: object) -> Tensor:
-    """``E[xxᵀ] = M2/n + m·mᵀ`` (k, k), float64 on CPU, of a :class:`~covinit.stats.Moments`.
-
-    Raises
-    ------
-    ValueError
-        For an empty summary.
-    """
-    n = int(moments.n)  # type: ignore[attr-defined]
-    if n <= 0:
-        raise ValueError("the second moment of an empty summary is undefined")
-    mean = moments.mean.to("cpu", torch.float64)  # type: ignore[attr-defined]
-    m2 = moments.m2.to("cpu", torch.float64)  # type: ignore[attr-defined]
-    return m2 / n + torch.outer(mean, mean)
 
 
 def _check(grad: Tensor | None, moment: Tensor, d: int | None = None) -> None:

@@ -194,6 +194,13 @@ class Moments:
             raise ValueError("covariance of an empty summary")
         return self.m2 / self.n
 
+    def second_moment(self) -> Tensor:
+        """Uncentred second moment ``E[xxᵀ] = M2/n + m·mᵀ`` (k, k): what a layer's output
+        ``W·x`` depends on (CorDA, SVD-LLM, the matched scale, K-FAC's input factor)."""
+        if self.n == 0:
+            raise ValueError("the second moment of an empty summary is undefined")
+        return self.m2 / self.n + torch.outer(self.mean, self.mean)
+
     def to(self, device: torch.device | str) -> Moments:
         """The same summary on another device (``self`` if it is already there)."""
         if self.mean.device == torch.device(device):

@@ -27,7 +27,6 @@ peft = pytest.importorskip("peft")
 import covinit  # noqa: E402
 from covinit._bnb import dequantize_4bit as _dequantize_4bit  # noqa: E402
 from covinit.adapters import find_adapters  # noqa: E402
-from covinit.matched import second_moment  # noqa: E402
 from covinit.quant import quantize, weighted_error  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
@@ -143,10 +142,10 @@ def test_calibration_sees_the_float32_dequantized_forward(saved):
     _logits(model)
     hook.remove()
     x = torch.cat(seen).to(torch.float64)  # (n, k)
-    torch.testing.assert_close(second_moment(cal.moments(DOWN, "input")), x.T @ x / len(x))
+    torch.testing.assert_close(cal.moments(DOWN, "input").second_moment(), x.T @ x / len(x))
     w = find_adapters(model)[DOWN].base_weight().to(torch.float64)
     y = x @ w.T
-    torch.testing.assert_close(second_moment(cal.moments(DOWN, "output")), y.T @ y / len(y),
+    torch.testing.assert_close(cal.moments(DOWN, "output").second_moment(), y.T @ y / len(y),
                                rtol=1e-5, atol=1e-8)
     assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
 
@@ -266,10 +265,10 @@ def test_8bit_calibration_sees_the_dequantized_forward(saved):
     _logits(dense)
     hook.remove()
     x = torch.cat(seen).to(torch.float64)  # (n, k)
-    torch.testing.assert_close(second_moment(cal.moments(DOWN, "input")), x.T @ x / len(x),
+    torch.testing.assert_close(cal.moments(DOWN, "input").second_moment(), x.T @ x / len(x),
                                rtol=1e-5, atol=1e-8)
     y = x @ _bnb_dequantize(find_adapters(model)[DOWN].base_layer).double().T  # (n, d)
-    torch.testing.assert_close(second_moment(cal.moments(DOWN, "output")), y.T @ y / len(y),
+    torch.testing.assert_close(cal.moments(DOWN, "output").second_moment(), y.T @ y / len(y),
                                rtol=1e-5, atol=1e-8)
 
 
@@ -343,8 +342,10 @@ def test_lora_linear_over_a_quantized_base_round_trips(saved, tmp_path, kind):
     cal = covinit.calibrate(model, _batches())
     # Calibration hooks the quantized base: the same moments as on the PEFT model.
     peft_model = _nf4(saved) if kind == "nf4" else _peft8(saved)
-    torch.testing.assert_close(second_moment(cal.moments(DOWN, "input")), second_moment(
-        covinit.calibrate(peft_model, _batches()).moments(DOWN, "input")), rtol=0, atol=0)
+    torch.testing.assert_close(
+        cal.moments(DOWN, "input").second_moment(),
+        covinit.calibrate(peft_model, _batches()).moments(DOWN, "input").second_moment(),
+        rtol=0, atol=0)
     before = {n: a.base_weight().clone() for n, a in find_adapters(model).items()}
     covinit.initialize(model, cal, strategy="pissa")
     for name, adapter in find_adapters(model).items():
@@ -383,7 +384,7 @@ def _assert_repairs_on_the_same_grid(model: nn.Module, cal: covinit.Calibration,
     q0 = adapter.base_weight().clone()
     covinit.initialize(model, cal, strategy="quant-residual", full_precision=fp)
     torch.testing.assert_close(adapter.base_weight(), q0, rtol=0, atol=0)
-    w, m = _fp_weight(fp, DOWN), second_moment(cal.moments(DOWN, "input"))
+    w, m = _fp_weight(fp, DOWN), cal.moments(DOWN, "input").second_moment()
     a, b = (t.to(torch.float64) for t in adapter.get_lora())
     repaired = weighted_error(w - q0.double() - adapter.scaling * b @ a, m)
     assert repaired < 0.95 * weighted_error(w - q0.double(), m)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from covinit.covariance import estimate, ledoit_wolf_shrinkage, oas_shrinkage
-from covinit.matched import closed_form_gain, second_moment, step_ratio
+from covinit.matched import closed_form_gain, step_ratio
 from covinit.reporting.plan import ReportPlan
 from covinit.stats import Moments
 
@@ -340,7 +340,7 @@ def _step_ratio(plan: ReportPlan, layer: str, moments: Moments, a: Tensor, b: Te
                 ) -> float | None:
     """First Adam step over Kaiming's expected one (see :mod:`covinit.matched`), or None."""
     cal = plan.calibration
-    moment = second_moment(moments)
+    moment = moments.to("cpu").second_moment()
     if "gradient" in cal.sides and cal.moments(layer, "gradient") is not None:
         return step_ratio(a, b, cal.gradient(layer).to("cpu", torch.float64), moment)
     if bool(b.any()) or not bool(a.any()):
