@@ -638,13 +638,76 @@ def _final_loss(row: dict[str, Any]) -> float:
 
 def select_lr(rows: list[dict[str, Any]], sweep_seeds: Sequence[int]) -> float | None:
     """Learning rate with the lowest mean final *validation* loss over ``sweep_seeds``."""
-    by_lr: dict[float, list[float]] = {}
-    for r in rows:
-        if int(r["seed"]) in sweep_seeds and r["status"] != "failed":
-            by_lr.setdefault(float(r["lr"]), []).append(_final_loss(r))
+    by_lr = losses_by_lr(rows, sweep_seeds)
     if not by_lr:
         return None
     return min(by_lr, key=lambda lr: (sum(by_lr[lr]) / len(by_lr[lr]), lr))
+
+
+def losses_by_lr(rows: list[dict[str, Any]], sweep_seeds: Sequence[int],
+                 label: str | None = None) -> dict[float, list[float]]:
+    """``{lr: [final validation loss per sweep seed]}`` of the runs that did not fail
+    (a diverged run counts as ``inf``), for one method when ``label`` is given."""
+    by_lr: dict[float, list[float]] = {}
+    for r in rows:
+        if ((label is None or r["method"] == label) and int(r["seed"]) in sweep_seeds
+                and r["status"] != "failed"):
+            by_lr.setdefault(float(r["lr"]), []).append(_final_loss(r))
+    return by_lr
+
+
+#: A rate is "as good as the best" within this relative margin of the method's best mean
+#: final validation loss (5 %: about the seed-to-seed spread of the MiniLM tasks).
+SENSITIVITY_MARGIN = 0.05
+
+
+def _step_change(lrs: Sequence[float], means: Sequence[float], best: int, side: int) -> str:
+    """Mean loss one grid point below (``side`` −1) or above (+1) the best, minus the best;
+    "–" off the grid or when that neighbour is not one ×2 step away."""
+    i = best + side
+    if not 0 <= i < len(lrs) or not math.isclose(lrs[i] / lrs[best], 2.0 ** side,
+                                                 rel_tol=1e-6):
+        return "–"
+    return f"{means[i] - means[best]:+.4f}" if math.isfinite(means[i]) else "diverged"
+
+
+def sensitivity_table(rows: list[dict[str, Any]], methods: list[Method],
+                      sweep_seeds: Sequence[int]) -> list[str]:
+    """Markdown rows answering "which is least sensitive to the rate?" from the sweep.
+
+    Per method with every sweep seed at ≥ 3 rates: its best rate on the grid, the change of
+    the mean final validation loss one ×2 step below and above it, and the widest run of
+    adjacent grid rates, containing the best, whose mean stays within
+    :data:`SENSITIVITY_MARGIN` of the best (its span as hi/lo: a wider band is a method
+    that forgives a mistuned rate)."""
+    lines = []
+    for m in methods:
+        by_lr = {lr: v for lr, v in losses_by_lr(rows, sweep_seeds, m.label).items()
+                 if len(v) == len(sweep_seeds)}
+        if len(by_lr) < 3:
+            continue
+        lrs = sorted(by_lr)
+        means = [sum(by_lr[lr]) / len(by_lr[lr]) for lr in lrs]
+        best = min(range(len(lrs)), key=lambda i: (means[i], lrs[i]))
+        ok = [math.isfinite(v) and v <= means[best] * (1 + SENSITIVITY_MARGIN) for v in means]
+        lo = hi = best
+        while lo > 0 and ok[lo - 1]:
+            lo -= 1
+        while hi < len(lrs) - 1 and ok[hi + 1]:
+            hi += 1
+        edge = " (grid edge)" if best in (0, len(lrs) - 1) else ""
+        lines.append(f"| `{m.label}` | {len(lrs)} ({lrs[0]:g}…{lrs[-1]:g}) | "
+                     f"{lrs[best]:g}{edge} | {means[best]:.4f} | "
+                     f"{_step_change(lrs, means, best, -1)} | "
+                     f"{_step_change(lrs, means, best, +1)} | "
+                     f"{lrs[lo]:g}…{lrs[hi]:g} (×{lrs[hi] / lrs[lo]:g}) |")
+    if not lines:
+        return []
+    return [f"Over the sweep seeds {list(sweep_seeds)} (mean final validation loss per rate; "
+            f"the band: adjacent rates within {SENSITIVITY_MARGIN:.0%} of the best):", "",
+            "| method | rates swept | best rate | best mean final val | Δ at ½× | Δ at 2× | "
+            f"band within {SENSITIVITY_MARGIN:.0%} |",
+            "|---|---|---|---|---|---|---|", *lines, ""]
 
 
 def edge_extension(tried: Sequence[float], best: float, ratio: float) -> float | None:
@@ -1128,10 +1191,7 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], methods: list[Method], path:
         plt.close(fig)
         return
     for i, m in enumerate(methods):
-        by_lr: dict[float, list[float]] = {}
-        for r in rows:
-            if r["method"] == m.label and int(r["seed"]) in sweep_seeds and r["status"] != "failed":
-                by_lr.setdefault(float(r["lr"]), []).append(_final_loss(r))
+        by_lr = losses_by_lr(rows, sweep_seeds, m.label)
         if not by_lr:
             continue
         lrs = sorted(by_lr)
@@ -1315,6 +1375,7 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
     missing = [m.label for m in methods if m.label not in stats]
     train_s = [_float(r, "train_s") for r in rows if r["status"] == "ok"]
     lines += ["", "## Which is least sensitive to the rate?", "",
+              *sensitivity_table(rows, methods, sweep_seeds),
               "See `lr_sensitivity.png`: final validation loss against the rate, mean ± std "
               "over the sweep seeds.", ""]
     if missing:

@@ -181,6 +181,29 @@ def test_curve_area_is_the_trapezoid_mean() -> None:
     assert math.isnan(compare_inits.curve_area([0], [0.3]))
 
 
+def test_sensitivity_table_band_and_neighbours() -> None:
+    def row(method: str, lr: float, seed: int, loss: float) -> dict[str, str]:
+        return {"method": method, "lr": str(lr), "seed": str(seed), "status": "ok",
+                "final_val_loss": str(loss)}
+
+    # Mean losses on the ×2 grid 1e-4…1.6e-3: 0.60, 0.52, 0.50 (best), 0.515, 0.70.
+    means = {1e-4: 0.60, 2e-4: 0.52, 4e-4: 0.50, 8e-4: 0.515, 1.6e-3: 0.70}
+    rows = [row("kaiming", lr, seed, v + (0.01 if seed else -0.01))
+            for lr, v in means.items() for seed in (0, 1)]
+    rows.append(row("kaiming", 3.2e-3, 0, 0.4))  # one sweep seed only: not a grid point
+    rows += [row("input-pca@empirical", lr, 0, 0.5) for lr in (1e-4, 2e-4)]  # 2 rates
+    methods = [compare_inits.parse_method(m) for m in ("kaiming", "input-pca@empirical")]
+    lines = compare_inits.sensitivity_table(rows, methods, [0, 1])
+    body = [line for line in lines if line.startswith("| `")]
+    assert len(body) == 1  # input-pca swept < 3 rates on every seed: no row
+    cells = [c.strip() for c in body[0].strip("|").split("|")]
+    assert cells[2] == "0.0004" and cells[3] == "0.5000"
+    assert cells[4] == "+0.0200" and cells[5] == "+0.0150"
+    # 0.52 and 0.515 are within 5 % of 0.50, 0.60 and 0.70 are not
+    assert cells[6] == "0.0002…0.0008 (×4)"
+    assert compare_inits.sensitivity_table([], methods, [0, 1]) == []
+
+
 def test_method_labels_carry_options() -> None:
     m = compare_inits.parse_method("cov-svd@ledoit_wolf+matched")
     assert (m.name, m.estimator, dict(m.options)) == ("cov-svd", "ledoit_wolf",
