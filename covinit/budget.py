@@ -281,7 +281,7 @@ def _layer_bytes(collector: Collector, sketch_above: int | None, sketch_size: in
                 need[name] += 3 * 8 * width * min(sketch_size, width)
             else:
                 need[name] += side_bytes(k, d, side, collector.n_folds + 1,
-                                         collector.precision)
+                                         collector.precision, staging=True)
     return need, sketched
 
 

@@ -325,7 +325,8 @@ def statistics_size(layers: Mapping[str, Any], sides: Sequence[str], folds: int 
     Per layer side of width w (k inputs, d outputs; the gradient side is d wide and adds the
     d×k cross-moment G, so w² reads d·(d + k) there) the w×w co-moment dominates:
     ``(folds + 1)·8·w²`` bytes while collecting (the accumulators plus a batch's temporary,
-    as :func:`covinit.calibrate` counts before it starts) and ``8·w²`` per summary in the
+    as :func:`covinit.calibrate` counts before it starts, plus a small staging buffer of rows)
+    and ``8·w²`` per summary in the
     file (the total, plus one per fold with ``folds > 1``).  Layers that share an input
     (q/k/v) store it once, so the file can be smaller.
 
@@ -351,7 +352,7 @@ def statistics_size(layers: Mapping[str, Any], sides: Sequence[str], folds: int 
     for name, (k, d) in collector.shapes.items():
         for side in collector.sides:
             rows.append(StatsSize(name, side, collector.width(name, side),
-                                  side_bytes(k, d, side, folds + 1, precision),
+                                  side_bytes(k, d, side, folds + 1, precision, staging=True),
                                   side_bytes(k, d, side, stored)))
     return rows
 

@@ -26,6 +26,16 @@ are computed (~9/16 of the flops, :func:`_add_lower_gram`), which makes the floa
 about as fast as a plain float32 ``XᵀX``; from the second batch on, layers whose reductions
 nobody shares accumulate straight into their sums, with no k×k temporary.
 
+Staging: besides the product, each reduction costs ~20 small tensor ops and two host syncs
+(centring, the low sums, the drift and finiteness tests), which at batch size 1 add up to a
+fifth of the work.  From the second batch on, a call of fewer than :func:`_stage_rows` rows
+is copied into its stream's staging buffer, and the buffer is reduced as one block when full,
+when the fold changes, and before anything reads the sums (:meth:`Collector.results`).  The
+power sums of a block are the sums of its calls', so the statistics are the same to float64
+rounding.  Layers fed one tensor (q/k/v) take the rows their owner staged: one reduction
+per block for all of them.  Non-finite rows are found when their block is reduced, before any
+sum is touched, and the error names the layer and the batch.
+
 ``precision="mixed"`` centres float32 rows in float32 about the float32-rounded centre (one
 pass over the rows instead of a float64 copy, a subtraction and a float32 copy) and runs the
 product in float32 *in place* into a float32 pending co-moment per accumulator, as the floor
@@ -51,10 +61,11 @@ parameter's ``.grad`` is written (nor computed: autograd prunes the weight gradi
 
 from __future__ import annotations
 
+import bisect
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NoReturn, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -149,8 +160,25 @@ _CACHE_ENTRIES = 4
 # float64 k×k read-modify-write is paid once per 4096 rows instead of once per call.
 _FLUSH_ROWS = 4096
 
+# Staging (see the module docstring): a stream's small calls are copied into a buffer and
+# reduced together, in blocks of up to _stage_rows(k) rows.  Per reduction, ~20 small tensor
+# ops and two host syncs surround the product; at batch size 1 (128 rows a call) on 2 threads
+# they cost a quarter of the product at k = 384.  Blocks stop growing once their product
+# n·k² reaches _STAGE_WORK (wide layers' calls are big products already: a 7B model's
+# 4096-wide streams stage 64 rows) and at _STAGE_ROWS_PER_WIDTH·k rows, so that a buffer
+# never holds more than two k×k float64 co-moments' worth of bytes.
+_STAGE_WORK = 2**30
+_STAGE_ROWS_PER_WIDTH = 2
 
-def side_bytes(k: int, d: int, side: str, copies: int = 1, precision: str = "float64") -> int:
+
+def _stage_rows(k: int) -> int:
+    """Rows of a width-k stream's staging buffer: calls of at least this many rows are
+    reduced on their own."""
+    return min(_STAGE_ROWS_PER_WIDTH * k, _STAGE_WORK // (k * k))
+
+
+def side_bytes(k: int, d: int, side: str, copies: int = 1, precision: str = "float64",
+               staging: bool = False) -> int:
     """Bytes of ``copies`` exact float64 summaries of one side of a k-in, d-out layer.
 
     The w×w co-moment dominates (w = k for "input", d otherwise); the gradient side also
@@ -158,16 +186,20 @@ def side_bytes(k: int, d: int, side: str, copies: int = 1, precision: str = "flo
     holds ``folds + 1`` copies (one accumulator per fold plus a batch's temporary); with
     ``precision="mixed"`` each of the ``copies − 1`` accumulators also holds a float32 pending
     w×w co-moment (``4·w²``; the temporary, float32 there, is still counted as a float64
-    copy).  The one formula behind :meth:`Collector.memory_needs`, the command line's size
-    check and the memory budget's planner (:mod:`covinit.budget`); a file holds ``copies``
-    summaries of the default precision.
+    copy).  ``staging=True`` (while collecting) adds the stream's staging buffer,
+    ``_stage_rows(w)·w`` values at 8 bytes (the activations' dtype, float64 at most; a few
+    MB at most, see :data:`_STAGE_WORK`).  The one formula behind
+    :meth:`Collector.memory_needs`, the command line's size check and the memory budget's
+    planner (:mod:`covinit.budget`); a file holds ``copies`` summaries of the default
+    precision.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     width = k if side == "input" else d
     exact = copies * 8 * width * (width + (k if side == GRADIENT else 0))
     pending = max(copies - 1, 0) * 4 * width * width if precision == "mixed" else 0
-    return exact + pending
+    stage = 8 * _stage_rows(width) * width if staging else 0
+    return exact + pending + stage
 
 
 
@@ -501,16 +533,15 @@ class _Accumulator:
             if red.s2 is not None:  # a float32 s2 is widened by the copy
                 _add_lower(self.s2, red.s2, overwrite=True)
             return
-        if red.s2 is None:
-            return
-        if red.s2.dtype == torch.float32:  # mixed: a shared reduction's product
+        if red.s2 is not None and red.s2.dtype == torch.float32:  # mixed: a shared product
             _add_lower(self._pending_buffer(red.s2.device), red.s2,
                        overwrite=not self.pending_rows)
             self._pended(red.n)
             return
-        if self.borrowed:
+        if self.borrowed:  # s2 is about to be written (without red.s2: by a direct product)
             self.s2, self.borrowed = self.s2.clone(), False
-        _add_lower(self.s2, red.s2)
+        if red.s2 is not None:
+            _add_lower(self.s2, red.s2)
 
     def take(self, red: _Reduction, adopt: bool = False) -> None:
         """Add ``red`` (whose ``s2`` is ``None`` when it was already added in place)."""
@@ -625,13 +656,20 @@ class _Workspace:
         self._buffers.clear()
 
 
+class _NonFinite(Exception):
+    """Raised by :func:`_reduce` for rows with NaN/Inf (or a fourth moment that overflows),
+    before the accumulator is touched; the collector turns it into a ``ValueError`` that
+    names the layer."""
+
+
 def _reduce(rows: Tensor, acc: _Accumulator, gemm_dtype: torch.dtype, serial: int,
             direct: bool = False, work: _Workspace | None = None) -> _Reduction:
     """Reduce ``rows`` (n, k) to power sums about ``acc``'s centre, re-centring on drift.
 
     With ``direct`` the co-moment is accumulated straight into ``acc`` (no k×k temporary)
     and the returned reduction has no ``s2``, so it cannot be shared with another layer.
-    The centred rows live in ``work`` (when given) only until this call returns.
+    The centred rows live in ``work`` (when given) only until this call returns.  Raises
+    :class:`_NonFinite`, leaving ``acc`` as it was, when the rows' fourth moment is not finite.
 
     Besides the ``yᵀy`` GEMM the centred rows ``y`` (n, k) are written once and read twice
     (``‖y‖²`` per row, then ``s1`` and ``s3`` as one (2, n)·(n, k) product).
@@ -654,6 +692,8 @@ def _reduce(rows: Tensor, acc: _Accumulator, gemm_dtype: torch.dtype, serial: in
         shift = before
     y = _centred(rows, shift, dtype, work)
     s1, s3, s4 = _low_sums(y)
+    if not bool(torch.isfinite(s4)):  # before anything is written into acc
+        raise _NonFinite
     if before is not None and acc.n:
         # Drift test, per feature: the offset² of the sums' mean from the centre, with this
         # batch added (union = u/N, N = acc.n + n), against a lower bound of their variance
@@ -758,6 +798,36 @@ class _Stream:
     # keep their own s2); streams that never shared accumulate in place from batch 1 on.
     shares: bool = False
     sketches: list[Sketch] | None = None  # bounded-memory mode for wide layers
+    stage: _Stage = field(default_factory=lambda: _Stage())
+
+
+@dataclass
+class _Stage:
+    """Rows of one stream waiting to be reduced as one block into ``acc`` (see
+    :data:`_STAGE_WORK`); ``rows[:n]`` hold them, in the activations' dtype.  Layers fed the
+    very same tensors (q/k/v) are ``takers``: the block's one reduction is added to each."""
+
+    rows: Tensor | None = None  # (_stage_rows(k), k) buffer, reused
+    n: int = 0
+    acc: _Accumulator | None = None
+    # (first row, batch index, serial) of each staged call
+    calls: list[tuple[int, int, int]] = field(default_factory=list)
+    takers: dict[int, _Taker] = field(default_factory=dict)  # id(stream) -> taker
+    block: int = 0  # blocks reduced so far: tells a cache entry whether its rows are here
+
+    def span(self, call: int) -> tuple[int, int]:
+        """Rows ``[lo, hi)`` of staged call ``call``."""
+        lo = self.calls[call][0]
+        return lo, self.calls[call + 1][0] if call + 1 < len(self.calls) else self.n
+
+
+@dataclass
+class _Taker:
+    """A stream that saw some of another stream's staged calls (by index), into ``acc``."""
+
+    stream: _Stream
+    acc: _Accumulator
+    calls: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -765,6 +835,8 @@ class _CacheEntry:
     ref: weakref.ref  # type: ignore[type-arg]
     version: int
     reductions: list[_Reduction]
+    # the tensor's rows staged by a stream that shares: (stream, its stage's block, call)
+    staged: tuple[_Stream, int, int] | None = None
 
 
 @dataclass
@@ -1054,39 +1126,148 @@ class Collector:
             entry = None
         red = None
         if entry is not None:
+            if entry.staged is not None and self._take_staged(stream, acc, *entry.staged):
+                return
             red = next((r for r in entry.reductions if acc.can_take(r)), None)
         if red is None:
             rows = rows_of(x.detach(), masks)
             if rows.shape[0] == 0:
                 return
             self._serial += 1
-            # After one full batch every sharing pattern has been seen once: layers whose
-            # reductions nobody reused accumulate in place, without a k×k temporary.
-            direct = self._batches_done > 0 and not stream.shares
-            red = _reduce(rows, acc, self.gemm_dtype, self._serial, direct=direct,
-                          work=self._work)
-            if not bool(torch.isfinite(red.s4)):
-                self._raise_non_finite(name, side, rows)
+            serial = self._serial  # this call's (a flush below takes later ones)
+            # After one full batch every sharing pattern has been seen once: small calls are
+            # staged and reduced in blocks, and layers whose reductions nobody reused
+            # accumulate in place, without a k×k temporary.
+            staging = self._batches_done > 0
+            direct = staging and not stream.shares
+            if staging and self._stage(stream, acc, rows, serial):
+                stream.serials.append(serial)
+                if (name, side) == self._first:
+                    self._rows_this_batch += rows.shape[0]
+                if stream.shares and cacheable:
+                    self._remember(key, x, _CacheEntry(
+                        weakref.ref(x), x._version, [],
+                        (stream, stream.stage.block, len(stream.stage.calls) - 1)))
+                return
+            self._flush(stream)
+            try:
+                red = _reduce(rows, acc, self.gemm_dtype, serial, direct=direct,
+                              work=self._work)
+            except _NonFinite:
+                self._raise_non_finite(name, side, rows, self._batch)
             self._producers[red.serial] = stream
             if not direct:
                 acc.take(red, adopt=True)  # the producer keeps the reduction's own s2
                 if acc.borrowed:
                     self._borrowed.append(acc)
                 if entry is None and cacheable:
-                    entry = _CacheEntry(weakref.ref(x), x._version, [])
-                    self._cache[key] = entry
-                    # Layers sharing an input are called back to back (q, k, v; gate, up),
-                    # so a few recent entries find them while bounding the temporaries held.
-                    while len(self._cache) > _CACHE_ENTRIES:
-                        self._cache.pop(next(iter(self._cache)))
+                    entry = self._remember(key, x, _CacheEntry(weakref.ref(x), x._version, []))
                 if entry is not None:
                     entry.reductions.append(red)
         else:
+            self._flush(stream)
             acc.take(red)
             self._producers[red.serial].shares = True
         stream.serials.append(red.serial)
         if (name, side) == self._first:
             self._rows_this_batch += red.n
+
+    def _remember(self, key: tuple[Any, ...], x: Tensor, entry: _CacheEntry) -> _CacheEntry:
+        """Cache ``entry`` for the tensor ``x`` under ``key`` (replacing any older one)."""
+        self._cache.pop(key, None)
+        self._cache[key] = entry
+        # Layers sharing an input are called back to back (q, k, v; gate, up), so a few
+        # recent entries find them while bounding the temporaries held.
+        while len(self._cache) > _CACHE_ENTRIES:
+            self._cache.pop(next(iter(self._cache)))
+        return entry
+
+    def _take_staged(self, stream: _Stream, acc: _Accumulator, owner: _Stream, block: int,
+                     call: int) -> bool:
+        """Let ``stream`` take ``owner``'s staged call ``call`` (the same tensor) when its
+        rows are still staged; False when they were reduced since."""
+        stage = owner.stage
+        if stage.block != block:
+            return False
+        taker = stage.takers.setdefault(id(stream), _Taker(stream, acc))
+        if taker.acc is not acc:
+            return False
+        taker.calls.append(call)
+        stream.serials.append(stage.calls[call][2])
+        if (stream.name, stream.side) == self._first:
+            lo, hi = stage.span(call)
+            self._rows_this_batch += hi - lo
+        return True
+
+    def _stage(self, stream: _Stream, acc: _Accumulator, rows: Tensor, serial: int) -> bool:
+        """Copy call ``serial``'s ``rows`` (n, k) into ``stream``'s staging buffer for
+        ``acc``, reducing the staged block first when they do not fit or belong elsewhere
+        (another fold, dtype or device); False, with nothing staged, for a call big enough
+        to reduce on its own."""
+        stage, n = stream.stage, rows.shape[0]
+        size = _stage_rows(stream.k)
+        if stage.n and (stage.acc is not acc or stage.n + n > size
+                        or stage.rows.dtype != rows.dtype or stage.rows.device != rows.device):
+            self._flush(stream)
+        if n >= size:
+            return False
+        if stage.rows is None or stage.rows.dtype != rows.dtype \
+                or stage.rows.device != rows.device:
+            stage.rows = torch.empty(size, stream.k, dtype=rows.dtype, device=rows.device)
+        stage.rows[stage.n:stage.n + n].copy_(rows)
+        stage.calls.append((stage.n, self._batch, serial))
+        stage.n += n
+        stage.acc = acc
+        return True
+
+    def _flush(self, stream: _Stream) -> None:
+        """Reduce ``stream``'s staged rows into their accumulator and its takers'; on NaN/Inf
+        they stay staged (never merged) and the error names the layer and the batch."""
+        stage = stream.stage
+        if not stage.n:
+            return
+        assert stage.rows is not None and stage.acc is not None
+        rows, acc = stage.rows[:stage.n], stage.acc
+        # rows staged under torch.inference_mode() (so were the sums): write them there too
+        with torch.inference_mode(rows.is_inference()):
+            self._reduce_staged(stream, rows, acc)
+        stage.n, stage.acc, stage.block = 0, None, stage.block + 1
+        stage.calls.clear()
+        stage.takers.clear()
+
+    def _reduce_staged(self, stream: _Stream, rows: Tensor, acc: _Accumulator) -> None:
+        """One reduction of ``stream``'s staged ``rows`` into ``acc``, added to each taker
+        that saw every staged call (others reduce the rows of their calls themselves)."""
+        stage = stream.stage
+        takers = list(stage.takers.values())
+        self._serial += 1
+        try:
+            red = _reduce(rows, acc, self.gemm_dtype, self._serial, direct=not takers,
+                          work=self._work)
+        except _NonFinite:
+            bad = (~torch.isfinite(rows)).any(dim=1).nonzero()
+            first = int(bad[0]) if len(bad) else 0  # none: the fourth moment overflowed
+            starts = [start for start, _, _ in stage.calls]
+            batch = stage.calls[bisect.bisect_right(starts, first) - 1][1]
+            # that batch's calls are contiguous: report its rows only
+            lo = next(start for start, b, _ in stage.calls if b == batch)
+            hi = next((start for start, b, _ in stage.calls if b > batch), stage.n)
+            self._raise_non_finite(stream.name, stream.side, rows[lo:hi], batch)
+        if takers:
+            acc.take(red, adopt=True)
+            every = list(range(len(stage.calls)))
+            for taker in takers:
+                if taker.calls == every and taker.acc.can_take(red):
+                    taker.acc.take(red)
+                    continue
+                # it saw only some of the calls (or re-centred since): reduce its own rows
+                part = torch.cat([rows[slice(*stage.span(c))] for c in taker.calls])
+                self._serial += 1
+                _reduce(part, taker.acc, self.gemm_dtype, self._serial, direct=True,
+                        work=self._work)
+                taker.stream.serials.append(self._serial)  # no longer the owner's sums
+            if acc.s2 is red.s2:  # no other stream reads the reduction's co-moment now
+                acc.borrowed = False
 
     def _observe_sketch(self, stream: _Stream, x: Tensor, masks: Sequence[Tensor]) -> None:
         """Bounded-memory path: merge this call's rows into the stream's :class:`Sketch`."""
@@ -1100,27 +1281,28 @@ class Collector:
                                                       self.sketch_seed, rows.device)
         part = Sketch.from_batch(rows, self.sketch_size, self.sketch_seed, omega=omega)
         if not bool(torch.isfinite(part.trace)):
-            self._raise_non_finite(stream.name, stream.side, rows)
+            self._raise_non_finite(stream.name, stream.side, rows, self._batch)
         fold = self._batch % self.n_folds
         assert stream.sketches is not None
         stream.sketches[fold] = stream.sketches[fold].merge(part, omega)
         if (stream.name, stream.side) == self._first:
             self._rows_this_batch += part.n
 
-    def _raise_non_finite(self, name: str, side: str, rows: Tensor) -> None:
+    @staticmethod
+    def _raise_non_finite(name: str, side: str, rows: Tensor, batch: int) -> NoReturn:
         finite = torch.isfinite(rows)
         if not bool(finite.all()):
             bad = int((~finite).sum())
             raise ValueError(
-                f"layer {name!r} {side} activation at batch {self._batch} contains "
+                f"layer {name!r} {side} activation at batch {batch} contains "
                 f"{bad} NaN/Inf value(s) out of {rows.numel()}; check the model's dtype "
                 "(fp16 overflow?) and the data"
-            )
+            ) from None
         peak = float(rows.abs().max())
         raise ValueError(
-            f"layer {name!r} {side} activation at batch {self._batch}: values up to {peak:.3g} "
+            f"layer {name!r} {side} activation at batch {batch}: values up to {peak:.3g} "
             "overflow the float64 fourth-moment statistics"
-        )
+        ) from None
 
     # -------------------------------------------------------------- driving
     def run_batch(self, model: nn.Module, batch: Any, index: int,
@@ -1228,6 +1410,9 @@ class Collector:
 
     def results(self) -> dict[tuple[str, str], StreamResult]:
         """``(name, side) -> StreamResult``; summaries live on the activations' device."""
+        for stream in self._streams.values():  # NaN/Inf raises before anything is returned
+            self._flush(stream)
+            stream.stage.rows = None  # the buffer is made again if more batches follow
         out: dict[tuple[str, str], StreamResult] = {}
         for key, stream in self._streams.items():
             if stream.sketches is not None:
@@ -1255,15 +1440,15 @@ class Collector:
 
     def memory_needs(self) -> dict[tuple[str, str], int]:
         """Bytes of the exact float64 statistics per ``(layer, side)``: per stream, one k×k
-        co-moment per fold plus the first batch's temporary, and in mixed precision a float32
-        pending k×k per fold; a gradient side adds its d×k ``G`` per fold plus the product's
-        temporary.  Sketched streams are left out (k×ℓ)."""
+        co-moment per fold plus the first batch's temporary, in mixed precision a float32
+        pending k×k per fold, and the staging buffer; a gradient side adds its d×k ``G`` per
+        fold plus the product's temporary.  Sketched streams are left out (k×ℓ)."""
         needs = {}
         for (name, side), stream in self._streams.items():
             if stream.sketches is not None:
                 continue
             needs[name, side] = side_bytes(*self.shapes[name], side, self.n_folds + 1,
-                                           self.precision)
+                                           self.precision, staging=True)
         return needs
 
     def shared_inputs(self) -> dict[str, str]:

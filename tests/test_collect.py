@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -365,8 +367,8 @@ def test_shared_input_detected_and_reduced_once(monkeypatch):
     model = QKV()
     col = collect(model, [torch.randn(4, 8), torch.randn(2, 3, 8)], sides=("input",))
     assert col.shared_inputs() == {"k": "q", "v": "q"}
+    res = col.results()  # reduces out's staged second call
     assert len(calls) == 2 * 2  # per batch: q's input once, out's input once
-    res = col.results()
     assert torch.equal(res["q", "input"].total.m2, res["v", "input"].total.m2)
 
 
@@ -502,7 +504,7 @@ def test_non_finite_activation_names_layer_and_batch(bad):
     x = torch.randn(4, 8)
     x[2, 3] = bad
     with pytest.raises(ValueError, match=r"layer 'q' input activation at batch 1 .*NaN/Inf"):
-        collect(model, [torch.randn(3, 8), x])
+        collect(model, [torch.randn(3, 8), x]).results()  # batch 1's rows are staged
 
 
 def test_hooks_removed_after_exception():
@@ -685,3 +687,242 @@ def test_property_mixed_equals_dense(rows, flush, folds, offset, jump, seed):
     total = torch.cat(batches).double()
     if total.shape[0] >= 2:
         assert_mixed_close(res.total, dense(total.numpy()), tol)
+
+
+# ------------------------------------------------------------------ staging
+@contextlib.contextmanager
+def staged_rows(rows: int | None):
+    """Stage up to ``rows`` rows per stream; 0 reduces every call on its own (the path
+    without staging), None keeps the collector's own sizes."""
+    import covinit.collect as collect_mod
+
+    saved = collect_mod._stage_rows
+    if rows is not None:
+        collect_mod._stage_rows = lambda k: rows
+    try:
+        yield
+    finally:
+        collect_mod._stage_rows = saved
+
+
+def assert_same(a, b, rtol: float = 1e-12) -> None:
+    """Two summaries of the same rows equal to float64 rounding (per field's size; ``t``,
+    whose summands cancel, per their size's bound √(q·max diag m2), by Cauchy-Schwarz)."""
+    assert a.n == b.n
+    for f in ("mean", "m2", "t", "q"):
+        x, y = getattr(a, f), getattr(b, f)
+        scale = float(y.abs().max())
+        if f == "t":
+            scale = max(scale, float(b.q * torch.diagonal(b.m2).max()) ** 0.5)
+        assert (x - y).abs().max() <= rtol * max(scale, 1e-300), f
+
+
+class Staged(nn.Module):
+    """q/k/v fed one tensor, ``v`` only on some calls (``share`` decides), and ``out`` (a
+    stream nobody shares); optionally NaN in ``out``'s input at one batch."""
+
+    def __init__(self, share=lambda step: True, nan_at: int | None = None) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.out = nn.Linear(8, 3)
+        self.share, self.nan_at, self.step = share, nan_at, 0
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        h = torch.tanh(self.q(x) + self.k(x))
+        v = self.v(x if self.share(self.step) else x * 2)
+        if self.step == self.nan_at:
+            h = h.clone()
+            h.view(-1, 8)[0, 1] = float("nan")
+        self.step += 1
+        return self.out(h).sum(-1) + v.sum(-1)
+
+
+def staged_batches(sizes, seed, offset=0.0, jump=0.0, masked=False, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, t in enumerate(sizes):
+        x = torch.randn(1, t, 8, generator=gen, dtype=dtype) + offset + (
+            jump if i >= len(sizes) // 2 else 0.0)
+        batch = {"x": x}
+        if masked:
+            batch["attention_mask"] = (torch.rand(1, t, generator=gen) > 0.3).long()
+        out.append(batch)
+    return out
+
+
+def kept_rows(model, batches, sides=("input",)) -> dict[tuple[str, str], list[Tensor]]:
+    """The kept rows of every layer side, per batch (calls of a batch concatenated)."""
+    raw = recorded(model, batches)
+    calls = len(raw["q:input"]) // len(batches)
+    out = {}
+    for key in raw:
+        name, side = key.split(":")
+        if side in sides:
+            per_batch = []
+            for i, b in enumerate(batches):
+                mask = b.get("attention_mask", torch.ones(b["x"].shape[:-1])) != 0
+                parts = raw[key][i * calls:(i + 1) * calls]
+                per_batch.append(torch.cat([p[mask] for p in parts]).double())
+            out[name, side] = per_batch
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(0, 9), min_size=1, max_size=14),
+       stage=st.sampled_from([1, 3, 8, 20]), folds=st.integers(1, 3),
+       precision=st.sampled_from(["float64", "mixed"]), offset=st.sampled_from([0.0, 1e3]),
+       jump=st.sampled_from([0.0, 1e4]), masked=st.booleans(),
+       partial=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_property_staged_equals_unstaged_and_dense(sizes, stage, folds, precision, offset,
+                                                   jump, masked, partial, seed):
+    # Batch-1 calls of 0-9 rows staged in blocks of `stage` rows, in folds, with a mean that
+    # jumps (a re-centre inside a block), padding, and v sharing q/k's input on some batches
+    # only (a taker that saw part of a block): each fold equals the dense reference and the
+    # path without staging to float64 rounding (mixed: float32 rounding of the product).
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    batches = staged_batches(sizes, seed, offset, jump, masked, dtype)
+    share = (lambda step: step % 3 != 1) if partial else (lambda step: True)
+    runs = {}
+    for rows in (stage, 0):
+        torch.manual_seed(0)
+        model = Staged(share).to(dtype)
+        with staged_rows(rows):
+            col = collect(model, batches, sides=("input", "output"), precision=precision,
+                          folds=folds)
+            runs[rows] = col.results()
+    torch.manual_seed(0)
+    kept = kept_rows(Staged(share).to(dtype), batches, ("input", "output"))
+    for key, per_batch in kept.items():
+        got, plain = runs[stage][key], runs[0][key]
+        for fold in range(folds):
+            part = torch.cat([torch.empty(0, per_batch[0].shape[1], dtype=torch.float64),
+                              *per_batch[fold::folds]])
+            assert got.folds[fold].n == plain.folds[fold].n == part.shape[0]
+            if part.shape[0] < 2:
+                continue
+            if precision == "float64":
+                assert_same(got.folds[fold], plain.folds[fold], rtol=1e-11)
+                assert_matches(got.folds[fold], dense(part.numpy()))
+            else:
+                assert_mixed_close(got.folds[fold], dense(part.numpy()),
+                                   tol=1e-4 if jump else 1e-5)
+
+
+def test_staged_qkv_share_one_reduction_per_block(monkeypatch):
+    # After the first batch q stages its input and k, v take each staged call: one reduction
+    # per block for all three, identical sums, and still reported as shared.
+    import covinit.collect as collect_mod
+
+    reduced = []
+    original = collect_mod._reduce
+
+    def counting(rows, *args, **kwargs):
+        reduced.append(rows.shape[0])
+        return original(rows, *args, **kwargs)
+
+    monkeypatch.setattr(collect_mod, "_reduce", counting)
+    torch.manual_seed(0)
+    model = Staged()
+    batches = staged_batches([5] * 9, seed=1)
+    with staged_rows(20):
+        col = collect(model, batches, sides=("input",))
+        res = col.results()
+    assert col.shared_inputs() == {"k": "q", "v": "q"}
+    # batch 0 per call (q, out), then blocks of 4 calls (20 rows) for q and for out
+    assert reduced == [5, 5] + [20] * 4
+    for name in ("k", "v"):
+        assert torch.equal(res[name, "input"].total.m2, res["q", "input"].total.m2)
+    rows = torch.cat([b["x"].reshape(-1, 8) for b in batches]).double().numpy()
+    assert_matches(res["q", "input"].total, dense(rows))
+
+
+def test_results_mid_stream_reduces_staged_rows_once():
+    # results() reduces what is staged; later batches stage again; nothing is counted twice.
+    torch.manual_seed(0)
+    model = Staged()
+    batches = staged_batches([4, 6, 3, 5, 7, 2], seed=2)
+    kept = kept_rows(model, batches, ("input", "output"))
+    with staged_rows(50), torch.no_grad(), Collector(
+            {n: getattr(model, n) for n in ("q", "k", "v", "out")}) as col:
+        counts = [col.run_batch(model, b, i) for i, b in enumerate(batches[:3])]
+        early = col.results()
+        counts += [col.run_batch(model, b, i + 3) for i, b in enumerate(batches[3:])]
+    late = col.results()
+    assert counts == [b["x"].shape[1] for b in batches]  # positions, staged or not
+    for key, per_batch in kept.items():
+        assert_matches(early[key].total, dense(torch.cat(per_batch[:3]).numpy()))
+        assert_matches(late[key].total, dense(torch.cat(per_batch).numpy()))
+    assert col.results()["out", "input"].total.n == 27  # a third call: nothing left staged
+
+
+def test_nan_in_a_staged_row_names_the_layer_and_batch_and_is_never_merged():
+    torch.manual_seed(0)
+    model = Staged(nan_at=3)
+    batches = staged_batches([4] * 6, seed=3)
+    with staged_rows(100):
+        col = collect(model, batches, sides=("input",))  # batch 3's rows are still staged
+        for _ in range(2):  # the rows stay staged: asking again raises again
+            with pytest.raises(ValueError, match=r"layer 'out' input activation at batch 3 "
+                                                 r"contains 1 NaN/Inf value\(s\) out of 32"):
+                col.results()
+
+
+def test_staged_gradient_side_equals_unstaged():
+    # δ streams (and the input streams beside them) staged over batch-1 calls, two folds.
+    torch.manual_seed(0)
+    model = WideQKV().double()
+    gen = torch.Generator().manual_seed(7)
+    batches = [torch.randn(1, 6, 160, generator=gen, dtype=torch.float64) + 2
+               for _ in range(9)]
+    layers = {"q": model.q, "out": model.out}
+    runs = {}
+    for rows in (40, 0):
+        with staged_rows(rows), Collector(layers, ("input", "gradient"), folds=2) as col:
+            for i, b in enumerate(batches):
+                col.run_batch(model, b, i, loss_fn=lambda out, _batch: out.square().mean())
+            runs[rows] = col.results()
+    for key, plain in runs[0].items():
+        got = runs[40][key]
+        for a, b in zip([got.total, *got.folds], [plain.total, *plain.folds], strict=True):
+            assert_same(a, b, rtol=1e-11)
+        if key[1] == "gradient":
+            assert torch.equal(got.cross, plain.cross)  # G is not staged
+
+
+def test_exception_during_a_batch_leaves_what_the_unstaged_path_leaves():
+    # The model fails after q/k/v ran in batch 4: their rows of that batch count, out's do
+    # not, staged or not.
+    class Failing(Staged):
+        def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+            if self.step == 4:
+                self.q(x), self.k(x), self.v(x)
+                raise RuntimeError("boom")
+            return super().forward(x, attention_mask)
+
+    batches = staged_batches([5] * 6, seed=4)
+    runs = {}
+    for rows in (30, 0):
+        torch.manual_seed(0)
+        model = Failing()
+        with staged_rows(rows), torch.no_grad(), Collector(
+                {n: getattr(model, n) for n in ("q", "v", "out")}, ("input",)) as col:
+            with pytest.raises(RuntimeError, match="boom"):
+                for i, b in enumerate(batches):
+                    col.run_batch(model, b, i)
+            runs[rows] = col.results()
+    for key, plain in runs[0].items():
+        assert runs[30][key].total.n == plain.total.n == (25 if key[0] != "out" else 20)
+        assert runs[30][key].calls == plain.calls
+        assert_same(runs[30][key].total, plain.total)
+
+
+def test_staging_buffer_is_sized_by_the_product_and_counted():
+    from covinit.collect import _stage_rows, side_bytes
+
+    assert _stage_rows(384) >= 6 * 128  # batch size 1 at MiniLM's width: blocks of 6 calls
+    assert _stage_rows(4096) <= 64  # a 7B-wide stream stages (almost) nothing
+    # never more bytes (at float64) than two co-moments
+    assert all(8 * _stage_rows(k) * k <= 2 * 8 * k * k for k in (1, 8, 64, 384, 1536, 11008))
+    needs = Collector({"l": nn.Linear(300, 2)}, ("input",)).memory_needs()
+    assert needs["l", "input"] == 2 * 8 * 300**2 + 8 * _stage_rows(300) * 300
+    assert needs["l", "input"] == side_bytes(300, 2, "input", 2, staging=True)

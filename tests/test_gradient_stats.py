@@ -23,7 +23,7 @@ from conftest import ADAPTER_KINDS, adapt_model
 from torch import Tensor, nn
 
 from covinit import Calibration, calibrate
-from covinit.collect import Collector
+from covinit.collect import Collector, _stage_rows
 from covinit.distributed import all_gather_tensor
 from covinit.stats import sum_in_order
 
@@ -303,10 +303,12 @@ def test_memory_guard_counts_gradient_statistics():
     layers = {"q": net.q, "out": net.out}
     plain = Collector(layers, ("input",), folds=2).memory_needs()
     grad = Collector(layers, SIDES, folds=2).memory_needs()
-    assert plain == {("q", "input"): 8 * 36 * 3, ("out", "input"): 8 * 25 * 3}
+    stage = {w: 8 * _stage_rows(w) * w for w in (3, 5, 6)}  # each stream's staged rows
+    assert plain == {("q", "input"): 8 * 36 * 3 + stage[6], ("out", "input"): 8 * 25 * 3
+                     + stage[5]}
     # δ moments d×d and G d×k, each per fold plus one temporary
-    assert grad[("q", "gradient")] == 8 * (5 * 5 + 5 * 6) * 3
-    assert grad[("out", "gradient")] == 8 * (3 * 3 + 3 * 5) * 3
+    assert grad[("q", "gradient")] == 8 * (5 * 5 + 5 * 6) * 3 + stage[5]
+    assert grad[("out", "gradient")] == 8 * (3 * 3 + 3 * 5) * 3 + stage[3]
     col = Collector(layers, SIDES)  # the width the guard's message names: k or d
     assert [col.width("q", side) for side in SIDES] == [6, 5]
 

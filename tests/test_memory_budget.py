@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from covinit import calibrate
 from covinit.budget import parse_size, plan_calibration, sharing_units
-from covinit.collect import side_bytes
+from covinit.collect import _stage_rows, side_bytes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -77,8 +77,8 @@ def test_parse_size_refuses(bad) -> None:
 
 def test_plan_bytes_follow_the_one_formula_and_first_fit() -> None:
     layers = {"a": nn.Linear(30, 20), "b": nn.Linear(20, 30), "c": nn.Linear(10, 10)}
-    need = {name: sum(side_bytes(m.in_features, m.out_features, s, 2) for s in ("input",
-                                                                                   "output"))
+    need = {name: sum(side_bytes(m.in_features, m.out_features, s, 2, staging=True)
+                      for s in ("input", "output"))
             for name, m in layers.items()}
     budget = need["a"] + need["c"]  # a alone, b alone; c fits after a (first fit)
     plan = plan_calibration(layers, max_memory=budget, units=[["a"], ["b"], ["c"]])
@@ -98,17 +98,20 @@ def test_units_stay_together_and_sketched_sides_are_counted_small() -> None:
     layers = dict(block.named_modules())
     layers = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
     assert sharing_units(layers) == [["attn.q", "attn.k"], ["attn.o"]]
-    exact = plan_calibration(layers, sides=("input",), max_memory=2 * 2 * 8 * 64)
+    exact = plan_calibration(layers, sides=("input",),
+                             max_memory=2 * side_bytes(8, 8, "input", 2, staging=True))
     assert [g.layers for g in exact.groups] == [("attn.q", "attn.k"), ("attn.o",)]
     sketched = plan_calibration(layers, sides=("input",), max_memory=10**6, sketch_above=8,
                                 sketch_size=2)
     assert sketched.sketched == (("attn.q", "input"), ("attn.k", "input"))
-    assert sketched.total_bytes == 2 * 3 * 8 * 8 * 2 + side_bytes(4, 8, "input", 2)
+    assert sketched.total_bytes == 2 * 3 * 8 * 8 * 2 + side_bytes(4, 8, "input", 2,
+                                                                  staging=True)
 
 
 def test_a_layer_over_budget_is_named_with_the_budget_and_the_way_out() -> None:
     layers = {"wide": nn.Linear(64, 4), "narrow": nn.Linear(4, 4)}
-    expected = r"layer 'wide' needs 65\.54 kB .*max_memory=1\.00 kB.*sketch_above=64 "
+    # 2·8·64² B of statistics and 8·128·64 B of staged rows
+    expected = r"layer 'wide' needs 131\.07 kB .*max_memory=1\.00 kB.*sketch_above=64 "
     with pytest.raises(ValueError, match=expected):
         plan_calibration(layers, sides=("input",), max_memory="1kB", units=[["wide"],
                                                                            ["narrow"]])
@@ -127,7 +130,9 @@ def test_seven_b_plan_on_the_meta_device() -> None:
         model = transformers.LlamaForCausalLM(config)
     plans = {m: plan_calibration(model, LLAMA_TARGETS, ("input",), max_memory=m)
              for m in ("8GB", "24GB")}
-    per_layer = 2 * 8 * (6 * 4096**2 + 11008**2)  # accumulators + a batch's temporary
+    # accumulators + a batch's temporary, and each stream's staged rows
+    per_layer = 2 * 8 * (6 * 4096**2 + 11008**2) + 8 * (6 * _stage_rows(4096) * 4096
+                                                        + _stage_rows(11008) * 11008)
     for plan in plans.values():
         assert plan.total_bytes == 32 * per_layer
         assert all(g.bytes <= plan.max_memory for g in plan.groups)
@@ -197,7 +202,8 @@ def test_sharing_across_parents_and_sides_is_found_on_the_first_batch() -> None:
     data = [torch.randn(4, 6) * 3 + 1 for _ in range(4)]
     targets = ["attn.q", "attn.v", "mlp.fc1", "mlp.fc2"]
     one = calibrate(model, data, targets=targets, show_progress=False)
-    many = calibrate(model, data, targets=targets, show_progress=False, max_memory=7_000)
+    # one block's statistics and staging buffers (12.1 kB) fit, two do not
+    many = calibrate(model, data, targets=targets, show_progress=False, max_memory=13_000)
     assert one.shared_inputs == {"0.attn.v": "0.attn.q", "0.mlp.fc1": "0.attn.q",
                                  "1.attn.v": "1.attn.q", "1.mlp.fc1": "1.attn.q"}
     # fc2 reads fc1's output (whose output side is collected): each block is one unit
@@ -296,15 +302,19 @@ def test_mixed_precision_counts_each_fold_s_float32_pending_sum() -> None:
         side_bytes(3, 2, "input", 2, "half")
     layers = {"a": nn.Linear(30, 20), "b": nn.Linear(20, 30)}
     needs = Collector(layers, ("input", "gradient"), folds=2, precision="mixed").memory_needs()
-    assert needs["a", "input"] == 3 * 8 * 900 + 2 * 4 * 900
-    assert needs["b", "gradient"] == 3 * 8 * 30 * 50 + 2 * 4 * 900
+    stage = {w: 8 * _stage_rows(w) * w for w in (20, 30)}
+    assert needs["a", "input"] == 3 * 8 * 900 + 2 * 4 * 900 + stage[30]
+    assert needs["b", "gradient"] == 3 * 8 * 30 * 50 + 2 * 4 * 900 + stage[30]
     mixed = plan_calibration(layers, sides=("input",), max_memory=None, precision="mixed")
     exact = plan_calibration(layers, sides=("input",), max_memory=None)
     assert mixed.total_bytes - exact.total_bytes == 4 * (900 + 400)
     # a budget that fits float64's 2·8·w² but not mixed's extra 4·w² for the first layer
-    with pytest.raises(ValueError, match=r"layer 'a' needs 18\.00 kB .* max_memory=14\.40 kB"):
-        plan_calibration(layers, sides=("input",), max_memory=2 * 8 * 900, precision="mixed",
+    exact_a = side_bytes(30, 20, "input", 2, staging=True)
+    with pytest.raises(ValueError, match=fr"layer 'a' needs {(exact_a + 4 * 900) / 1e3:.2f} kB "
+                                         fr".* max_memory={exact_a / 1e3:.2f} kB"):
+        plan_calibration(layers, sides=("input",), max_memory=exact_a, precision="mixed",
                          units=[["a"], ["b"]])
     rows = statistics_size(layers, ("input",), folds=1, precision="mixed")
-    assert [(r.memory, r.file) for r in rows] == [(2 * 8 * 900 + 4 * 900, 8 * 900),
-                                                  (2 * 8 * 400 + 4 * 400, 8 * 400)]
+    assert [(r.memory, r.file) for r in rows] == [
+        (2 * 8 * 900 + 4 * 900 + stage[30], 8 * 900), (2 * 8 * 400 + 4 * 400 + stage[20],
+                                                        8 * 400)]
