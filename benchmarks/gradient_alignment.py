@@ -657,6 +657,15 @@ def write_summary(out: Path) -> Path:
               "- A capture near `random` means the init starts LoRA in a subspace no closer "
               "to where the trained update lies than chance; near `kaiming-A0` means it is "
               "as close as Kaiming's own random start (whose A moves with training).",
+              "- Kaiming's A rotates little in 96 steps (`kaiming-A0` overlap with ΔW_T's "
+              "row space), so ΔW_T's row space partly records where Kaiming *started*; "
+              "ΣG_t (the full weight's gradient summed over the training steps, hooked "
+              "during the same run) is not confined to A's row space: its columns are the "
+              "less biased target.",
+              "- The data metric weighs input directions by their variance; `grad-whiten` / "
+              "`kfac` rows are M^-½-weighted (low-variance directions amplified), which is "
+              "why they can fall below `random` there while being above it in the plain "
+              "metric.",
               "- `g0_fold_overlap` low: G_0's top directions are calibration noise; "
               "`g0_gT_overlap` low: the gradient turns during training, so the step-0 "
               "direction cannot say where training ends up.", ""]
