@@ -24,6 +24,10 @@ sequences of 128, with 1 and 2 torch threads, inputs of ``query/key/value/dense`
 runs once, at 2 threads (EVA is left out there).  Written to ``calibration_speed_shapes``:
 
     ... benchmarks/calibration_speed.py --models bert-random --output calibration_speed_shapes
+
+``--bert-threads`` / ``--bert-batch-sizes`` run part of that sweep and ``--append`` merges it
+into the existing results of the same ``--output`` (rows of the configurations re-run are
+replaced), so that a sweep can be measured in parts, each while the machine is quiet.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import argparse
 import ctypes
 import gc
 import os
+import re
 import sys
 import threading
 import time
@@ -46,7 +51,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 import zoo
-from _common import load_average, machine, write_rows  # benchmarks/ is on sys.path as a script
+from _common import (  # benchmarks/ is on sys.path as a script
+    load_average,
+    machine,
+    read_rows,
+    write_rows,
+)
 from torch import Tensor, nn
 
 import covinit
@@ -320,13 +330,15 @@ def bench_model(name: str, setup: Callable[[str], Any], targets: list[str], mode
     return rows
 
 
-def bench_bert_random(mode: str, repeats: int, baselines: bool, rank: int) -> list[Row]:
+def bench_bert_random(mode: str, repeats: int, baselines: bool, rank: int,
+                      threads_list: tuple[int, ...] = BERT_THREADS,
+                      batch_sizes: tuple[int, ...] = BERT_BATCH_SIZES) -> list[Row]:
     """Issue 16's shape swept over torch threads and batch sizes (inputs only); CorDA once,
     at 2 threads and batch size 16 (its own pass is always batch size 1)."""
     rows: list[Row] = []
-    for threads in BERT_THREADS:
+    for threads in threads_list:
         torch.set_num_threads(threads)
-        for bs in BERT_BATCH_SIZES:
+        for bs in batch_sizes:
             rows += bench_model(
                 f"bert-random[t{threads},bs{bs}]",
                 lambda mode, bs=bs: bert_random_setup(mode, bs), BERT_TARGETS, mode, repeats,
@@ -349,14 +361,32 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
     return out
 
 
+def merged(rows: list[Row], stem: str) -> tuple[list[Row], list[str]]:
+    """``rows`` merged into the results saved under ``stem`` (rows of the same models are
+    replaced, the others kept in order), and the commands that measured the kept ones."""
+    new = {r.model for r in rows}
+    saved = read_rows(RESULTS / f"{stem}.csv")
+    old = [Row(r["model"], r["method"], float(r["seconds"]), float(r["peak_extra_mib"]),
+               r["note"]) for r in saved if r["model"] not in new]
+    md = RESULTS / f"{stem}.md"
+    commands = []
+    if md.is_file() and old:
+        line = next((x for x in md.read_text().splitlines() if x.startswith("Command")), "")
+        commands = re.findall(r"`([^`]*)`", line)
+    # a re-measured configuration keeps its place in the table
+    order = list(dict.fromkeys([r["model"] for r in saved] + [r.model for r in rows]))
+    return sorted(old + rows, key=lambda r: order.index(r.model)), commands
+
+
 def write(table: list[dict[str, Any]], rows: list[Row], args: argparse.Namespace,
-          load: tuple[float, float, float], command: str) -> None:
+          load: tuple[float, float, float], command: str, earlier: list[str]) -> None:
     stem = args.output + ("_quick" if args.quick else "")
     write_rows(RESULTS / f"{stem}.csv", table, list(table[0]))
+    commands = "; then ".join(f"`{c}`" for c in [*earlier, command])
     lines = [
         "# Calibration speed",
         "",
-        f"Command: `{command}`  ",
+        f"Command{'s' if earlier else ''}: {commands}  ",
         f"Machine: {machine()}; load average before: "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after: {load_average()} "
         "(bert-random rows: threads and batch size in the model name)  ",
@@ -409,6 +439,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--note", default="",
                         help="a line written under the table (e.g. what else ran meanwhile)")
+    parser.add_argument("--bert-threads", type=int, nargs="+", default=list(BERT_THREADS),
+                        help="bert-random: torch threads to sweep (default 1 2)")
+    parser.add_argument("--bert-batch-sizes", type=int, nargs="+",
+                        default=list(BERT_BATCH_SIZES),
+                        help="bert-random: batch sizes to sweep (default 1 16 64)")
+    parser.add_argument("--append", action="store_true",
+                        help="merge into the existing results of --output, replacing the rows "
+                             "of the configurations measured now")
     parser.add_argument("--eva-max-passes", type=int, default=None,
                         help="stop EVA after this many passes over the data (default 10, "
                              "quick 1); a stopped run is reported as a lower bound")
@@ -427,14 +465,18 @@ def main(argv: list[str] | None = None) -> None:
     baselines = not args.no_baselines and (args.baselines or not args.quick)
     for name in args.models:
         if name == "bert-random":
-            rows += bench_bert_random(mode, repeats, baselines, args.rank)
+            rows += bench_bert_random(mode, repeats, baselines, args.rank,
+                                      tuple(args.bert_threads), tuple(args.bert_batch_sizes))
             torch.set_num_threads(args.threads)
             continue
         setup, targets = specs[name]
         rows += bench_model(name, setup, targets, mode, repeats, baselines, args.rank,
                             args.eva_max_passes or EVA_MAX_PASSES[mode])
+    earlier: list[str] = []
+    if args.append:
+        rows, earlier = merged(rows, args.output + ("_quick" if args.quick else ""))
     table = ratios(rows)
-    write(table, rows, args, load, command)
+    write(table, rows, args, load, command, earlier)
     print("\nload average after: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     for t in table:
         print(f"  {t['model']:<8} {t['method']:<34} {t['seconds']:8.2f} s  "
