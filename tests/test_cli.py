@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -373,6 +374,10 @@ def test_device_that_torch_cannot_use_is_a_one_line_usage_error(
         tiny_llama_dir, texts, tmp_path, monkeypatch, capsys) -> None:
     import torch
 
+    # PEFT imports bitsandbytes (when installed) on first use; imported while the test pretends
+    # CUDA exists, bitsandbytes loads its CUDA backend and fails on this CPU build of torch.
+    with contextlib.suppress(ImportError):
+        import bitsandbytes  # noqa: F401
     cal_path = tmp_path / "cal.safetensors"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _run(_calibrate_argv(tiny_llama_dir, texts, cal_path, "--device", "cuda:0")) == 2
