@@ -1365,8 +1365,12 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
         dv = paired_delta(st, ref, "final_val") if own else []
         da = paired_delta(st, ref, "auc") if own else []
         div = f" ({st['diverged']} diverged)" if st["diverged"] else ""
+        # Fewer than 3 rates on the sweep seeds: the rate is Kaiming's (drop-in), not tuned.
+        rates = len(losses_by_lr(rows, sweep_seeds, label))
+        swept = "" if rates >= 3 or label == ref_label else " (not swept)"
         lines.append(
-            f"| `{label}` | {st['lr']:g} | {scaling * st['lr']:g} | {len(st['seeds'])}{div} | "
+            f"| `{label}` | {st['lr']:g}{swept} | {scaling * st['lr']:g} | "
+            f"{len(st['seeds'])}{div} | "
             f"{fmt_interval(dv) if own else 'ref.'} | {fmt_interval(da) if own else 'ref.'} | "
             f"{fmt_mean_std(st['final_val'])} | {reach_s} | {fmt_mean_std(st['test_metric'])} | "
             f"{_mean(st['calib_s']):.1f} | {_mean(st['init_s']):.2f} |")
