@@ -126,10 +126,10 @@ __all__ = [
 ]
 
 #: What :func:`calibrate` initializes a LoRA model with when no ``strategy=`` is given.  Chosen
-#: by ``benchmarks/choose_default.py`` from the real-task benchmark (validation loss, paired
-#: over seeds): no covariance-informed strategy beat Kaiming beyond the seed-to-seed spread on
-#: MiniLM/Rotten Tomatoes or SmolLM2/Hamlet, and the data-driven ones want a 3–10× lower
-#: learning rate than a Kaiming-tuned one — see the README's results.
+#: by the rule in ``benchmarks/choose_default.py`` (paired 95 % intervals of the final
+#: validation loss vs Kaiming, at Kaiming's rate and at each method's own): on MiniLM with
+#: Rotten Tomatoes and BBC News no covariance-informed strategy's interval lies below 0 —
+#: see the README's results ("Does covariance-informed init win?").
 DEFAULT_STRATEGY = "kaiming"
 
 FORMAT = "covinit.calibration"
