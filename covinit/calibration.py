@@ -833,6 +833,9 @@ def _collect(model: nn.Module, dataloader: Iterable[Any], plan: _Plan, collector
         with _calibration_mode(model), collector:
             batches, positions = _run_batches(model, dataloader, plan, collector, forward_fn,
                                               loss_fn, show_progress)
+        # Reduces the rows still staged: a NaN among them fails this rank here, before the
+        # ranks agree, so the others stop instead of waiting in the merge.
+        results = collector.results()
     except BaseException:
         try:  # let the other ranks stop instead of waiting in the merge
             _agree_ranks_ok(ok=False)
@@ -843,7 +846,7 @@ def _collect(model: nn.Module, dataloader: Iterable[Any], plan: _Plan, collector
         collector.remove()
     seconds = time.perf_counter() - start
     _agree_ranks_ok(ok=True)
-    results, shared, own = collector.results(), collector.shared_inputs(), batches
+    shared, own = collector.shared_inputs(), batches
     if distributed.is_distributed():
         results, shared, (batches, positions) = _merge_ranks(
             results, shared, list(plan.layers), [batches, positions])

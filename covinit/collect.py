@@ -506,8 +506,11 @@ class _Accumulator:
         self.flush()
         if self.n:
             assert self.shift is not None and self.s1 is not None
+            # An owned co-moment is finished in its own storage (no fresh k×k matrices)
+            owned = not self.borrowed
             part = Moments.from_shifted_sums(self.n, self.shift, self.s1,
-                                             _symmetrize(self.s2), self.s3, self.s4)
+                                             _symmetrize(self.s2, in_place=owned), self.s3,
+                                             self.s4, overwrite=True)
             self.done = part if self.done is None else self.done.merge(part)
         self.n, self.s1, self.s2, self.s3, self.s4 = 0, None, None, None, None
         self.borrowed = False
@@ -618,15 +621,17 @@ def _add_lower_gram(out: Tensor, y: Tensor, overwrite: bool = False,
         out[i:, i:j].addmm_(yt[i:], yg[:, i:j], beta=0.0 if overwrite else 1.0)
 
 
-def _symmetrize(lower: Tensor) -> Tensor:
+def _symmetrize(lower: Tensor, in_place: bool = False) -> Tensor:
     """The full symmetric matrix from a "lower" matrix (valid on its panel blocks, whose
     diagonal blocks are complete), copied panel by panel: a whole-matrix transpose is
-    cache-hostile and ~3× slower at k = 1536."""
-    out = torch.empty_like(lower)
+    cache-hostile and ~3× slower at k = 1536.  ``in_place`` writes the upper part into
+    ``lower`` itself (only the unused part above the panels is overwritten)."""
+    out = lower if in_place else torch.empty_like(lower)
     for i, j in _panels(lower.shape[0]):
         block = lower[i:, i:j]  # (k−i, j−i)
-        out[i:, i:j] = block
-        out[i:j, i:] = block.T
+        if not in_place:
+            out[i:, i:j] = block
+        out[i:j, j:] = block[j - i:].T  # the part right of the diagonal block
         # the GEMM's diagonal block is symmetric only to rounding: make it exactly so
         diag = torch.tril(block[: j - i])
         out[i:j, i:j] = diag + torch.tril(diag, -1).T

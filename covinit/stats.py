@@ -118,7 +118,7 @@ class Moments:
 
     @classmethod
     def from_shifted_sums(cls, n: int, shift: Tensor, s1: Tensor, s2: Tensor, s3: Tensor,
-                          s4: Tensor) -> Moments:
+                          s4: Tensor, overwrite: bool = False) -> Moments:
         """Summary from power sums about an arbitrary fixed centre ``c``.
 
         With ``y = x − c`` over the rows, the inputs are ``s1 = Σ y`` (k,), ``s2 = Σ y yᵀ``
@@ -132,6 +132,10 @@ class Moments:
         This is how streams accumulate cheaply (one in-place GEMM per batch about a centre
         close to the mean); it is exact as long as ``‖δ‖`` stays small compared with the
         spread, which :mod:`covinit.collect` guarantees by re-centring when it would not.
+
+        ``overwrite=True`` lets ``M2`` take ``s2``'s storage (the caller gives ``s2`` up): no
+        new k×k matrix, which matters where fresh memory is slow to touch (a 1536-wide
+        co-moment is 19 MB).
         """
         if n == 0:
             return cls.empty(shift.shape[0], shift.device)
@@ -139,9 +143,18 @@ class Moments:
         dd = d @ d
         tr = torch.trace(s2)
         s2d = s2 @ d
-        m2 = torch.outer(d, d).mul_(-float(n)).add_(s2)  # s2 − n·ddᵀ, exactly symmetric
         t = s3 - tr * d - 2.0 * s2d + (2.0 * n) * dd * d
         q = s4 - 4.0 * (d @ s3) + 4.0 * (d @ s2d) + 2.0 * dd * tr - (3.0 * n) * dd * dd
+        if overwrite:  # the same entries, s2 + (−n·δ_i·δ_j), bit for bit, column block-wise
+            m2 = s2
+            width = min(256, m2.shape[1])
+            block = torch.empty(m2.shape[0], width, dtype=m2.dtype, device=m2.device)
+            for j in range(0, m2.shape[1], width):
+                part = block[:, : min(width, m2.shape[1] - j)]
+                torch.outer(d, d[j:j + width], out=part).mul_(-float(n))
+                m2[:, j:j + width].add_(part)
+        else:
+            m2 = torch.outer(d, d).mul_(-float(n)).add_(s2)  # s2 − n·ddᵀ, exactly symmetric
         return cls(n, shift + d, m2, t, q)
 
     # ------------------------------------------------------------------ algebra

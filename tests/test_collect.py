@@ -458,6 +458,20 @@ def test_wide_layer_panels_give_exactly_symmetric_comoment():
             assert_matches(m, dense(torch.cat(batches).double().numpy()))
 
 
+def test_symmetrize_in_place_equals_the_copy():
+    from covinit.collect import _add_lower_gram, _new_lower, _symmetrize
+
+    for k in (5, 300):  # one panel, and the panelled path
+        y = torch.randn(64, k, dtype=torch.float64)
+        lower = _new_lower(k, torch.device("cpu"))
+        _add_lower_gram(lower, y)
+        copy = _symmetrize(lower)
+        same = _symmetrize(lower, in_place=True)
+        assert same.data_ptr() == lower.data_ptr()
+        assert torch.equal(same, copy) and torch.equal(same, same.T)
+        torch.testing.assert_close(same, y.T @ y)
+
+
 def test_reused_reduction_survives_producer_called_again():
     # a(x), a(z), b(x): b reuses a's first reduction after a accumulated a second call, so a
     # must not have written into the co-moment it shares (copy-on-write).

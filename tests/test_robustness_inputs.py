@@ -95,7 +95,8 @@ def test_enormous_finite_activations_give_finite_statistics_and_factors(dtype):
 def test_statistics_too_big_for_the_device_are_refused_before_any_forward(monkeypatch):
     """An LM head's output side (49152² float64 = 18 GiB per fold) would be an out-of-memory
     kill after the first batch; here the device's memory is pretended to be 2 MiB, and a
-    300-wide output side needs 2·300²·8 B = 1.4 MiB (+ the input side 0.8 MiB)."""
+    300-wide output side needs 2·300²·8 B = 1.4 MiB plus its staging buffer of 600 rows
+    (1.4 MiB), and the input side 1.6 MiB the same way."""
     import covinit.calibration as calibration_module
 
     monkeypatch.setattr(calibration_module, "_memory_bytes", lambda device: 2 * 2**20)
@@ -107,9 +108,9 @@ def test_statistics_too_big_for_the_device_are_refused_before_any_forward(monkey
         return m(x)
 
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"the exact statistics would need 2\.2 MiB but the "
+    with pytest.raises(ValueError, match=r"the exact statistics would need 4\.4 MiB but the "
                                          r"cpu device has 2\.0 MiB; the largest is layer '0' "
-                                         r"output \(width 300: 1\.4 MiB\)\. Use sketch_above="):
+                                         r"output \(width 300: 2\.7 MiB\)\. Use sketch_above="):
         _cal(model, [torch.randn(4, 230)], ["0"], forward_fn=forward_fn)
     assert calls == [] and snapshot(model) == before
     # Either remedy from the message fits: one side only, or a bounded-memory sketch.

@@ -64,6 +64,24 @@ def test_from_shifted_sums_matches_dense():
     assert_matches(mom, dense(x.numpy()))
 
 
+def test_from_shifted_sums_overwrite_reuses_s2_and_stays_symmetric():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 300, generator=gen, dtype=torch.float64) + 4  # 2 column blocks
+    c = x[0].clone()
+    y = x - c
+    sq = (y * y).sum(1)
+    s2 = y.T @ y
+    s2 = (s2 + s2.T) / 2  # exactly symmetric input, as the collector hands it over
+    args = (50, c, y.sum(0), s2, y.T @ sq, (sq * sq).sum())
+    ref = Moments.from_shifted_sums(*args)
+    given = s2.clone()
+    mom = Moments.from_shifted_sums(*args[:3], given, *args[4:], overwrite=True)
+    assert mom.m2.data_ptr() == given.data_ptr()  # no new k×k matrix
+    assert torch.equal(mom.m2, ref.m2) and torch.equal(mom.m2, mom.m2.T)  # bit for bit
+    assert torch.equal(mom.mean, ref.mean) and torch.equal(mom.t, ref.t)
+    assert_matches(mom, dense(x.numpy()))
+
+
 def test_large_mean_fp32_data_keeps_covariance():
     # Mean 1e3, spread 1, fp32 storage: Σxxᵀ − n·mmᵀ would cancel ~6 digits in float64 and
     # everything in float32; centring per batch keeps the covariance exact.
