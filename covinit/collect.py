@@ -507,7 +507,9 @@ class _Accumulator:
         if self.n:
             assert self.shift is not None and self.s1 is not None
             # An owned co-moment is finished in its own storage (no fresh k×k matrices)
-            owned = not self.borrowed
+            # (an inference tensor may only be written inside inference mode)
+            owned = not self.borrowed and (not self.s2.is_inference()
+                                           or torch.is_inference_mode_enabled())
             part = Moments.from_shifted_sums(self.n, self.shift, self.s1,
                                              _symmetrize(self.s2, in_place=owned), self.s3,
                                              self.s4, overwrite=True)
