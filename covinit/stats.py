@@ -145,16 +145,15 @@ class Moments:
         s2d = s2 @ d
         t = s3 - tr * d - 2.0 * s2d + (2.0 * n) * dd * d
         q = s4 - 4.0 * (d @ s3) + 4.0 * (d @ s2d) + 2.0 * dd * tr - (3.0 * n) * dd * dd
-        if overwrite:  # the same entries, s2 + (−n·δ_i·δ_j), bit for bit, column block-wise
-            m2 = s2
-            width = min(256, m2.shape[1])
-            block = torch.empty(m2.shape[0], width, dtype=m2.dtype, device=m2.device)
-            for j in range(0, m2.shape[1], width):
-                part = block[:, : min(width, m2.shape[1] - j)]
-                torch.outer(d, d[j:j + width], out=part).mul_(-float(n))
-                m2[:, j:j + width].add_(part)
-        else:
-            m2 = torch.outer(d, d).mul_(-float(n)).add_(s2)  # s2 − n·ddᵀ, exactly symmetric
+        # M2 = s2 + (−n·δ_i·δ_j) entry by entry (exactly symmetric), built column block-wise
+        # so that no k×k temporary is needed besides M2 itself
+        m2 = s2 if overwrite else s2.clone()
+        width = max(1, min(256, m2.shape[1]))
+        block = torch.empty(m2.shape[0], width, dtype=m2.dtype, device=m2.device)
+        for j in range(0, m2.shape[1], width):
+            part = block[:, : min(width, m2.shape[1] - j)]
+            torch.outer(d, d[j:j + width], out=part).mul_(-float(n))
+            m2[:, j:j + width].add_(part)
         return cls(n, shift + d, m2, t, q)
 
     # ------------------------------------------------------------------ algebra
