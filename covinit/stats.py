@@ -145,15 +145,8 @@ class Moments:
         s2d = s2 @ d
         t = s3 - tr * d - 2.0 * s2d + (2.0 * n) * dd * d
         q = s4 - 4.0 * (d @ s3) + 4.0 * (d @ s2d) + 2.0 * dd * tr - (3.0 * n) * dd * dd
-        # M2 = s2 + (−n·δ_i·δ_j) entry by entry (exactly symmetric), built column block-wise
-        # so that no k×k temporary is needed besides M2 itself
         m2 = s2 if overwrite else s2.clone()
-        width = max(1, min(256, m2.shape[1]))
-        block = torch.empty(m2.shape[0], width, dtype=m2.dtype, device=m2.device)
-        for j in range(0, m2.shape[1], width):
-            part = block[:, : min(width, m2.shape[1] - j)]
-            torch.outer(d, d[j:j + width], out=part).mul_(-float(n))
-            m2[:, j:j + width].add_(part)
+        _add_scaled_outer(m2, d, -float(n))
         return cls(n, shift + d, m2, t, q)
 
     # ------------------------------------------------------------------ algebra
@@ -174,17 +167,30 @@ class Moments:
             Q'  = Q − 4·dᵀT + 4·dᵀM2·d + 2‖d‖²·tr(M2) + n‖d‖⁴
         """
         d = new_mean - self.mean
+        t, q = self._higher_about(d)
+        m2 = self.m2.clone()
+        _add_scaled_outer(m2, d, float(self.n))
+        return Moments(self.n, new_mean, m2, t, q)
+
+    def _higher_about(self, d: Tensor) -> tuple[Tensor, Tensor]:
+        """``(T', Q')`` of :meth:`recentered` for the offset ``d`` (k,): vectors and
+        matrix-vector products only, no k×k temporary."""
         n = self.n
         tr = torch.trace(self.m2)
         m2d = self.m2 @ d
         dd = d @ d
-        m2 = self.m2 + n * torch.outer(d, d)
         t = self.t - tr * d - 2.0 * m2d - n * dd * d
         q = self.q - 4.0 * (d @ self.t) + 4.0 * (d @ m2d) + 2.0 * dd * tr + n * dd * dd
-        return Moments(n, new_mean, m2, t, q)
+        return t, q
 
     def merge(self, other: Moments) -> Moments:
-        """Summary of the union of both row sets (exact up to float64 rounding)."""
+        """Summary of the union of both row sets (exact up to float64 rounding).
+
+        The co-moment is Chan et al.'s ``M2a + M2b + (na·nb/n)·ΔΔᵀ`` (Δ the difference of
+        the means), written into one new k×k matrix: re-centring each side's ``M2`` first
+        would make five k×k temporaries, and fresh memory is slow to touch (a 1536-wide
+        co-moment is 19 MB).  ``T`` and ``Q`` are re-centred on the merged mean.
+        """
         if self.k != other.k:
             raise ValueError(f"cannot merge moments of width {self.k} and {other.k}")
         if other.n == 0:
@@ -192,9 +198,13 @@ class Moments:
         if self.n == 0:
             return other
         n = self.n + other.n
-        mean = self.mean + (other.mean - self.mean) * (other.n / n)
-        a, b = self.recentered(mean), other.recentered(mean)
-        return Moments(n, mean, a.m2 + b.m2, a.t + b.t, a.q + b.q)
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        ta, qa = self._higher_about(mean - self.mean)
+        tb, qb = other._higher_about(mean - other.mean)
+        m2 = torch.add(self.m2, other.m2)
+        _add_scaled_outer(m2, delta, self.n * other.n / n)
+        return Moments(n, mean, m2, ta + tb, qa + qb)
 
     def __add__(self, other: Moments) -> Moments:
         return self.merge(other)
@@ -239,6 +249,19 @@ class Moments:
         if n.dtype != torch.int64 or int(n) < 0:
             raise ValueError(f"moments count must be a non-negative int64, got {n}")
         return cls(int(n), mean, m2, t, q)
+
+
+def _add_scaled_outer(m: Tensor, v: Tensor, c: float) -> None:
+    """``m += c·vvᵀ`` in place, entry by entry as ``c·(vᵢ·vⱼ)`` so that a symmetric ``m``
+    stays exactly symmetric; column block by column block, so that no k×k temporary is made
+    (m (k, k), v (k,))."""
+    k = m.shape[1]
+    width = max(1, min(256, k))
+    block = torch.empty(m.shape[0], width, dtype=m.dtype, device=m.device)
+    for j in range(0, k, width):
+        part = block[:, : min(width, k - j)]
+        torch.outer(v, v[j:j + width], out=part).mul_(c)
+        m[:, j:j + width].add_(part)
 
 
 def merge_all(parts: Iterable[Moments]) -> Moments:

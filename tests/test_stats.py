@@ -48,6 +48,25 @@ def test_merge_uneven_batches_any_order(seed):
         assert_matches(mom, ref)
 
 
+def test_merge_is_exactly_symmetric_and_leaves_its_inputs_alone():
+    # k = 300 > the 256-column block of the in-place rank-1 update: two blocks
+    gen = torch.Generator().manual_seed(3)
+    a_rows = torch.randn(400, 300, generator=gen, dtype=torch.float64) + 2
+    b_rows = torch.randn(90, 300, generator=gen, dtype=torch.float64) * 3 - 1
+    a, b = Moments.from_batch(a_rows), Moments.from_batch(b_rows)
+    before = [t.clone() for t in (a.m2, a.t, a.q, b.m2, b.t, b.q)]
+    total = a.merge(b)
+    assert torch.equal(total.m2, total.m2.T)
+    for old, new in zip(before, (a.m2, a.t, a.q, b.m2, b.t, b.q), strict=True):
+        assert torch.equal(old, new)
+    assert_matches(total, dense(torch.cat([a_rows, b_rows]).numpy()))
+    # recentering both sides on the merged mean and adding is the same summary
+    ra, rb = a.recentered(total.mean), b.recentered(total.mean)
+    torch.testing.assert_close(ra.m2 + rb.m2, total.m2, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(ra.t + rb.t, total.t, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(ra.q + rb.q, total.q, rtol=1e-12, atol=1e-6)
+
+
 def test_empty_is_identity():
     m = Moments.from_batch(torch.randn(4, 3, dtype=torch.float64))
     e = Moments.empty(3)
