@@ -623,17 +623,24 @@ def _add_lower_gram(out: Tensor, y: Tensor, overwrite: bool = False,
         out[i:, i:j].addmm_(yt[i:], yg[:, i:j], beta=0.0 if overwrite else 1.0)
 
 
+_SYM_TILE = 128
+
+
 def _symmetrize(lower: Tensor, in_place: bool = False) -> Tensor:
     """The full symmetric matrix from a "lower" matrix (valid on its panel blocks, whose
     diagonal blocks are complete), copied panel by panel: a whole-matrix transpose is
     cache-hostile and ~3× slower at k = 1536.  ``in_place`` writes the upper part into
     ``lower`` itself (only the unused part above the panels is overwritten)."""
     out = lower if in_place else torch.empty_like(lower)
-    for i, j in _panels(lower.shape[0]):
+    k = lower.shape[0]
+    for i, j in _panels(k):
         block = lower[i:, i:j]  # (k−i, j−i)
         if not in_place:
             out[i:, i:j] = block
-        out[i:j, j:] = block[j - i:].T  # the part right of the diagonal block
+        # the part right of the diagonal block, in tiles whose transposes stay in cache
+        # (30 % faster than one (k−j)-row transpose at k = 1536)
+        for c in range(j, k, _SYM_TILE):
+            out[i:j, c:c + _SYM_TILE] = lower[c:c + _SYM_TILE, i:j].T
         # the GEMM's diagonal block is symmetric only to rounding: make it exactly so
         diag = torch.tril(block[: j - i])
         out[i:j, i:j] = diag + torch.tril(diag, -1).T
@@ -693,7 +700,11 @@ def _reduce(rows: Tensor, acc: _Accumulator, gemm_dtype: torch.dtype, serial: in
     # float64 rows keep float64 centring: a float32 centre could sit far from their mean
     dtype = torch.float64 if rows.dtype == torch.float64 else gemm_dtype
     if before is None:
-        shift = rows.mean(dim=0, dtype=torch.float64)
+        # Any centre near the mean keeps the sums exact (what is left, δ = s1/n, is folded
+        # in by from_shifted_sums): a float32 mean of float32 rows is 7× faster than a
+        # float64-accumulated one, whose cast per element cost 2 % of a SmolLM2 pass.
+        shift = (rows.mean(dim=0).double() if rows.dtype == torch.float32
+                 else rows.mean(dim=0, dtype=torch.float64))
         if dtype != torch.float64:
             shift = shift.to(dtype).double()
     else:
