@@ -520,10 +520,12 @@ class _Accumulator:
     def can_take(self, red: _Reduction) -> bool:
         return self.n == 0 or self.shift is red.shift_before or self.shift is red.shift_after
 
-    def prepare(self, red: _Reduction, adopt: bool = False) -> None:
+    def prepare(self, red: _Reduction, adopt: bool = False, unset: bool = False) -> bool:
         """Move to ``red``'s centre (folding what was summed about the old one) and make sure
         the sums exist and may be written, so that ``red`` can be added.  With ``adopt`` a
-        fresh accumulator starts from ``red``'s own co-moment instead of zeros."""
+        fresh accumulator starts from ``red``'s own co-moment instead of zeros; with
+        ``unset`` a fresh one's co-moment is left unwritten (the caller overwrites it: a
+        zeroing pass over k×k memory saved).  Returns whether the sums are fresh."""
         if self.shift is not red.shift_after:
             self._fold()
             self.shift = red.shift_after
@@ -534,20 +536,24 @@ class _Accumulator:
             self.s4 = torch.zeros((), dtype=torch.float64, device=device)
             if red.s2 is not None and adopt and red.s2.dtype == torch.float64:
                 self.s2, self.borrowed = red.s2, True
-                return
+                return True
+            if unset and red.s2 is None:
+                self.s2 = torch.empty(self.k, self.k, dtype=torch.float64, device=device)
+                return True
             self.s2 = _new_lower(self.k, device)
             if red.s2 is not None:  # a float32 s2 is widened by the copy
                 _add_lower(self.s2, red.s2, overwrite=True)
-            return
+            return True
         if red.s2 is not None and red.s2.dtype == torch.float32:  # mixed: a shared product
             _add_lower(self._pending_buffer(red.s2.device), red.s2,
                        overwrite=not self.pending_rows)
             self._pended(red.n)
-            return
+            return False
         if self.borrowed:  # s2 is about to be written (without red.s2: by a direct product)
             self.s2, self.borrowed = self.s2.clone(), False
         if red.s2 is not None:
             _add_lower(self.s2, red.s2)
+        return False
 
     def take(self, red: _Reduction, adopt: bool = False) -> None:
         """Add ``red`` (whose ``s2`` is ``None`` when it was already added in place)."""
@@ -740,10 +746,11 @@ def _reduce(rows: Tensor, acc: _Accumulator, gemm_dtype: torch.dtype, serial: in
         _add_lower_gram(s2, y, overwrite=True, work=work)
         return _Reduction(before, shift, n, s1, s2, s3, s4, serial)
     red = _Reduction(before, shift, n, s1, None, s3, s4, serial)
-    acc.prepare(red)
     if gemm_dtype == torch.float64:
-        _add_lower_gram(acc.s2, y, work=work)
+        fresh = acc.prepare(red, unset=True)
+        _add_lower_gram(acc.s2, y, overwrite=fresh, work=work)
     else:
+        acc.prepare(red)
         acc.add_gram(y, work)
     acc.take(red)
     return red
