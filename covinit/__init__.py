@@ -6,9 +6,9 @@ The data flow reads top-down, one module per step (each imports only from the on
   protocol over covinit's / PEFT's / loralib-style layers, putting layers into a model;
   :mod:`covinit.residual` — the record of a residual init (W0 = base + P·Q).
 - :mod:`covinit.collect` → :mod:`covinit.stats` / :mod:`covinit.sketch` /
-  :mod:`covinit.distributed` → :mod:`covinit.budget` → :mod:`covinit.calibration` — hooks,
-  exact float64 summaries, passes under a memory budget, the :class:`Calibration` and its
-  file, :func:`calibrate`.
+  :mod:`covinit.distributed` → :mod:`covinit.budget` → :mod:`covinit.calibration_data` →
+  :mod:`covinit.calibration` — hooks, exact float64 summaries, passes under a memory budget,
+  the :class:`Calibration` and its file, :func:`calibrate`.
 - :mod:`covinit.covariance` (with :mod:`covinit.smoothpca`, :mod:`covinit.geometry`) —
   shrinkage estimators, :func:`estimators`.
 - :mod:`covinit.inits` (with :mod:`covinit.matched`, :mod:`covinit.quant`,
@@ -21,7 +21,8 @@ The data flow reads top-down, one module per step (each imports only from the on
 
 from covinit import quant  # noqa: F401  (registers the quantized-base strategies)
 from covinit.adapters import LoRAAdapter, find_adapters
-from covinit.calibration import Calibration, calibrate
+from covinit.calibration import calibrate
+from covinit.calibration_data import Calibration
 from covinit.covariance import Estimate, estimate, estimators
 from covinit.export import export_lora, restore_base
 from covinit.initialization import initialize

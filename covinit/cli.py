@@ -592,7 +592,7 @@ def _geometry(spec: str | None) -> Any:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from covinit.calibration import Calibration
+    from covinit.calibration_data import Calibration
     from covinit.reporting import report
 
     cal = Calibration.load(args.calibration)

@@ -457,6 +457,8 @@ class _Accumulator:
     _floor: tuple[Tensor, Tensor] | None = None
     pending: Tensor | None = None
     pending_rows: int = 0
+    # s2 is allocated but holds nothing yet: its first write overwrites (no zeroing pass)
+    unset: bool = False
 
     def drift_floor(self) -> Tensor:
         """``(1e-14·|shift|)²`` (k,): a few ulps of the centre, for :func:`_reduce`'s test."""
@@ -469,6 +471,11 @@ class _Accumulator:
         """``diag(s2)`` (k,) float64 with the pending rows included: the drift test's
         variance term (float32 rounding of the pending part is harmless in a bound)."""
         assert self.s2 is not None
+        if self.unset:
+            if self.pending_rows:
+                assert self.pending is not None
+                return torch.diagonal(self.pending).double()
+            return torch.zeros(self.k, dtype=torch.float64, device=self.s2.device)
         diag = torch.diagonal(self.s2)
         if self.pending_rows:
             assert self.pending is not None
@@ -482,8 +489,8 @@ class _Accumulator:
         assert self.s2 is not None and self.pending is not None
         if self.borrowed:
             self.s2, self.borrowed = self.s2.clone(), False
-        _add_lower(self.s2, self.pending)
-        self.pending_rows = 0
+        _add_lower(self.s2, self.pending, overwrite=self.unset)
+        self.pending_rows, self.unset = 0, False
 
     def _pending_buffer(self, device: torch.device) -> Tensor:
         if self.pending is None or self.pending.device != device:
@@ -515,17 +522,17 @@ class _Accumulator:
                                              self.s4, overwrite=True)
             self.done = part if self.done is None else self.done.merge(part)
         self.n, self.s1, self.s2, self.s3, self.s4 = 0, None, None, None, None
-        self.borrowed = False
+        self.borrowed = self.unset = False
 
     def can_take(self, red: _Reduction) -> bool:
         return self.n == 0 or self.shift is red.shift_before or self.shift is red.shift_after
 
-    def prepare(self, red: _Reduction, adopt: bool = False, unset: bool = False) -> bool:
+    def prepare(self, red: _Reduction, adopt: bool = False, unset: bool = False) -> None:
         """Move to ``red``'s centre (folding what was summed about the old one) and make sure
         the sums exist and may be written, so that ``red`` can be added.  With ``adopt`` a
         fresh accumulator starts from ``red``'s own co-moment instead of zeros; with
-        ``unset`` a fresh one's co-moment is left unwritten (the caller overwrites it: a
-        zeroing pass over k×k memory saved).  Returns whether the sums are fresh."""
+        ``unset`` a fresh one's co-moment is left unwritten and marked :attr:`unset` (its
+        first write overwrites it: a zeroing pass over k×k memory saved)."""
         if self.shift is not red.shift_after:
             self._fold()
             self.shift = red.shift_after
@@ -536,24 +543,25 @@ class _Accumulator:
             self.s4 = torch.zeros((), dtype=torch.float64, device=device)
             if red.s2 is not None and adopt and red.s2.dtype == torch.float64:
                 self.s2, self.borrowed = red.s2, True
-                return True
+                return
             if unset and red.s2 is None:
                 self.s2 = torch.empty(self.k, self.k, dtype=torch.float64, device=device)
-                return True
+                self.unset = True
+                return
             self.s2 = _new_lower(self.k, device)
             if red.s2 is not None:  # a float32 s2 is widened by the copy
                 _add_lower(self.s2, red.s2, overwrite=True)
-            return True
+            return
         if red.s2 is not None and red.s2.dtype == torch.float32:  # mixed: a shared product
             _add_lower(self._pending_buffer(red.s2.device), red.s2,
                        overwrite=not self.pending_rows)
             self._pended(red.n)
-            return False
+            return
         if self.borrowed:  # s2 is about to be written (without red.s2: by a direct product)
             self.s2, self.borrowed = self.s2.clone(), False
         if red.s2 is not None:
-            _add_lower(self.s2, red.s2)
-        return False
+            _add_lower(self.s2, red.s2, overwrite=self.unset)
+            self.unset = False
 
     def take(self, red: _Reduction, adopt: bool = False) -> None:
         """Add ``red`` (whose ``s2`` is ``None`` when it was already added in place)."""
@@ -746,11 +754,11 @@ def _reduce(rows: Tensor, acc: _Accumulator, gemm_dtype: torch.dtype, serial: in
         _add_lower_gram(s2, y, overwrite=True, work=work)
         return _Reduction(before, shift, n, s1, s2, s3, s4, serial)
     red = _Reduction(before, shift, n, s1, None, s3, s4, serial)
+    acc.prepare(red, unset=True)
     if gemm_dtype == torch.float64:
-        fresh = acc.prepare(red, unset=True)
-        _add_lower_gram(acc.s2, y, overwrite=fresh, work=work)
+        _add_lower_gram(acc.s2, y, overwrite=acc.unset, work=work)
+        acc.unset = False
     else:
-        acc.prepare(red)
         acc.add_gram(y, work)
     acc.take(red)
     return red

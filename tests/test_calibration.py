@@ -370,7 +370,7 @@ def test_load_rejects_wrong_dtype_even_with_matching_checksum(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from covinit.calibration import _digest
+    from covinit.calibration_data import _digest
 
     cal = calibrate(Encoder(), batches(1), targets=["query"], show_progress=False)
     cal.save(tmp_path / "c.safetensors")

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from covinit.calibration import Calibration
+from covinit.calibration_data import Calibration
 from covinit.reporting.figures import write_figures
 from covinit.reporting.plan import plan_report
 from covinit.reporting.render import Report, report_context, write_pages

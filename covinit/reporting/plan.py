@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from covinit.adapters import find_adapters, find_linear_layers
 from covinit.allocation import allocate_ranks, rank_cap
-from covinit.calibration import Calibration
+from covinit.calibration_data import Calibration
 from covinit.covariance import estimate, estimators
 from covinit.residual import original_weight
 from covinit.selection import Targets, select
