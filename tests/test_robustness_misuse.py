@@ -33,7 +33,7 @@ from covinit import (
     load_lora,
     save_lora,
 )
-from covinit.calibration import _digest, _header_digest
+from covinit.calibration_data import _digest, _header_digest
 from covinit.inits import _REGISTRY
 
 TARGETS = ["query", "dense", "head"]
