@@ -225,6 +225,20 @@ def test_quantized_regime_end_to_end_on_tiny(tmp_path: Path) -> None:
     assert "LoftQ algorithm (T = 5 alternations, last round kept)" in summary
     table = [ln for ln in summary.splitlines() if ln.startswith("| `quant-residual")]
     assert len(table) == 3 and " % " in table[-1]  # drop-in, own rate, then the share
+    # benchmarks/quant_finetune.py: the same shares, side by side, from the same rows
+    quant_finetune = pytest.importorskip("quant_finetune")
+    table = quant_finetune.configuration("tiny", "nf2", common[2:8], q, fp)
+    assert sorted(r["method"] for r in table) == sorted(set(labels) - {"kaiming"})
+    for r in table:
+        num, den = compare_inits.gap_pairs(rows, _rows(fp / "runs.csv"), r["method"],
+                                           "kaiming", 0.01, "final_val_loss")
+        assert r["n"] == 2 and r["share_final"] == compare_inits.ratio_interval(num, den)
+        assert r["delta_final"][0] == pytest.approx(-sum(num) / 2)
+    quant_finetune.write(table, tmp_path / "figure", "test")
+    md = (tmp_path / "figure" / "finetune.md").read_text(encoding="utf-8")
+    assert md.count("| tiny | 2 |") == len(table)
+    assert (tmp_path / "figure" / "finetune.png").stat().st_size > 0
+    assert quant_finetune.configuration("tiny", "nf2", common[2:8], q, tmp_path / "none") == []
     # Without a reference folder the section says what is missing instead of failing.
     assert compare_inits.main([*common, "--regime", "nf2", "--out", str(q), "--summary-only",
                                "--reference", str(tmp_path / "none")]) == 0
