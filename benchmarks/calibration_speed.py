@@ -37,6 +37,7 @@ import ctypes
 import gc
 import os
 import re
+import statistics
 import sys
 import threading
 import time
@@ -126,6 +127,9 @@ class Row:
     seconds: float
     peak_mib: float
     note: str = ""
+    #: Median over rounds of this round's time ÷ the same round's floor (b/c rows of a
+    #: multi-round run; None otherwise): steadier than the ratio of two best rounds.
+    median_ratio: float | None = None
 
 
 def release_memory() -> None:
@@ -311,14 +315,17 @@ def bench_model(name: str, setup: Callable[[str], Any], targets: list[str], mode
     # Rounds over all methods, best time per method: the cores are shared, and interleaving
     # spreads any burst of outside load over every method instead of one.
     best: dict[str, tuple[float, float]] = {}
+    times: dict[str, list[float]] = {}
     for round_ in range(repeats):
         for method, fn in methods.items():
             seconds, peak, _ = timed(fn, 1)
             old = best.get(method, (float("inf"), 0.0))
             best[method] = (min(old[0], seconds), max(old[1], peak))
+            times.setdefault(method, []).append(seconds)
             print(f"  round {round_ + 1} {method:<30} {seconds:8.2f} s  {peak:8.1f} MiB",
                   flush=True)
-    rows = [Row(name, method, seconds, peak) for method, (seconds, peak) in best.items()]
+    rows = [Row(name, method, seconds, peak, median_ratio=median_ratio(method, times))
+            for method, (seconds, peak) in best.items()]
     if baselines:
         runs = [("d_peft_eva", lambda: eva(model, batches, targets, rank, eva_passes)),
                 ("e_peft_corda(bs=1)",
@@ -347,16 +354,32 @@ def bench_bert_random(mode: str, repeats: int, baselines: bool, rank: int,
     return rows
 
 
+def _floor_of(method: str) -> str:
+    """The floor method a (b)/(c) method is compared with: the one for the same sides."""
+    tag = "in" if "[in," in method or method.endswith("[in]") else "in+out"
+    return f"b_floor_fp32_gram[{tag}]"
+
+
+def median_ratio(method: str, times: dict[str, list[float]]) -> float | None:
+    """Median over rounds of ``times[method][i] / times[floor][i]`` (a round runs every
+    method once, so a burst of outside load hits both sides of its ratio); None for a
+    method without a floor or for fewer than two rounds."""
+    floor = times.get(_floor_of(method))
+    if method[0] not in "bc" or not floor or len(floor) < 2:
+        return None
+    return statistics.median(t / f for t, f in zip(times[method], floor, strict=True))
+
+
 def ratios(rows: list[Row]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         same = {x.method: x.seconds for x in rows if x.model == r.model}
-        tag = "in" if "[in," in r.method or r.method.endswith("[in]") else "in+out"
-        floor = same.get(f"b_floor_fp32_gram[{tag}]")
+        floor = same.get(_floor_of(r.method))
         out.append({"model": r.model, "method": r.method, "seconds": round(r.seconds, 3),
                     "x_forward": round(r.seconds / same["a_forward"], 3),
                     "x_floor": round(r.seconds / floor, 3) if floor and r.method[0] in "bc"
                     else "",
+                    "x_floor_median": "" if r.median_ratio is None else round(r.median_ratio, 3),
                     "peak_extra_mib": round(r.peak_mib, 1), "note": r.note})
     return out
 
@@ -367,7 +390,8 @@ def merged(rows: list[Row], stem: str) -> tuple[list[Row], list[str]]:
     new = {r.model for r in rows}
     saved = read_rows(RESULTS / f"{stem}.csv")
     old = [Row(r["model"], r["method"], float(r["seconds"]), float(r["peak_extra_mib"]),
-               r["note"]) for r in saved if r["model"] not in new]
+               r["note"], float(r["x_floor_median"]) if r.get("x_floor_median") else None)
+           for r in saved if r["model"] not in new]
     md = RESULTS / f"{stem}.md"
     commands = []
     if md.is_file() and old:
@@ -391,15 +415,18 @@ def write(table: list[dict[str, Any]], rows: list[Row], args: argparse.Namespace
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after: {load_average()} "
         "(bert-random rows: threads and batch size in the model name)  ",
         f"Times are the best of {args.repeats} interleaved round(s) (EVA and CorDA: one run); "
-        "`x_floor` compares with "
-        "(b) for the same sides. SmolLM2's weights are dequantized Q4_1 (4-bit noise).",
+        "`× floor` compares with "
+        "(b) for the same sides; `median` is the median over rounds of each round's ratio to "
+        "that round's floor. SmolLM2's weights are dequantized Q4_1 (4-bit noise).",
         "",
-        "| model | method | seconds | × forward | × floor | peak extra MiB | note |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| model | method | seconds | × forward | × floor | × floor, median | peak extra MiB "
+        "| note |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for t in table:
         lines.append(f"| {t['model']} | {t['method']} | {t['seconds']:.2f} | {t['x_forward']} "
-                     f"| {t['x_floor']} | {t['peak_extra_mib']} | {t['note']} |")
+                     f"| {t['x_floor']} | {t['x_floor_median']} | {t['peak_extra_mib']} | "
+                     f"{t['note']} |")
     lines += ["", "Speed-ups of covinit (inputs only, the statistics EVA and CorDA collect):", ""]
     for model in dict.fromkeys(r.model for r in rows):
         same = {r.method: r.seconds for r in rows if r.model == model}
@@ -480,7 +507,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\nload average after: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     for t in table:
         print(f"  {t['model']:<8} {t['method']:<34} {t['seconds']:8.2f} s  "
-              f"×fwd {t['x_forward']:<7} ×floor {t['x_floor']!s:<6} {t['peak_extra_mib']} MiB")
+              f"×fwd {t['x_forward']:<7} ×floor {t['x_floor']!s:<6} "
+              f"(median {t['x_floor_median']!s:<6}) {t['peak_extra_mib']} MiB")
 
 
 if __name__ == "__main__":

@@ -293,3 +293,27 @@ def test_synthetic_smallest_setting(tmp_path: Path) -> None:
             assert _close(r["step0_loss"], r["base_loss"], rel=1e-4)
         # The base layer is W0, so its relative excess error is ~1 by construction.
         assert 0.8 < float(r["base_loss"]) < 1.2
+
+
+def test_calibration_speed_median_ratio_pairs_rounds() -> None:
+    """The median of per-round ratios pairs each round's time with that round's floor (a
+    slow round slows both), unlike the ratio of the two best rounds."""
+    speed = pytest.importorskip("calibration_speed")
+    times = {"b_floor_fp32_gram[in+out]": [10.0, 20.0, 11.0],
+             "c_covinit[in+out,float64]": [12.0, 21.0, 11.5],
+             "b_floor_fp32_gram[in]": [5.0, 5.0], "c_covinit[in,mixed]": [4.0, 6.0],
+             "a_forward": [1.0, 1.0, 1.0]}
+    assert speed.median_ratio("c_covinit[in+out,float64]", times) == pytest.approx(
+        sorted([1.2, 1.05, 11.5 / 11.0])[1])
+    assert speed.median_ratio("c_covinit[in,mixed]", times) == pytest.approx(1.0)
+    assert speed.median_ratio("b_floor_fp32_gram[in]", times) == 1.0
+    assert speed.median_ratio("a_forward", times) is None
+    assert speed.median_ratio("c_covinit[in,mixed]", {"b_floor_fp32_gram[in]": [5.0],
+                                                       "c_covinit[in,mixed]": [4.0]}) is None
+    rows = [speed.Row("m", "a_forward", 1.0, 0.0),
+            speed.Row("m", "b_floor_fp32_gram[in]", 5.0, 0.0, median_ratio=1.0),
+            speed.Row("m", "c_covinit[in,mixed]", 4.0, 0.0, median_ratio=1.0)]
+    table = {t["method"]: t for t in speed.ratios(rows)}
+    assert table["c_covinit[in,mixed]"]["x_floor"] == 0.8
+    assert table["c_covinit[in,mixed]"]["x_floor_median"] == 1.0
+    assert table["a_forward"]["x_floor_median"] == ""
