@@ -457,8 +457,6 @@ class _Accumulator:
     _floor: tuple[Tensor, Tensor] | None = None
     pending: Tensor | None = None
     pending_rows: int = 0
-    # s2 is allocated but holds nothing yet: its first write overwrites (no zeroing pass)
-    unset: bool = False
 
     def drift_floor(self) -> Tensor:
         """``(1e-14·|shift|)²`` (k,): a few ulps of the centre, for :func:`_reduce`'s test."""
@@ -471,11 +469,6 @@ class _Accumulator:
         """``diag(s2)`` (k,) float64 with the pending rows included: the drift test's
         variance term (float32 rounding of the pending part is harmless in a bound)."""
         assert self.s2 is not None
-        if self.unset:
-            if self.pending_rows:
-                assert self.pending is not None
-                return torch.diagonal(self.pending).double()
-            return torch.zeros(self.k, dtype=torch.float64, device=self.s2.device)
         diag = torch.diagonal(self.s2)
         if self.pending_rows:
             assert self.pending is not None
@@ -489,8 +482,8 @@ class _Accumulator:
         assert self.s2 is not None and self.pending is not None
         if self.borrowed:
             self.s2, self.borrowed = self.s2.clone(), False
-        _add_lower(self.s2, self.pending, overwrite=self.unset)
-        self.pending_rows, self.unset = 0, False
+        _add_lower(self.s2, self.pending)
+        self.pending_rows = 0
 
     def _pending_buffer(self, device: torch.device) -> Tensor:
         if self.pending is None or self.pending.device != device:
@@ -522,17 +515,15 @@ class _Accumulator:
                                              self.s4, overwrite=True)
             self.done = part if self.done is None else self.done.merge(part)
         self.n, self.s1, self.s2, self.s3, self.s4 = 0, None, None, None, None
-        self.borrowed = self.unset = False
+        self.borrowed = False
 
     def can_take(self, red: _Reduction) -> bool:
         return self.n == 0 or self.shift is red.shift_before or self.shift is red.shift_after
 
-    def prepare(self, red: _Reduction, adopt: bool = False, unset: bool = False) -> None:
+    def prepare(self, red: _Reduction, adopt: bool = False) -> None:
         """Move to ``red``'s centre (folding what was summed about the old one) and make sure
         the sums exist and may be written, so that ``red`` can be added.  With ``adopt`` a
-        fresh accumulator starts from ``red``'s own co-moment instead of zeros; with
-        ``unset`` a fresh one's co-moment is left unwritten and marked :attr:`unset` (its
-        first write overwrites it: a zeroing pass over k×k memory saved)."""
+        fresh accumulator starts from ``red``'s own co-moment instead of zeros."""
         if self.shift is not red.shift_after:
             self._fold()
             self.shift = red.shift_after
@@ -543,10 +534,6 @@ class _Accumulator:
             self.s4 = torch.zeros((), dtype=torch.float64, device=device)
             if red.s2 is not None and adopt and red.s2.dtype == torch.float64:
                 self.s2, self.borrowed = red.s2, True
-                return
-            if unset and red.s2 is None:
-                self.s2 = torch.empty(self.k, self.k, dtype=torch.float64, device=device)
-                self.unset = True
                 return
             self.s2 = _new_lower(self.k, device)
             if red.s2 is not None:  # a float32 s2 is widened by the copy
@@ -560,8 +547,7 @@ class _Accumulator:
         if self.borrowed:  # s2 is about to be written (without red.s2: by a direct product)
             self.s2, self.borrowed = self.s2.clone(), False
         if red.s2 is not None:
-            _add_lower(self.s2, red.s2, overwrite=self.unset)
-            self.unset = False
+            _add_lower(self.s2, red.s2)
 
     def take(self, red: _Reduction, adopt: bool = False) -> None:
         """Add ``red`` (whose ``s2`` is ``None`` when it was already added in place)."""
@@ -637,24 +623,17 @@ def _add_lower_gram(out: Tensor, y: Tensor, overwrite: bool = False,
         out[i:, i:j].addmm_(yt[i:], yg[:, i:j], beta=0.0 if overwrite else 1.0)
 
 
-_SYM_TILE = 128
-
-
 def _symmetrize(lower: Tensor, in_place: bool = False) -> Tensor:
     """The full symmetric matrix from a "lower" matrix (valid on its panel blocks, whose
     diagonal blocks are complete), copied panel by panel: a whole-matrix transpose is
     cache-hostile and ~3× slower at k = 1536.  ``in_place`` writes the upper part into
     ``lower`` itself (only the unused part above the panels is overwritten)."""
     out = lower if in_place else torch.empty_like(lower)
-    k = lower.shape[0]
-    for i, j in _panels(k):
+    for i, j in _panels(lower.shape[0]):
         block = lower[i:, i:j]  # (k−i, j−i)
         if not in_place:
             out[i:, i:j] = block
-        # the part right of the diagonal block, in tiles whose transposes stay in cache
-        # (30 % faster than one (k−j)-row transpose at k = 1536)
-        for c in range(j, k, _SYM_TILE):
-            out[i:j, c:c + _SYM_TILE] = lower[c:c + _SYM_TILE, i:j].T
+        out[i:j, j:] = block[j - i:].T  # the part right of the diagonal block
         # the GEMM's diagonal block is symmetric only to rounding: make it exactly so
         diag = torch.tril(block[: j - i])
         out[i:j, i:j] = diag + torch.tril(diag, -1).T
@@ -754,10 +733,9 @@ def _reduce(rows: Tensor, acc: _Accumulator, gemm_dtype: torch.dtype, serial: in
         _add_lower_gram(s2, y, overwrite=True, work=work)
         return _Reduction(before, shift, n, s1, s2, s3, s4, serial)
     red = _Reduction(before, shift, n, s1, None, s3, s4, serial)
-    acc.prepare(red, unset=True)
+    acc.prepare(red)
     if gemm_dtype == torch.float64:
-        _add_lower_gram(acc.s2, y, overwrite=acc.unset, work=work)
-        acc.unset = False
+        _add_lower_gram(acc.s2, y, work=work)
     else:
         acc.add_gram(y, work)
     acc.take(red)
