@@ -24,6 +24,7 @@ import csv
 import math
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,12 @@ def configuration(task: str, regime: str, flags: Sequence[str], out: Path,
     """One row per init of the quantized ``task``/``regime`` whose runs are in
     ``out/runs.csv`` (full-precision Kaiming runs in ``reference/runs.csv``).
 
-    Each row: ``task, bits, method, lr, n`` and the triples ``(mean or ratio, low, high)``
-    ``delta_final`` (method − QLoRA), ``share_step0``, ``share_final``, and the gap itself,
-    ``gap_final`` (QLoRA − full precision).  Empty when QLoRA or the reference has no run.
+    Each row: ``task, bits, method, lr, n``; the per-seed values ``deltas`` (method −
+    QLoRA, final), ``gaps`` (QLoRA − full precision, final) and the ``(QLoRA − method,
+    QLoRA − full precision)`` pairs ``step0_pairs`` / ``final_pairs`` of
+    :func:`compare_inits.gap_pairs`; and their triples ``(mean or ratio, low, high)``
+    ``delta_final``, ``share_step0``, ``share_final``, ``gap_final``.  Empty when QLoRA or
+    the reference has no run.
     """
     args = compare_inits.build_parser().parse_args(
         ["--task", task, "--regime", regime, *flags])
@@ -78,37 +82,17 @@ def configuration(task: str, regime: str, flags: Sequence[str], out: Path,
             continue
         step0 = compare_inits.gap_pairs(rows, fp_rows, label, ref, None, "step0_val_loss")
         final = compare_inits.gap_pairs(rows, fp_rows, label, ref, q_lr, "final_val_loss")
+        deltas = [-x for x in final[0]]
         table.append({
             "task": task, "bits": s["quantize"]["bits"], "method": label, "lr": q_lr,
-            "n": len(final[0]),
-            "delta_final": compare_inits.paired_interval([-x for x in final[0]]),
+            "n": len(final[0]), "deltas": deltas, "gaps": gap, "step0_pairs": step0,
+            "final_pairs": final,
+            "delta_final": compare_inits.paired_interval(deltas),
             "share_step0": compare_inits.ratio_interval(*step0),
             "share_final": compare_inits.ratio_interval(*final),
             "gap_final": compare_inits.paired_interval(gap),
         })
     return table
-
-
-def _pct(triple: tuple[float, float, float]) -> str:
-    ratio, lo, hi = triple
-    if not math.isfinite(ratio):
-        return "–"
-    if math.isnan(lo):
-        return f"{100 * ratio:.0f} %"
-    if math.isinf(lo):
-        return f"{100 * ratio:.0f} % [unbounded]"
-    if math.isclose(lo, hi, abs_tol=1e-9):  # a deterministic init, one step-0 loss
-        return f"{100 * ratio:.0f} % (all seeds)"
-    text = f"{100 * ratio:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}]"
-    return f"**{text}**" if lo > 0 or hi < 0 else text
-
-
-def _delta(triple: tuple[float, float, float]) -> str:
-    mean, lo, hi = triple
-    if not math.isfinite(lo):
-        return f"{mean:+.3f}"
-    text = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-    return f"**{text}**" if lo > 0 or hi < 0 else text
 
 
 def write(table: list[dict[str, Any]], out: Path, command: str) -> None:
@@ -132,10 +116,13 @@ def write(table: list[dict[str, Any]], out: Path, command: str) -> None:
              "(`benchmarks/quant_init.py` measures that).", "",
              "| task | bits | QLoRA − full precision, final | method | n | Δ final vs QLoRA "
              "| share at step 0 | share after fine-tuning |", "|---|---|---|---|---|---|---|---|"]
+    # the regimes' own summary formats (compare_inits), so the numbers read the same there
+    fmt_delta = partial(compare_inits.fmt_interval, digits=3)
     for r in table:
-        lines.append(f"| {r['task']} | {r['bits']} | {_delta(r['gap_final'])} | "
-                     f"`{r['method']}` | {r['n']} | {_delta(r['delta_final'])} | "
-                     f"{_pct(r['share_step0'])} | {_pct(r['share_final'])} |")
+        lines.append(f"| {r['task']} | {r['bits']} | {fmt_delta(r['gaps'])} | "
+                     f"`{r['method']}` | {r['n']} | {fmt_delta(r['deltas'])} | "
+                     f"{compare_inits.fmt_share(*r['step0_pairs'])} | "
+                     f"{compare_inits.fmt_share(*r['final_pairs'])} |")
     (out / "finetune.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     plot(table, out / "finetune.png")
 
