@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from _dense import assert_matches
+from _gloo import gloo_group
 from torch import Tensor, nn
 
 from covinit import Calibration, calibrate
@@ -49,9 +49,7 @@ SHARDS = {"uneven": [[0, 2, 3, 4], [1]], "one-empty": [[0, 1, 2, 3, 4], []]}
 
 
 def _worker(rank: int, store: str, layout: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
+    with gloo_group(store, rank):
         data = [all_batches()[i] for i in SHARDS[layout][rank]]
         cal = calibrate(make_net(), data, targets=["q", "k", "out"], folds=2,
                         show_progress=False)
@@ -59,8 +57,6 @@ def _worker(rank: int, store: str, layout: str, out: str) -> None:
         sketched = calibrate(make_net(), data, targets=["q"], sketch_above=6, sketch_size=3,
                              show_progress=False)
         sketched.save(Path(out) / f"rank{rank}_sketch.safetensors")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("layout", list(SHARDS))

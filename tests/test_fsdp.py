@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from _gloo import gloo_group
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -102,9 +102,7 @@ def run(model: nn.Module, batches: list[dict[str, Tensor]], out: Path, tag: str)
 
 
 def _worker(rank: int, store: str, kind: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
+    with gloo_group(store, rank):
         from torch.distributed.fsdp import fully_shard
 
         model = make_model(kind)
@@ -119,8 +117,6 @@ def _worker(rank: int, store: str, kind: str, out: str) -> None:
         if kind == "peft":
             with pytest.raises(ValueError, match="format='covinit' only"):
                 export_lora(model, Path(out) / f"peft{rank}", format="peft")
-    finally:
-        dist.destroy_process_group()
 
 
 def _close(got: Tensor, want: Tensor, what: str, rtol: float = 1e-12) -> None:

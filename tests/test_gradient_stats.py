@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from _dense import assert_matches, dense
+from _gloo import gloo_group
 from conftest import ADAPTER_KINDS, adapt_model
 from torch import Tensor, nn
 
@@ -356,17 +356,13 @@ SHARDS = [[0, 2, 3], [1, 4]]
 
 
 def _worker(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
+    with gloo_group(store, rank):
         data = [batches()[i] for i in SHARDS[rank]]
         cal = calibrate(make_net(), data, targets=["q", "k", "out"], sides=SIDES, folds=2,
                         show_progress=False)
         cal.save(Path(out) / f"rank{rank}.safetensors")
         gathered = all_gather_tensor(torch.full((2, 2), float(rank), dtype=torch.float64))
         torch.save([g.tolist() for g in gathered], Path(out) / f"gather{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_processes_equal_single_process(tmp_path):

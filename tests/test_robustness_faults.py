@@ -171,17 +171,13 @@ def test_successful_calibration_changes_only_the_lora_factors(make_tiny, adapt):
 
 # ------------------------------------------------------------------ distributed
 def _failing_rank_worker(rank: int, store: str, out: str) -> None:
-    import datetime
     import json
     from pathlib import Path
 
-    import torch.distributed as dist
+    from _gloo import gloo_group
 
-    torch.set_num_threads(1)
     # A finite timeout: if the healthy rank were left waiting, the test fails instead of hanging.
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(store, rank, timeout_s=60):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 3)).eval()
         gen = torch.Generator().manual_seed(rank)
@@ -196,8 +192,6 @@ def _failing_rank_worker(rank: int, store: str, out: str) -> None:
             result = {"error": type(err).__name__, "message": str(err)}
         result["unchanged"] = snapshot(model) == before
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_failing_rank_stops_the_others_instead_of_leaving_them_waiting(tmp_path):
