@@ -54,7 +54,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -331,6 +331,27 @@ def parse_method(label: str) -> Method:
     canonical = (f"{name}@{est}" if uses_stats else name) + "".join("+" + x for x in tokens)
     return Method(canonical, "covinit", name, est if uses_stats else "",
                   str(entry.tags.get("preserves", "changes")), options)
+
+
+def recorded_methods(methods: Sequence[Method], rows: Sequence[Mapping[str, str]]
+                     ) -> list[Method]:
+    """The methods a summary covers: every method with runs in ``rows`` (one configuration
+    of runs.csv), in the order of their first run, then those of ``methods`` not run yet.
+
+    A call that runs a few methods (``--strategies kaiming,X``) on a configuration that
+    earlier calls filled would otherwise rewrite ``summary.md`` with only its own methods
+    and hide the others' results.  A label that no longer parses (a strategy renamed since)
+    is left out with a printed warning, never silently.
+    """
+    given = {m.label: m for m in methods}
+    out: dict[str, Method] = {}
+    for label in dict.fromkeys(row["method"] for row in rows):
+        try:
+            out[label] = given[label] if label in given else parse_method(label)
+        except ValueError as err:
+            print(f"summary: leaving out runs.csv's method {label!r}: {err}")
+    out.update({label: m for label, m in given.items() if label not in out})
+    return list(out.values())
 
 
 def full_methods() -> list[str]:
@@ -1299,6 +1320,7 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
     task = get_task(task_name)
     cfg = config_id(task_name, s)
     rows = [r for r in read_rows(out / "runs.csv") if r["config"] == cfg]
+    methods = recorded_methods(methods, rows)
     seeds = list(s["seeds"])
     sweep_seeds = sweep_seeds_of(s, sweep_all)
     stats = summarize(rows, methods, s, sweep_seeds)
@@ -1386,6 +1408,8 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
         lines += [f"Not run yet (resume with the same command): {', '.join(missing)}.", ""]
     lines += [
         "## Notes", "",
+        "- Methods: the command's, plus every method that runs.csv holds for this "
+        "configuration (earlier commands may have run other methods with other flags).",
         "- Labels: `STRATEGY@ESTIMATOR+OPTION` (covinit; `+matched`: `scale=\"matched\"`); "
         "`grad-svd`, `grad-whiten`, `kfac` default to `scale=\"matched\"`; `lora-ga` is "
         "covinit's faithful LoRA-GA (the paper's stable scale), `peft:lora_ga` is PEFT's port "

@@ -273,6 +273,23 @@ def test_dropin_phase_resumes_a_partial_csv(tmp_path: Path) -> None:
     # Deterministic: a re-run row equals the original one.
     first = {key(r): r["final_val_loss"] for r in rows}
     assert all(_close(r["final_val_loss"], first[key(r)]) for r in again[5:])
+    # A later call naming fewer methods still summarizes every method runs.csv holds.
+    few = [*argv[:argv.index("--strategies") + 1], "kaiming,input-pca@empirical+matched",
+           *argv[argv.index("--strategies") + 2:], "--summary-only"]
+    assert compare_inits.main(few) == 0
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    for label in methods.split(","):
+        assert f"| `{compare_inits.parse_method(label).label}` |" in summary
+
+
+def test_recorded_methods_keeps_run_order_and_names_what_it_drops(capsys) -> None:
+    given = [compare_inits.parse_method(x) for x in ("kaiming", "pissa")]
+    rows = [{"method": m} for m in ("cov-svd@ledoit_wolf+matched", "kaiming", "gone@empirical",
+                                    "cov-svd@ledoit_wolf+matched")]
+    got = compare_inits.recorded_methods(given, rows)
+    assert [m.label for m in got] == ["cov-svd@ledoit_wolf+matched", "kaiming", "pissa"]
+    assert got[1] is given[0] and got[0].scale == "matched"
+    assert "leaving out runs.csv's method 'gone@empirical'" in capsys.readouterr().out
 
 
 def test_synthetic_smallest_setting(tmp_path: Path) -> None:
