@@ -93,10 +93,15 @@ def choose(per_task: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, str]:
     """The default and the sentence that explains it."""
     tasks = list(per_task)
     common = set.intersection(*(set(v) for v in per_task.values()))
-    candidates = []
+    candidates, unmeasured = [], []
     for label in sorted(common):
         rows = [per_task[t][label] for t in tasks]
         if rows[0]["family"] != "covinit" or not rows[0]["data"] or any(r["lose"] for r in rows):
+            continue
+        # "Ran everywhere": an interval at Kaiming's rate (≥ 2 paired seeds) on every
+        # configuration; rows at other rates alone (a configuration still running) do not count.
+        if any(r["n_at"] < 2 for r in rows):
+            unmeasured.append(label)
             continue
         wins = sum(r["win"] for r in rows)
         candidates.append((-wins, sum(r["rel"] for r in rows) / len(rows), label, wins))
@@ -112,6 +117,10 @@ def choose(per_task: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, str]:
     if best:
         why += (f" (closest on average: `{best[2]}`, mean relative Δ {100 * best[1]:+.2f} %, "
                 "within noise)")
+    if unmeasured:
+        why += (f"; {len(unmeasured)} strateg{'y' if len(unmeasured) == 1 else 'ies'} not yet "
+                "run at Kaiming's rate on ≥ 2 seeds of every configuration: "
+                + ", ".join(f"`{x}`" for x in unmeasured))
     return REFERENCE, why + "; `kaiming` stays the default"
 
 

@@ -152,9 +152,15 @@ def test_choose_default_rule() -> None:
                "peft:x": _verdict(-0.09, -0.1, -0.08, family="peft")},
     }
     assert choose_default.choose(per_task)[0] == "a"
+    # d would win t1 and t2, but has one seed at Kaiming's rate on t2 (still running): no
+    # candidate yet, and the sentence names it
+    per_task["t1"]["d"] = _verdict(-0.2, -0.3, -0.1)
+    per_task["t2"]["d"] = _verdict(float("nan"), float("nan"), float("nan")) | {"n_at": 1}
+    assert choose_default.choose(per_task)[0] == "a"
     per_task["t1"]["a"] = _verdict(-0.02, -0.05, 0.01)  # interval holds 0: nobody wins
     label, why = choose_default.choose(per_task)
-    assert label == "kaiming" and "closest on average" in why
+    assert label == "kaiming" and "closest on average" in why and "nan" not in why
+    assert "not yet run at Kaiming's rate on ≥ 2 seeds of every configuration: `d`" in why
 
 
 def test_paired_interval_matches_scipy_paired_t() -> None:
