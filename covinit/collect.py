@@ -21,15 +21,15 @@ in any feature (the regime where ``Σyyᵀ − nδδᵀ`` would cancel), the str
 exact :class:`~covinit.stats.Moments` with Chan's update and restarted about the new mean.
 The result equals the dense float64 reference to ~1e-13 relative, whatever the mean.
 
-Cost: the GEMM ``yᵀy`` dominates (n·k² per layer side and batch).  Only its lower panels
-are computed (~9/16 of the flops, :func:`_add_lower_gram`), which makes the float64 product
-about as fast as a plain float32 ``XᵀX``; from the second batch on, layers whose reductions
-nobody shares accumulate straight into their sums, with no k×k temporary.
+Cost: the GEMM ``yᵀy`` dominates (n·k² per layer side and batch).  Only its upper triangle
+is computed (the BLAS ``?syrk`` on the CPU, :func:`covinit._gram.add_gram`), which makes the
+float64 product about as fast as a plain float32 ``XᵀX``; from the second batch on, layers
+whose reductions nobody shares accumulate straight into their sums, with no k×k temporary.
 
 Staging: besides the product, each reduction costs ~20 small tensor ops and two host syncs
 (centring, the low sums, the drift and finiteness tests): at batch size 1 (128 rows a call,
 25 reductions per batch on a MiniLM-shaped BERT) on 2 threads, 8% of the whole run.  From the
-second batch on, a call of fewer than :func:`_stage_rows` rows is copied into its stream's
+second batch on, a call of at most half :func:`_stage_rows` rows is copied into its stream's
 staging buffer, and the buffer is reduced as one block when full, when the fold changes, and
 before anything reads the sums (:meth:`Collector.results`).  The power sums of a block are
 the sums of its calls', so the statistics are the same to float64 rounding.  Layers fed one
@@ -65,12 +65,14 @@ from __future__ import annotations
 import bisect
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+from covinit._gram import add_gram, add_upper, blas_threads, new_upper, symmetrize
 from covinit.adapters import find_linear_layers
 from covinit.selection import Targets, select
 from covinit.sketch import Sketch, sketch_matrix
@@ -170,6 +172,10 @@ _FLUSH_ROWS = 4096
 # co-moments' worth of bytes.
 _STAGE_WORK = 2**30
 _STAGE_ROWS_PER_WIDTH = 2
+# Only calls of which at least this many fit in a block are staged: a bigger call would fill
+# the block on its own, and staging it only copies its rows (and keeps a buffer per stream:
+# 480 MB on SmolLM2's 1,024-row calls, whose faulting-in cost more than the copies saved).
+_STAGE_MIN_CALLS = 2
 
 
 def _stage_rows(k: int) -> int:
@@ -415,8 +421,8 @@ def rows_of(x: Tensor, masks: Sequence[Tensor]) -> Tensor:
 # ---------------------------------------------------------------------- accumulation
 @dataclass
 class _Reduction:
-    """One batch of rows reduced to power sums about ``shift_after`` (``s2``: a "lower"
-    matrix, see :func:`_panels`; float32 in mixed precision)."""
+    """One batch of rows reduced to power sums about ``shift_after`` (``s2``: an "upper"
+    matrix, see :mod:`covinit._gram`; float32 in mixed precision)."""
 
     shift_before: Tensor | None
     shift_after: Tensor
@@ -432,11 +438,11 @@ class _Reduction:
 class _Accumulator:
     """Power sums about ``shift`` plus everything folded away before the last re-centre.
 
-    ``s2`` is a "lower" matrix: only the blocks on and below the diagonal panels of
-    :func:`_panels` are ever written or read (see :func:`_symmetrize`); the rest is left
-    uninitialised on purpose, to save a k×k fill per stream.
+    ``s2`` is an "upper" matrix (:mod:`covinit._gram`): only its row panels are ever written
+    or read, and only their triangle on and above the diagonal is meaningful; the rest is
+    left uninitialised on purpose, to save a k×k fill per stream.
 
-    In mixed precision, float32 co-moments go to ``pending`` (a float32 "lower" matrix, about
+    In mixed precision, float32 co-moments go to ``pending`` (a float32 "upper" matrix, about
     the same centre) and reach ``s2`` at :meth:`flush`: every :data:`_FLUSH_ROWS` rows and
     before ``s2`` is read (:meth:`_fold`, called by :meth:`moments` and on a re-centre).
     ``pending_rows == 0`` means ``pending`` holds nothing (its contents are stale).
@@ -482,7 +488,7 @@ class _Accumulator:
         assert self.s2 is not None and self.pending is not None
         if self.borrowed:
             self.s2, self.borrowed = self.s2.clone(), False
-        _add_lower(self.s2, self.pending)
+        add_upper(self.s2, self.pending)
         self.pending_rows = 0
 
     def _pending_buffer(self, device: torch.device) -> Tensor:
@@ -494,7 +500,7 @@ class _Accumulator:
         """``pending += yᵀy`` in float32, in place (mixed precision, ``y`` (n, k) centred
         about ``shift``): the floor's own ``addmm_``, no k×k float64 traffic per call."""
         pending = self._pending_buffer(y.device)
-        _add_lower_gram(pending, y, overwrite=not self.pending_rows, work=work)
+        add_gram(pending, y, overwrite=not self.pending_rows, work=work)
         self._pended(y.shape[0])
 
     def _pended(self, n: int) -> None:
@@ -511,7 +517,7 @@ class _Accumulator:
             owned = not self.borrowed and (not self.s2.is_inference()
                                            or torch.is_inference_mode_enabled())
             part = Moments.from_shifted_sums(self.n, self.shift, self.s1,
-                                             _symmetrize(self.s2, in_place=owned), self.s3,
+                                             symmetrize(self.s2, in_place=owned), self.s3,
                                              self.s4, overwrite=True)
             self.done = part if self.done is None else self.done.merge(part)
         self.n, self.s1, self.s2, self.s3, self.s4 = 0, None, None, None, None
@@ -535,19 +541,19 @@ class _Accumulator:
             if red.s2 is not None and adopt and red.s2.dtype == torch.float64:
                 self.s2, self.borrowed = red.s2, True
                 return
-            self.s2 = _new_lower(self.k, device)
+            self.s2 = new_upper(self.k, device)
             if red.s2 is not None:  # a float32 s2 is widened by the copy
-                _add_lower(self.s2, red.s2, overwrite=True)
+                add_upper(self.s2, red.s2, overwrite=True)
             return
         if red.s2 is not None and red.s2.dtype == torch.float32:  # mixed: a shared product
-            _add_lower(self._pending_buffer(red.s2.device), red.s2,
+            add_upper(self._pending_buffer(red.s2.device), red.s2,
                        overwrite=not self.pending_rows)
             self._pended(red.n)
             return
         if self.borrowed:  # s2 is about to be written (without red.s2: by a direct product)
             self.s2, self.borrowed = self.s2.clone(), False
         if red.s2 is not None:
-            _add_lower(self.s2, red.s2)
+            add_upper(self.s2, red.s2)
 
     def take(self, red: _Reduction, adopt: bool = False) -> None:
         """Add ``red`` (whose ``s2`` is ``None`` when it was already added in place)."""
@@ -568,76 +574,6 @@ class _Accumulator:
         if self.done is None:
             return Moments.empty(self.k, device)
         return self.done
-
-
-def _panels(k: int) -> list[tuple[int, int]]:
-    """Column panels ``[i, j)`` of a k×k "lower" matrix: blocks ``[i:, i:j]`` are its data.
-
-    A function of k alone: writers and readers of one matrix must agree on it.
-    """
-    if k < 128:
-        return [(0, k)]
-    b = -(-k // 8)
-    return [(i, min(i + b, k)) for i in range(0, k, b)]
-
-
-def _new_lower(k: int, device: torch.device) -> Tensor:
-    """A zero "lower" matrix (only the panel blocks are zeroed)."""
-    out = torch.empty(k, k, dtype=torch.float64, device=device)
-    for i, j in _panels(k):
-        out[i:, i:j].zero_()
-    return out
-
-
-def _add_lower(out: Tensor, other: Tensor, overwrite: bool = False) -> None:
-    """``out += other`` (or ``out = other``) on the panel blocks only."""
-    for i, j in _panels(out.shape[0]):
-        if overwrite:
-            out[i:, i:j].copy_(other[i:, i:j])
-        else:
-            out[i:, i:j].add_(other[i:, i:j])
-
-
-def _add_lower_gram(out: Tensor, y: Tensor, overwrite: bool = False,
-                    work: _Workspace | None = None) -> None:
-    """``out += yᵀy`` (or ``out = yᵀy``) on the panel blocks of a "lower" matrix ``out``
-    ((k, k), float64, or float32 in mixed precision), in place.
-
-    A Gram matrix is symmetric, but a GEMM computes both halves.  Splitting the columns into
-    8 panels and multiplying each panel by the columns from its own start onwards costs
-    ~9/16 of the flops; :func:`_symmetrize` restores the full matrix once, at the end.  The
-    product runs in ``out``'s dtype; ``y`` of another dtype is converted into ``work``'s
-    buffer (a fresh tensor without one).
-    """
-    n, k = y.shape
-    dtype = out.dtype
-    if y.dtype == dtype:
-        yg = y
-    elif work is None:
-        yg = y.to(dtype)
-    else:
-        yg = work.take("gemm", n * k, dtype, y.device).view(n, k).copy_(y)
-    yt = yg.T  # one view, sliced per panel (a batch-1 call is 128 rows: views add up)
-    for i, j in _panels(k):
-        # beta=0 ignores the block's old contents, even uninitialised NaN/Inf
-        out[i:, i:j].addmm_(yt[i:], yg[:, i:j], beta=0.0 if overwrite else 1.0)
-
-
-def _symmetrize(lower: Tensor, in_place: bool = False) -> Tensor:
-    """The full symmetric matrix from a "lower" matrix (valid on its panel blocks, whose
-    diagonal blocks are complete), copied panel by panel: a whole-matrix transpose is
-    cache-hostile and ~3× slower at k = 1536.  ``in_place`` writes the upper part into
-    ``lower`` itself (only the unused part above the panels is overwritten)."""
-    out = lower if in_place else torch.empty_like(lower)
-    for i, j in _panels(lower.shape[0]):
-        block = lower[i:, i:j]  # (k−i, j−i)
-        if not in_place:
-            out[i:, i:j] = block
-        out[i:j, j:] = block[j - i:].T  # the part right of the diagonal block
-        # the GEMM's diagonal block is symmetric only to rounding: make it exactly so
-        diag = torch.tril(block[: j - i])
-        out[i:j, i:j] = diag + torch.tril(diag, -1).T
-    return out
 
 
 class _Workspace:
@@ -729,13 +665,13 @@ def _reduce(rows: Tensor, acc: _Accumulator, gemm_dtype: torch.dtype, serial: in
                 y = _centred(rows, shift, dtype, work)
             s1, s3, s4 = _low_sums(y)
     if not direct:
-        s2 = torch.empty(k, k, dtype=gemm_dtype, device=y.device)  # panels only, below
-        _add_lower_gram(s2, y, overwrite=True, work=work)
+        s2 = torch.empty(k, k, dtype=gemm_dtype, device=y.device)  # its panels only, by add_gram
+        add_gram(s2, y, overwrite=True, work=work)
         return _Reduction(before, shift, n, s1, s2, s3, s4, serial)
     red = _Reduction(before, shift, n, s1, None, s3, s4, serial)
     acc.prepare(red)
     if gemm_dtype == torch.float64:
-        _add_lower_gram(acc.s2, y, work=work)
+        add_gram(acc.s2, y, work=work)
     else:
         acc.add_gram(y, work)
     acc.take(red)
@@ -988,6 +924,7 @@ class Collector:
                                        for _ in range(folds)]
                 self._streams[name, side] = stream
         self._handles: list[Any] = []
+        self._blas: AbstractContextManager[None] | None = None
         self._cache: dict[tuple[Any, ...], _CacheEntry] = {}
         self._work = _Workspace()
         self._masks: list[Tensor] = []
@@ -1014,6 +951,9 @@ class Collector:
     # -------------------------------------------------------------- hooks
     def __enter__(self) -> Collector:
         try:
+            # the co-moments' products run in SciPy's BLAS: at torch's thread count
+            self._blas = blas_threads()
+            self._blas.__enter__()
             for name, module in self.layers.items():
                 self._handles.append(module.register_forward_hook(
                     self._make_hook(name), with_kwargs=True))
@@ -1030,6 +970,9 @@ class Collector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._blas is not None:
+            self._blas.__exit__(None, None, None)
+            self._blas = None
         self._cache.clear()
         self._work.clear()
         self._layout = None  # holds the model
@@ -1214,14 +1157,14 @@ class Collector:
     def _stage(self, stream: _Stream, acc: _Accumulator, rows: Tensor, serial: int) -> bool:
         """Copy call ``serial``'s ``rows`` (n, k) into ``stream``'s staging buffer for
         ``acc``, reducing the staged block first when they do not fit or belong elsewhere
-        (another fold, dtype or device); False, with nothing staged, for a call big enough
-        to reduce on its own."""
+        (another fold, dtype or device); False, with nothing staged, for a call too big to
+        share a block with another (:data:`_STAGE_MIN_CALLS`)."""
         stage, n = stream.stage, rows.shape[0]
         size = _stage_rows(stream.k)
         if stage.n and (stage.acc is not acc or stage.n + n > size
                         or stage.rows.dtype != rows.dtype or stage.rows.device != rows.device):
             self._flush(stream)
-        if n >= size:
+        if n * _STAGE_MIN_CALLS > size:
             return False
         if stage.rows is None or stage.rows.dtype != rows.dtype \
                 or stage.rows.device != rows.device:
@@ -1422,9 +1365,10 @@ class Collector:
 
     def results(self) -> dict[tuple[str, str], StreamResult]:
         """``(name, side) -> StreamResult``; summaries live on the activations' device."""
-        for stream in self._streams.values():  # NaN/Inf raises before anything is returned
-            self._flush(stream)
-            stream.stage.rows = None  # the buffer is made again if more batches follow
+        with blas_threads():  # the last staged blocks are reduced here, after the hooks
+            for stream in self._streams.values():  # NaN/Inf raises before anything returns
+                self._flush(stream)
+                stream.stage.rows = None  # the buffer is made again if more batches follow
         out: dict[tuple[str, str], StreamResult] = {}
         for key, stream in self._streams.items():
             if stream.sketches is not None:

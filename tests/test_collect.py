@@ -458,20 +458,6 @@ def test_wide_layer_panels_give_exactly_symmetric_comoment():
             assert_matches(m, dense(torch.cat(batches).double().numpy()))
 
 
-def test_symmetrize_in_place_equals_the_copy():
-    from covinit.collect import _add_lower_gram, _new_lower, _symmetrize
-
-    for k in (5, 300):  # one panel, and the panelled path
-        y = torch.randn(64, k, dtype=torch.float64)
-        lower = _new_lower(k, torch.device("cpu"))
-        _add_lower_gram(lower, y)
-        copy = _symmetrize(lower)
-        same = _symmetrize(lower, in_place=True)
-        assert same.data_ptr() == lower.data_ptr()
-        assert torch.equal(same, copy) and torch.equal(same, same.T)
-        torch.testing.assert_close(same, y.T @ y)
-
-
 def test_reused_reduction_survives_producer_called_again():
     # a(x), a(z), b(x): b reuses a's first reduction after a accumulated a second call, so a
     # must not have written into the co-moment it shares (copy-on-write).
@@ -848,6 +834,31 @@ def test_staged_qkv_share_one_reduction_per_block(monkeypatch):
         assert torch.equal(res[name, "input"].total.m2, res["q", "input"].total.m2)
     rows = torch.cat([b["x"].reshape(-1, 8) for b in batches]).double().numpy()
     assert_matches(res["q", "input"].total, dense(rows))
+
+
+@pytest.mark.parametrize(("rows", "blocks"), [(12, [12] * 4), (10, [20, 20])])
+def test_only_calls_that_share_a_block_are_staged(monkeypatch, rows, blocks):
+    # A 20-row block: 12-row calls cannot share one, so they are reduced per call (no copy,
+    # no buffer); 10-row calls are staged two per block.  Same sums either way.
+    import covinit.collect as collect_mod
+
+    reduced = []
+    original = collect_mod._reduce
+
+    def counting(rows_, *args, **kwargs):
+        reduced.append(rows_.shape[0])
+        return original(rows_, *args, **kwargs)
+
+    monkeypatch.setattr(collect_mod, "_reduce", counting)
+    model = nn.Sequential(nn.Linear(8, 3)).double()
+    batches = [torch.randn(rows, 8, dtype=torch.float64) + 2 for _ in range(5)]
+    with staged_rows(20):
+        col = collect(model, batches, sides=("input",))
+        buffer = col._streams["0", "input"].stage.rows  # before results() drops it
+        res = col.results()
+    assert reduced == [rows, *blocks]  # the first batch always on its own
+    assert (buffer is None) == (rows == 12)  # 12-row calls: never copied, no buffer
+    assert_matches(res["0", "input"].total, dense(torch.cat(batches).numpy()))
 
 
 def test_results_mid_stream_reduces_staged_rows_once():
