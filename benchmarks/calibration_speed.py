@@ -25,6 +25,13 @@ runs once, at 2 threads (EVA is left out there).  Written to ``calibration_speed
 
     ... benchmarks/calibration_speed.py --models bert-random --output calibration_speed_shapes
 
+``--smollm2-blocks N`` calibrates SmolLM2 on N blocks instead of 16 (the excess over the floor
+that grows with the positions), named ``smollm2[N blocks]``; ``--sides in+out`` skips the
+inputs-only rows:
+
+    ... benchmarks/calibration_speed.py --models smollm2 --smollm2-blocks 64 --sides in+out \
+        --no-baselines --append
+
 ``--bert-threads`` / ``--bert-batch-sizes`` run part of that sweep and ``--append`` merges it
 into the existing results of the same ``--output`` (rows of the configurations re-run are
 replaced), so that a sweep can be measured in parts, each while the machine is quiet.
@@ -37,12 +44,14 @@ import ctypes
 import gc
 import os
 import re
+import resource
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +139,21 @@ class Row:
     #: Median over rounds of this round's time ÷ the same round's floor (b/c rows of a
     #: multi-round run; None otherwise): steadier than the ratio of two best rounds.
     median_ratio: float | None = None
+    #: CPU seconds of the best round in user and kernel mode (all threads; None for rows
+    #: measured before these columns existed).  Kernel time here is mostly page faults.
+    user_s: float | None = None
+    sys_s: float | None = None
+
+
+@dataclass
+class Timing:
+    """One timed call: wall seconds, peak extra RSS (MiB), CPU user/kernel seconds."""
+
+    seconds: float
+    peak_mib: float
+    user_s: float
+    sys_s: float
+    out: Any = None
 
 
 def release_memory() -> None:
@@ -141,16 +165,17 @@ def release_memory() -> None:
         pass
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
-    best, peak, out = float("inf"), 0.0, None
-    for _ in range(repeats):
-        release_memory()
-        with PeakRSS() as mem:
-            start = time.perf_counter()
-            out = fn()
-            seconds = time.perf_counter() - start
-        best, peak = min(best, seconds), max(peak, mem.mib)
-    return best, peak, out
+def timed(fn: Callable[[], Any]) -> Timing:
+    """Run ``fn`` once after :func:`release_memory`, timing wall clock, RSS and CPU."""
+    release_memory()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return Timing(seconds, mem.mib, after.ru_utime - before.ru_utime,
+                  after.ru_stime - before.ru_stime, out)
 
 
 # ---------------------------------------------------------------------- methods
@@ -260,8 +285,11 @@ def minilm_setup(mode: str) -> tuple[nn.Module, list[dict[str, Tensor]], list[di
     return model, list(loader), list(singles)
 
 
-def smollm2_setup(mode: str) -> tuple[nn.Module, list[dict[str, Tensor]], list[dict[str, Tensor]]]:
+def smollm2_setup(mode: str, blocks: int | None = None
+                  ) -> tuple[nn.Module, list[dict[str, Tensor]], list[dict[str, Tensor]]]:
+    """SmolLM2 on Hamlet blocks; ``blocks`` overrides the mode's count (``--smollm2-blocks``)."""
     n, bs, length = SMOLLM2[mode]
+    n = blocks or n
     model, tok = zoo.load_smollm2(cache_dir=ROOT / ".cache" / "smollm2")
     train, _ = zoo.hamlet()
     blocks = list(zoo.causal_lm_loader(tok, train, seq_len=length, batch_size=1))[:n]
@@ -314,26 +342,31 @@ def bench_model(name: str, setup: Callable[[str], Any], targets: list[str], mode
     forward_all(model, batches[:1])  # warm-up: allocator, kernels, lazy init
     # Rounds over all methods, best time per method: the cores are shared, and interleaving
     # spreads any burst of outside load over every method instead of one.
-    best: dict[str, tuple[float, float]] = {}
+    best: dict[str, Timing] = {}
+    peaks: dict[str, float] = {}
     times: dict[str, list[float]] = {}
     for round_ in range(repeats):
         for method, fn in methods.items():
-            seconds, peak, _ = timed(fn, 1)
-            old = best.get(method, (float("inf"), 0.0))
-            best[method] = (min(old[0], seconds), max(old[1], peak))
-            times.setdefault(method, []).append(seconds)
-            print(f"  round {round_ + 1} {method:<30} {seconds:8.2f} s  {peak:8.1f} MiB",
-                  flush=True)
-    rows = [Row(name, method, seconds, peak, median_ratio=median_ratio(method, times))
-            for method, (seconds, peak) in best.items()]
+            t = timed(fn)
+            if method not in best or t.seconds < best[method].seconds:
+                best[method] = t
+            peaks[method] = max(peaks.get(method, 0.0), t.peak_mib)
+            times.setdefault(method, []).append(t.seconds)
+            print(f"  round {round_ + 1} {method:<30} {t.seconds:8.2f} s  {t.peak_mib:8.1f} MiB"
+                  f"  user {t.user_s:6.2f} s  sys {t.sys_s:5.2f} s", flush=True)
+    rows = [Row(name, method, t.seconds, peaks[method],
+                median_ratio=median_ratio(method, times), user_s=t.user_s, sys_s=t.sys_s)
+            for method, t in best.items()]
     if baselines:
         runs = [("d_peft_eva", lambda: eva(model, batches, targets, rank, eva_passes)),
                 ("e_peft_corda(bs=1)",
                  lambda: corda(model, singles, baseline_targets or targets, rank))]
         for method, fn in runs[0 if eva_baseline else 1:]:
-            seconds, peak, note = timed(fn, 1)
-            rows.append(Row(name, method, seconds, peak, note))
-            print(f"  {method:<38} {seconds:8.2f} s  {peak:8.1f} MiB  {note}", flush=True)
+            t = timed(fn)
+            rows.append(Row(name, method, t.seconds, t.peak_mib, t.out, user_s=t.user_s,
+                            sys_s=t.sys_s))
+            print(f"  {method:<38} {t.seconds:8.2f} s  {t.peak_mib:8.1f} MiB  {t.out}",
+                  flush=True)
     return rows
 
 
@@ -373,13 +406,18 @@ def median_ratio(method: str, times: dict[str, list[float]]) -> float | None:
 def ratios(rows: list[Row]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
-        same = {x.method: x.seconds for x in rows if x.model == r.model}
-        floor = same.get(_floor_of(r.method))
+        same = {x.method: x for x in rows if x.model == r.model}
+        floor = same.get(_floor_of(r.method)) if r.method[0] in "bc" else None
+        user_floor = floor.user_s if floor is not None else None
         out.append({"model": r.model, "method": r.method, "seconds": round(r.seconds, 3),
-                    "x_forward": round(r.seconds / same["a_forward"], 3),
-                    "x_floor": round(r.seconds / floor, 3) if floor and r.method[0] in "bc"
-                    else "",
+                    "x_forward": round(r.seconds / same["a_forward"].seconds, 3),
+                    "x_floor": round(r.seconds / floor.seconds, 3) if floor else "",
                     "x_floor_median": "" if r.median_ratio is None else round(r.median_ratio, 3),
+                    "user_s": "" if r.user_s is None else round(r.user_s, 2),
+                    "sys_s": "" if r.sys_s is None else round(r.sys_s, 2),
+                    # compute alone: CPU time in user mode against the floor's
+                    "x_floor_user": round(r.user_s / user_floor, 3)
+                    if r.user_s is not None and user_floor else "",
                     "peak_extra_mib": round(r.peak_mib, 1), "note": r.note})
     return out
 
@@ -389,8 +427,11 @@ def merged(rows: list[Row], stem: str) -> tuple[list[Row], list[str]]:
     replaced, the others kept in order), and the commands that measured the kept ones."""
     new = {r.model for r in rows}
     saved = read_rows(RESULTS / f"{stem}.csv")
+    def number(r: dict[str, str], key: str) -> float | None:
+        return float(r[key]) if r.get(key) else None
+
     old = [Row(r["model"], r["method"], float(r["seconds"]), float(r["peak_extra_mib"]),
-               r["note"], float(r["x_floor_median"]) if r.get("x_floor_median") else None)
+               r["note"], number(r, "x_floor_median"), number(r, "user_s"), number(r, "sys_s"))
            for r in saved if r["model"] not in new]
     md = RESULTS / f"{stem}.md"
     commands = []
@@ -419,14 +460,18 @@ def write(table: list[dict[str, Any]], rows: list[Row], args: argparse.Namespace
         "(b) for the same sides; `median` is the median over rounds of each round's ratio to "
         "that round's floor. SmolLM2's weights are dequantized Q4_1 (4-bit noise).",
         "",
-        "| model | method | seconds | × forward | × floor | × floor, median | peak extra MiB "
-        "| note |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "`user s` / `sys s`: CPU seconds of the best round in user and kernel mode (kernel time "
+        "is mostly page faults); `× floor, user`: user time against the floor's (the compute "
+        "alone).",
+        "",
+        "| model | method | seconds | × forward | × floor | × floor, median | user s | sys s "
+        "| × floor, user | peak extra MiB | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for t in table:
         lines.append(f"| {t['model']} | {t['method']} | {t['seconds']:.2f} | {t['x_forward']} "
-                     f"| {t['x_floor']} | {t['x_floor_median']} | {t['peak_extra_mib']} | "
-                     f"{t['note']} |")
+                     f"| {t['x_floor']} | {t['x_floor_median']} | {t['user_s']} | {t['sys_s']} "
+                     f"| {t['x_floor_user']} | {t['peak_extra_mib']} | {t['note']} |")
     lines += ["", "Speed-ups of covinit (inputs only, the statistics EVA and CorDA collect):", ""]
     for model in dict.fromkeys(r.model for r in rows):
         same = {r.method: r.seconds for r in rows if r.model == model}
@@ -474,6 +519,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--append", action="store_true",
                         help="merge into the existing results of --output, replacing the rows "
                              "of the configurations measured now")
+    parser.add_argument("--smollm2-blocks", type=int, default=None,
+                        help="SmolLM2: calibrate on this many Hamlet blocks of 128 tokens "
+                             "(default 16, quick 2); the model is named smollm2[N blocks]")
+    parser.add_argument("--sides", nargs="+", choices=["in+out", "in"], default=["in+out", "in"],
+                        help="which statistics (b) and (c) collect (default both settings)")
     parser.add_argument("--eva-max-passes", type=int, default=None,
                         help="stop EVA after this many passes over the data (default 10, "
                              "quick 1); a stopped run is reported as a lower bound")
@@ -487,8 +537,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
           f"threads: {args.threads}; mode: {mode}", flush=True)
     rows: list[Row] = []
-    specs = {"minilm": (minilm_setup, MINILM_TARGETS), "smollm2": (smollm2_setup,
-                                                                   SMOLLM2_TARGETS)}
+    specs = {"minilm": (minilm_setup, MINILM_TARGETS),
+             "smollm2": (partial(smollm2_setup, blocks=args.smollm2_blocks), SMOLLM2_TARGETS)}
+    sides_list = tuple(("input", "output") if s == "in+out" else ("input",) for s in args.sides)
     baselines = not args.no_baselines and (args.baselines or not args.quick)
     for name in args.models:
         if name == "bert-random":
@@ -497,8 +548,10 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(args.threads)
             continue
         setup, targets = specs[name]
-        rows += bench_model(name, setup, targets, mode, repeats, baselines, args.rank,
-                            args.eva_max_passes or EVA_MAX_PASSES[mode])
+        label = (f"smollm2[{args.smollm2_blocks} blocks]"
+                 if name == "smollm2" and args.smollm2_blocks else name)
+        rows += bench_model(label, setup, targets, mode, repeats, baselines, args.rank,
+                            args.eva_max_passes or EVA_MAX_PASSES[mode], sides_list=sides_list)
     earlier: list[str] = []
     if args.append:
         rows, earlier = merged(rows, args.output + ("_quick" if args.quick else ""))

@@ -340,3 +340,18 @@ def test_calibration_speed_median_ratio_pairs_rounds() -> None:
     assert table["c_covinit[in,mixed]"]["x_floor"] == 0.8
     assert table["c_covinit[in,mixed]"]["x_floor_median"] == 1.0
     assert table["a_forward"]["x_floor_median"] == ""
+    assert table["c_covinit[in,mixed]"]["x_floor_user"] == ""  # rows from before the column
+
+
+def test_calibration_speed_splits_user_and_kernel_time() -> None:
+    """The compute-only ratio uses user CPU time; a timed call reports its CPU times."""
+    speed = pytest.importorskip("calibration_speed")
+    rows = [speed.Row("m", "a_forward", 1.0, 0.0, user_s=1.0, sys_s=0.1),
+            speed.Row("m", "b_floor_fp32_gram[in]", 5.0, 0.0, user_s=4.0, sys_s=1.0),
+            speed.Row("m", "c_covinit[in,float64]", 6.0, 0.0, user_s=4.2, sys_s=1.8)]
+    table = {t["method"]: t for t in speed.ratios(rows)}
+    assert table["c_covinit[in,float64]"]["x_floor"] == 1.2
+    assert table["c_covinit[in,float64]"]["x_floor_user"] == 1.05
+    assert table["a_forward"]["x_floor_user"] == ""
+    t = speed.timed(lambda: sum(i * i for i in range(300_000)))
+    assert t.out > 0 and t.seconds > 0 and t.user_s > 0 and t.sys_s >= 0
