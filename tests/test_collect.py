@@ -808,12 +808,11 @@ def test_property_staged_equals_unstaged_and_dense(sizes, stage, folds, precisio
                                    tol=1e-4 if jump else 1e-5)
 
 
-def test_staged_qkv_share_one_reduction_per_block(monkeypatch):
-    # After the first batch q stages its input and k, v take each staged call: one reduction
-    # per block for all three, identical sums, and still reported as shared.
+def count_reductions(monkeypatch) -> list[int]:
+    """The rows of every reduction the collector runs from now on, in order."""
     import covinit.collect as collect_mod
 
-    reduced = []
+    reduced: list[int] = []
     original = collect_mod._reduce
 
     def counting(rows, *args, **kwargs):
@@ -821,6 +820,13 @@ def test_staged_qkv_share_one_reduction_per_block(monkeypatch):
         return original(rows, *args, **kwargs)
 
     monkeypatch.setattr(collect_mod, "_reduce", counting)
+    return reduced
+
+
+def test_staged_qkv_share_one_reduction_per_block(monkeypatch):
+    # After the first batch q stages its input and k, v take each staged call: one reduction
+    # per block for all three, identical sums, and still reported as shared.
+    reduced = count_reductions(monkeypatch)
     torch.manual_seed(0)
     model = Staged()
     batches = staged_batches([5] * 9, seed=1)
@@ -840,16 +846,7 @@ def test_staged_qkv_share_one_reduction_per_block(monkeypatch):
 def test_only_calls_that_share_a_block_are_staged(monkeypatch, rows, blocks):
     # A 20-row block: 12-row calls cannot share one, so they are reduced per call (no copy,
     # no buffer); 10-row calls are staged two per block.  Same sums either way.
-    import covinit.collect as collect_mod
-
-    reduced = []
-    original = collect_mod._reduce
-
-    def counting(rows_, *args, **kwargs):
-        reduced.append(rows_.shape[0])
-        return original(rows_, *args, **kwargs)
-
-    monkeypatch.setattr(collect_mod, "_reduce", counting)
+    reduced = count_reductions(monkeypatch)
     model = nn.Sequential(nn.Linear(8, 3)).double()
     batches = [torch.randn(rows, 8, dtype=torch.float64) + 2 for _ in range(5)]
     with staged_rows(20):
