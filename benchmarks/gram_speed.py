@@ -8,7 +8,7 @@ outputs, hidden size, MLP width) and calls of 128, 1,024 and 4,096 rows, it time
   * ``f64_panels``  — float64 upper triangle as 8 row-panel GEMMs (covinit's path on devices
     other than the CPU, and its CPU path before the BLAS ``?syrk`` one),
   * ``f64_syrk``    — float64 upper triangle with SciPy's BLAS ``dsyrk``
-    (:func:`covinit._gram.add_gram` on the CPU: ``precision="float64"``),
+    (:func:`covinit._gram.add_gram`'s path on the CPU with torch on one thread),
   * ``f32_panels`` / ``f32_syrk`` — the same in float32 (``precision="mixed"``),
 
 best of interleaved rounds, milliseconds per call, and the ratio to ``fp32_full``.  Torch and
@@ -47,9 +47,9 @@ def methods(n: int, k: int) -> dict[str, Callable[[], object]]:
         "fp32_full": lambda: full32.addmm_(y32.T, y32),
         "f64_full": lambda: torch.mm(y64.T, y64),
         "f64_panels": lambda: add_gram(up64, y64, blas=False),
-        "f64_syrk": lambda: add_gram(up64, y64),
+        "f64_syrk": lambda: add_gram(up64, y64, blas=True),
         "f32_panels": lambda: add_gram(up32, y32, blas=False),
-        "f32_syrk": lambda: add_gram(up32, y32),
+        "f32_syrk": lambda: add_gram(up32, y32, blas=True),
     }
 
 
@@ -92,14 +92,15 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"t{threads} k={k:<5} n={n:<5} " + "  ".join(
                         f"{name} {ms:.3f}" for name, ms in best.items()), flush=True)
     write_rows(RESULTS / f"{args.output}.csv", table, list(table[0]))
+    names = list(dict.fromkeys(r["method"] for r in table))  # a group's rows, in order
     lines = ["# The co-moment product: ms per call and × the float32 full GEMM", "",
              f"Command: `{command_line(['benchmarks/gram_speed.py', *(argv or sys.argv[1:])])}`"
              "  ", f"Machine: {machine()}; load average before: {load}, after: "
              f"{load_average()}; best of {args.rounds} interleaved rounds", "",
-             "| threads | k | rows | " + " | ".join(methods(1, 1)) + " |",
-             "|---:|---:|---:|" + "---:|" * len(methods(1, 1))]
-    for i in range(0, len(table), len(methods(1, 1))):
-        group = table[i:i + len(methods(1, 1))]
+             "| threads | k | rows | " + " | ".join(names) + " |",
+             "|---:|---:|---:|" + "---:|" * len(names)]
+    for i in range(0, len(table), len(names)):
+        group = table[i:i + len(names)]
         head = group[0]
         lines.append(f"| {head['threads']} | {head['k']} | {head['n']} | " + " | ".join(
             f"{r['ms']:.3f} ({r['x_fp32_full']:.2f}×)" for r in group) + " |")

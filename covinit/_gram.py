@@ -4,14 +4,15 @@ A Gram matrix is symmetric, but a GEMM computes both halves.  The collectors kee
 co-moments as *upper matrices*: only the entries on and above the diagonal are meaningful
 while the sums grow, and :func:`symmetrize` completes the matrix once, when it is read.
 
-On the CPU, :func:`add_gram` calls the ``?syrk`` routine of SciPy's BLAS (half the flops of
-a GEMM, in one call) where it measured faster than 8 row-panel GEMMs through torch (the way
-other devices still take) in ``benchmarks/gram_speed.py`` on this project's 2-core machine
-(``benchmarks/results/gram_speed.md``): in float32 at 1 and 2 threads, and in float64 at one
-thread (5–14 % less time than the panels, about the time of the floor's float32 ``XᵀX``).
-At 2 threads the float64 ``dsyrk`` was slower than the panels at most shapes, so float64
-keeps the panels there.  SciPy's BLAS keeps its own thread pool: :func:`blas_threads`
-matches it to torch's thread count while a collector runs.
+On the CPU with torch on one thread, :func:`add_gram` calls the ``?syrk`` routine of SciPy's
+BLAS (half the flops of a GEMM, in one call) instead of 8 row-panel GEMMs through torch (the
+way other devices take).  ``benchmarks/gram_speed.py`` on this project's 2-core machine
+(``benchmarks/results/gram_speed.md``), one thread, widths 192–1,536, 128–4,096 rows: float64
+5–27 % less time than the panels (0.95–1.20× the floor's float32 ``XᵀX``), float32 15–43 %
+less.  At 2 threads the 2-core machine gave no stable answer (two runs of the script: float32
+``ssyrk`` slower than the panels at 5 of 9 shapes in one, faster at all 9 in the other), so
+more threads keep the panels until a machine with more cores decides it.  SciPy's BLAS keeps its own
+thread pool: :func:`blas_threads` matches it to torch's thread count while a collector runs.
 
 The storage of an upper matrix is the row panels of :func:`panels`: blocks ``[i:j, i:]``.
 What lies left of the diagonal inside a diagonal block is unspecified (the BLAS leaves it
@@ -75,7 +76,7 @@ def add_upper(out: Tensor, other: Tensor, overwrite: bool = False) -> None:
 
 
 def add_gram(out: Tensor, y: Tensor, overwrite: bool = False,
-             work: Buffers | None = None, blas: bool = True) -> None:
+             work: Buffers | None = None, blas: bool | None = None) -> None:
     """``out += yᵀy`` (or ``out = yᵀy``) on the upper matrix ``out`` (k, k), in place.
 
     Parameters
@@ -89,9 +90,10 @@ def add_gram(out: Tensor, y: Tensor, overwrite: bool = False,
         Write ``yᵀy`` instead of adding it.
     work : Buffers, optional
         Scratch space for a converted or made-contiguous copy of ``y``.
-    blas : bool
-        Use the BLAS ``?syrk`` where it pays (a CPU matrix, float32, or float64 on one
-        thread); False forces the panel GEMMs that other devices run (for tests and
+    blas : bool, optional
+        None (default): the BLAS ``?syrk`` where it measured faster, a CPU matrix with torch
+        on one thread.  True: the BLAS for any contiguous float32/float64 CPU matrix; False:
+        the panel GEMMs that other devices run (both for tests and
         ``benchmarks/gram_speed.py``).
     """
     n, k = y.shape
@@ -102,8 +104,9 @@ def add_gram(out: Tensor, y: Tensor, overwrite: bool = False,
         else:
             y = work.take("gemm", n * k, dtype, y.device).view(n, k).copy_(y)
     beta = 0.0 if overwrite else 1.0
-    if blas and out.device.type == "cpu" and dtype in _SYRK and out.is_contiguous() and (
-            dtype == torch.float32 or torch.get_num_threads() == 1):
+    if blas is None:
+        blas = torch.get_num_threads() == 1
+    if blas and out.device.type == "cpu" and dtype in _SYRK and out.is_contiguous():
         _syrk(out, y, beta)
         return
     yt = y.T  # one view, sliced per panel (a batch-1 call is 128 rows: views add up)

@@ -16,7 +16,7 @@ BACKENDS = pytest.mark.parametrize("blas", [True, False], ids=["blas", "panels"]
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """float64 takes the BLAS path on one torch thread only: test it there."""
+    """The default path takes the BLAS on one torch thread only: test it there."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -84,6 +84,22 @@ def test_converted_strided_and_inference_inputs(blas: bool):
         out = new_upper(k, dtype=torch.float32)  # an inference tensor
         add_gram(out, y, blas=blas)  # float64 rows into a float32 matrix
     torch.testing.assert_close(symmetrize(out), (y.T @ y).float(), rtol=1e-5, atol=1e-3)
+
+
+def test_default_path_is_the_blas_on_one_thread_only(monkeypatch: pytest.MonkeyPatch):
+    from covinit import _gram
+
+    calls: list[int] = []
+    real = _gram._syrk
+    monkeypatch.setattr(_gram, "_syrk", lambda *a: (calls.append(1), real(*a)))
+    y = torch.randn(16, 200, dtype=torch.float64)
+    for threads, expected in ((1, 1), (2, 0)):
+        torch.set_num_threads(threads)
+        calls.clear()
+        out = new_upper(200)
+        add_gram(out, y)
+        assert len(calls) == expected
+        torch.testing.assert_close(symmetrize(out), y.T @ y)
 
 
 def _blas_threads_now() -> list[int]:
