@@ -1109,6 +1109,12 @@ class Collector:
                 red = _reduce(rows, acc, self.gemm_dtype, serial, direct=direct,
                               work=self._work)
             except _NonFinite:
+                # A non-finite value spreads downstream: a staged layer earlier in the
+                # forward may hold this batch's first one.  Reducing the staged rows reports
+                # that layer instead of this later one (its rows would be reduced anyway).
+                for other in self._streams.values():
+                    if other is not stream:
+                        self._flush(other)
                 self._raise_non_finite(name, side, rows, self._batch)
             self._producers[red.serial] = stream
             if not direct:
