@@ -1109,13 +1109,7 @@ class Collector:
                 red = _reduce(rows, acc, self.gemm_dtype, serial, direct=direct,
                               work=self._work)
             except _NonFinite:
-                # A non-finite value spreads downstream: a staged layer earlier in the
-                # forward may hold this batch's first one.  Reducing the staged rows reports
-                # that layer instead of this later one (its rows would be reduced anyway).
-                for other in self._streams.values():
-                    if other is not stream:
-                        self._flush(other)
-                self._raise_non_finite(name, side, rows, self._batch)
+                self._raise_non_finite_earliest(stream, rows)
             self._producers[red.serial] = stream
             if not direct:
                 acc.take(red, adopt=True)  # the producer keeps the reduction's own s2
@@ -1248,6 +1242,15 @@ class Collector:
         stream.sketches[fold] = stream.sketches[fold].merge(part, omega)
         if (stream.name, stream.side) == self._first:
             self._rows_this_batch += part.n
+
+    def _raise_non_finite_earliest(self, stream: _Stream, rows: Tensor) -> NoReturn:
+        """Report ``stream``'s non-finite ``rows`` of this batch, unless a staged layer
+        earlier in the forward holds the batch's first one (a NaN spreads downstream):
+        reducing the staged rows, which would happen anyway, reports that layer instead."""
+        for other in self._streams.values():
+            if other is not stream:
+                self._flush(other)
+        self._raise_non_finite(stream.name, stream.side, rows, self._batch)
 
     @staticmethod
     def _raise_non_finite(name: str, side: str, rows: Tensor, batch: int) -> NoReturn:
