@@ -143,6 +143,9 @@ class Row:
     #: measured before these columns existed).  Kernel time here is mostly page faults.
     user_s: float | None = None
     sys_s: float | None = None
+    #: Interleaved rounds this row's time is the best of (None: one run, or a row saved
+    #: before the column existed).  ``--append`` merges runs made with different counts.
+    rounds: int | None = None
 
 
 @dataclass
@@ -176,6 +179,18 @@ def timed(fn: Callable[[], Any]) -> Timing:
     after = resource.getrusage(resource.RUSAGE_SELF)
     return Timing(seconds, mem.mib, after.ru_utime - before.ru_utime,
                   after.ru_stime - before.ru_stime, out)
+
+
+def first_touch(gib: float = 1.0) -> Timing:
+    """Allocate ``gib`` GiB of float64 and write it once: what memory the process has not
+    touched yet costs here.  Every method pays this for each byte of its peak beyond memory
+    it reuses; float64 statistics are twice the floor's float32 ones, so it explains most
+    of the ``sys s`` gap (on this project's VM: 0.3–2.3 s of kernel time per GiB, varying
+    from call to call)."""
+    def touch() -> None:
+        torch.empty(int(gib * 2**27), dtype=torch.float64).fill_(1.0)
+
+    return timed(touch)
 
 
 # ---------------------------------------------------------------------- methods
@@ -355,7 +370,8 @@ def bench_model(name: str, setup: Callable[[str], Any], targets: list[str], mode
             print(f"  round {round_ + 1} {method:<30} {t.seconds:8.2f} s  {t.peak_mib:8.1f} MiB"
                   f"  user {t.user_s:6.2f} s  sys {t.sys_s:5.2f} s", flush=True)
     rows = [Row(name, method, t.seconds, peaks[method],
-                median_ratio=median_ratio(method, times), user_s=t.user_s, sys_s=t.sys_s)
+                median_ratio=median_ratio(method, times), user_s=t.user_s, sys_s=t.sys_s,
+                rounds=repeats)
             for method, t in best.items()]
     if baselines:
         runs = [("d_peft_eva", lambda: eva(model, batches, targets, rank, eva_passes)),
@@ -418,7 +434,8 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
                     # compute alone: CPU time in user mode against the floor's
                     "x_floor_user": round(r.user_s / user_floor, 3)
                     if r.user_s is not None and user_floor else "",
-                    "peak_extra_mib": round(r.peak_mib, 1), "note": r.note})
+                    "peak_extra_mib": round(r.peak_mib, 1),
+                    "rounds": "" if r.rounds is None else r.rounds, "note": r.note})
     return out
 
 
@@ -431,7 +448,8 @@ def merged(rows: list[Row], stem: str) -> tuple[list[Row], list[str]]:
         return float(r[key]) if r.get(key) else None
 
     old = [Row(r["model"], r["method"], float(r["seconds"]), float(r["peak_extra_mib"]),
-               r["note"], number(r, "x_floor_median"), number(r, "user_s"), number(r, "sys_s"))
+               r["note"], number(r, "x_floor_median"), number(r, "user_s"), number(r, "sys_s"),
+               int(r["rounds"]) if r.get("rounds") else None)
            for r in saved if r["model"] not in new]
     md = RESULTS / f"{stem}.md"
     commands = []
@@ -444,7 +462,8 @@ def merged(rows: list[Row], stem: str) -> tuple[list[Row], list[str]]:
 
 
 def write(table: list[dict[str, Any]], rows: list[Row], args: argparse.Namespace,
-          load: tuple[float, float, float], command: str, earlier: list[str]) -> None:
+          load: tuple[float, float, float], command: str, earlier: list[str],
+          touch: Timing) -> None:
     stem = args.output + ("_quick" if args.quick else "")
     write_rows(RESULTS / f"{stem}.csv", table, list(table[0]))
     commands = "; then ".join(f"`{c}`" for c in [*earlier, command])
@@ -455,23 +474,26 @@ def write(table: list[dict[str, Any]], rows: list[Row], args: argparse.Namespace
         f"Machine: {machine()}; load average before: "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after: {load_average()} "
         "(bert-random rows: threads and batch size in the model name)  ",
-        f"Times are the best of {args.repeats} interleaved round(s) (EVA and CorDA: one run); "
-        "`× floor` compares with "
+        "Times are the best of the `rounds` column's interleaved rounds (EVA and CorDA: one "
+        "run; empty: not recorded when the row was measured); `× floor` compares with "
         "(b) for the same sides; `median` is the median over rounds of each round's ratio to "
         "that round's floor. SmolLM2's weights are dequantized Q4_1 (4-bit noise).",
         "",
         "`user s` / `sys s`: CPU seconds of the best round in user and kernel mode (kernel time "
         "is mostly page faults); `× floor, user`: user time against the floor's (the compute "
-        "alone).",
+        f"alone). Writing 1 GiB of fresh memory took {touch.seconds:.2f} s "
+        f"({touch.sys_s:.2f} s in the kernel) at the start of the last command: the price "
+        "of every byte of a method's peak memory beyond what it reuses.",
         "",
         "| model | method | seconds | × forward | × floor | × floor, median | user s | sys s "
-        "| × floor, user | peak extra MiB | note |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| × floor, user | peak extra MiB | rounds | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for t in table:
         lines.append(f"| {t['model']} | {t['method']} | {t['seconds']:.2f} | {t['x_forward']} "
                      f"| {t['x_floor']} | {t['x_floor_median']} | {t['user_s']} | {t['sys_s']} "
-                     f"| {t['x_floor_user']} | {t['peak_extra_mib']} | {t['note']} |")
+                     f"| {t['x_floor_user']} | {t['peak_extra_mib']} | {t['rounds']} "
+                     f"| {t['note']} |")
     lines += ["", "Speed-ups of covinit (inputs only, the statistics EVA and CorDA collect):", ""]
     for model in dict.fromkeys(r.model for r in rows):
         same = {r.method: r.seconds for r in rows if r.model == model}
@@ -536,6 +558,9 @@ def main(argv: list[str] | None = None) -> None:
         ["benchmarks/calibration_speed.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
           f"threads: {args.threads}; mode: {mode}", flush=True)
+    touch = first_touch()
+    print(f"first touch of 1 GiB: {touch.seconds:.2f} s (kernel {touch.sys_s:.2f} s)",
+          flush=True)
     rows: list[Row] = []
     specs = {"minilm": (minilm_setup, MINILM_TARGETS),
              "smollm2": (partial(smollm2_setup, blocks=args.smollm2_blocks), SMOLLM2_TARGETS)}
@@ -556,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.append:
         rows, earlier = merged(rows, args.output + ("_quick" if args.quick else ""))
     table = ratios(rows)
-    write(table, rows, args, load, command, earlier)
+    write(table, rows, args, load, command, earlier, touch)
     print("\nload average after: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     for t in table:
         print(f"  {t['model']:<8} {t['method']:<34} {t['seconds']:8.2f} s  "

@@ -355,3 +355,19 @@ def test_calibration_speed_splits_user_and_kernel_time() -> None:
     assert table["a_forward"]["x_floor_user"] == ""
     t = speed.timed(lambda: sum(i * i for i in range(300_000)))
     assert t.out > 0 and t.seconds > 0 and t.user_s > 0 and t.sys_s >= 0
+
+
+def test_calibration_speed_append_keeps_each_rows_rounds(tmp_path: Path, monkeypatch) -> None:
+    """``--append`` merges runs made with different ``--repeats``: each row keeps the rounds
+    it was measured with (the header once claimed the last command's count for all)."""
+    speed = pytest.importorskip("calibration_speed")
+    monkeypatch.setattr(speed, "RESULTS", tmp_path)
+    first = [speed.Row("m1", "a_forward", 1.0, 0.0, rounds=2),
+             speed.Row("m1", "b_floor_fp32_gram[in]", 5.0, 0.0, rounds=2),
+             speed.Row("m1", "e_peft_corda(bs=1)", 9.0, 0.0)]
+    speed.write_rows(tmp_path / "s.csv", speed.ratios(first), list(speed.ratios(first)[0]))
+    rows, _ = speed.merged([speed.Row("m2", "a_forward", 2.0, 0.0, rounds=1)], "s")
+    by = {(r.model, r.method): r.rounds for r in rows}
+    assert by == {("m1", "a_forward"): 2, ("m1", "b_floor_fp32_gram[in]"): 2,
+                  ("m1", "e_peft_corda(bs=1)"): None, ("m2", "a_forward"): 1}
+    assert speed.first_touch(1 / 64).seconds > 0
