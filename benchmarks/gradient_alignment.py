@@ -368,6 +368,27 @@ def kaiming_lr(task: str, s: dict[str, Any]) -> float:
 
 
 # ---------------------------------------------------------------------------- measurement
+def _warm_head(data: TaskData, s: dict[str, Any], seed: int, head_l2: float,
+               facts: dict[str, Any], log: Callable[[str], None]
+               ) -> tuple[TaskData, covinit.Calibration, dict[str, Any]]:
+    """Item 3: the task with a head fitted on frozen features, its step-0 calibration and
+    the gradient inits from it; the head's fit goes into ``facts``."""
+    x, y = head_features(data, seed)
+    n_classes = head_module(data, data.base).out_features
+    weight, bias = fit_head(x, y, n_classes, head_l2)
+    facts["warm_head_train_acc"] = float(((x @ weight.T + bias).argmax(1) == y).double().mean())
+    warm_data = warm_task(data, weight, bias)
+    facts["warm_head_val_loss"] = warm_data.evaluate(warm_data.fresh_model(seed),
+                                                     data.validation)[0]
+    facts["random_head_val_loss"] = data.evaluate(data.fresh_model(seed), data.validation)[0]
+    cal_w = calibrate(warm_data.fresh_model(seed), warm_data, s)
+    warm = {INPUT_INITS[t]: init_factors(INPUT_INITS[t], warm_data, s, seed, cal_w)
+            for t in WARM_INITS}
+    log(f"warm head: train acc {facts['warm_head_train_acc']:.3f}, val loss "
+        f"{facts['warm_head_val_loss']:.4f} (random head {facts['random_head_val_loss']:.4f})")
+    return warm_data, cal_w, warm
+
+
 def _layer_metrics(name: str, dw: Tensor, m_sqrt: Tensor, rank: int,
                    a0: Tensor, inits: Mapping[str, tuple[Tensor, Tensor, float]],
                    g0: Tensor, gt: Tensor, gpath: Tensor, g0_folds: Sequence[Tensor] | None,
@@ -490,20 +511,10 @@ def run_task(task: str, seed: int, lr: float | None = None, head_l2: float = 1e-
     final = lora_factors(trained)
     cal_t = calibrate(trained, data, s, sides=("input", "gradient"))
 
-    # Item 3: a warm head on frozen features.
-    x, y = head_features(data, seed)
-    n_classes = head_module(data, data.base).out_features
-    weight, bias = fit_head(x, y, n_classes, head_l2)
-    facts["warm_head_train_acc"] = float(((x @ weight.T + bias).argmax(1) == y).double().mean())
-    warm_data = warm_task(data, weight, bias)
-    facts["warm_head_val_loss"] = warm_data.evaluate(warm_data.fresh_model(seed),
-                                                     data.validation)[0]
-    facts["random_head_val_loss"] = data.evaluate(data.fresh_model(seed), data.validation)[0]
-    cal_w = calibrate(warm_data.fresh_model(seed), warm_data, s)
-    warm = {INPUT_INITS[t]: init_factors(INPUT_INITS[t], warm_data, s, seed, cal_w)
-            for t in WARM_INITS}
-    log(f"[{task}] warm head: train acc {facts['warm_head_train_acc']:.3f}, val loss "
-        f"{facts['warm_head_val_loss']:.4f} (random head {facts['random_head_val_loss']:.4f})")
+    # Item 3: a warm head on frozen features (a task with a fresh head; a causal LM's
+    # output layer is pretrained, so its step-0 gradient has no random head to blame).
+    warm_data, cal_w, warm = (_warm_head(data, s, seed, head_l2, facts, log) if data.head
+                              else (None, None, {}))
 
     gen = torch.Generator().manual_seed(seed)
     rows = []
@@ -515,10 +526,11 @@ def run_task(task: str, seed: int, lr: float | None = None, head_l2: float = 1e-
             name, dw, m_sqrt, s["rank"], a0[name],
             {label: f[name] for label, f in inits.items()},
             cal0.gradient(name), cal_t.gradient(name), g_path[name], cal0.gradient_folds(name),
-            cal_w.gradient(name), {label: f[name] for label, f in warm.items()}, gen)
+            None if cal_w is None else cal_w.gradient(name),
+            {label: f[name] for label, f in warm.items()}, gen)
         rows.append({"task": task, "seed": seed, "lr": lr, "layer": name, **metrics})
 
-    if warm_train:
+    if warm_train and warm_data is not None:
         facts["measure_s"] = round(time.perf_counter() - t0, 1)
         for label, method, cal in (("kaiming", "kaiming", None),
                                    ("grad-whiten", "grad-whiten@ledoit_wolf", cal_w)):
@@ -551,11 +563,11 @@ OUT_COLUMNS = [
 ITEM2 = [
     ("g0_topr_energy", "share of ‖G_0‖²_F in its top r singular values"),
     ("g0_fold_overlap", "G_0's top-r right subspace, mean overlap between the 4 calibration "
-     "folds (64 examples each)"),
+     "folds"),
     ("g0_gT_overlap", "top-r right subspaces of G_0 and G_T (end of training)"),
     ("g0_gT_left_overlap", "top-r left subspaces of G_0 and G_T"),
     ("cos_g0_gT", "cosine of G_0 and G_T (Frobenius)"),
-    ("g0_path_overlap", "G_0 vs ΣG_t (the gradient summed over the 96 training steps), "
+    ("g0_path_overlap", "G_0 vs ΣG_t (the gradient summed over the training steps), "
      "top-r right subspaces"),
     ("cos_g0_path", "cosine of G_0 and ΣG_t"),
     ("g0_dw_overlap", "G_0's top-r right subspace vs ΔW_T's row space"),
@@ -599,8 +611,8 @@ def write_summary(out: Path) -> Path:
     found = _load(out)
     tasks = list(found)
     lines = ["# Where does the trained LoRA update live? (issue 12 (b): the \"why\")", "",
-             "Kaiming LoRA trained at the task's tuned rate (compare_inits `base` settings: "
-             "MiniLM attention q/k/v/o of 6 layers = 24 layers, r 8, α 16, 96 steps × 16); "
+             "Kaiming LoRA trained at the task's tuned rate (compare_inits `base` settings, "
+             "each task's rank, steps and target layers below); "
              "ΔW_T = s·B_T·A_T per layer.  Each figure: mean ± std over the layers (and "
              "seeds).  M = E[xxᵀ] of the layer's inputs on the step-0 calibration; the data "
              "metric weighs an update by its effect on the layer's outputs, ‖ΔW·M^½‖.  "
@@ -620,14 +632,17 @@ def write_summary(out: Path) -> Path:
                   + (f" ({f['measure_s']} s measuring, the rest the LP-then-LoRA runs)"
                      if "measure_s" in f else "") + f"; seeds {', '.join(seeds)}; "
                   f"lr {f.get('lr', '?')} (Kaiming's tuned rate), {len(rows)} layer rows; "
-                  f"rank {f.get('rank', '?')}, r/k = {_cell(rows, 'r_over_k', 4)}",
+                  f"rank {f.get('rank', '?')}, α {f.get('alpha', '?')}, {f.get('steps', '?')} "
+                  f"steps, targets {', '.join(f.get('targets', []))}; r/k = "
+                  f"{_cell(rows, 'r_over_k', 4)}",
                   f"- Kaiming final validation loss here: "
                   f"{_fmt(f.get('kaiming_final_val_loss'))} (train {f.get('kaiming_train_s')}"
-                  " s).  Warm head (L2 "
-                  f"{f.get('head_l2')}): train accuracy {_fmt(f.get('warm_head_train_acc'))}, "
-                  f"validation loss of the frozen model with it "
-                  f"{_fmt(f.get('warm_head_val_loss'))} (random head "
-                  f"{_fmt(f.get('random_head_val_loss'))})", ""]
+                  " s)." + (f"  Warm head (L2 {f.get('head_l2')}): train accuracy "
+                            f"{_fmt(f.get('warm_head_train_acc'))}, validation loss of the "
+                            f"frozen model with it {_fmt(f.get('warm_head_val_loss'))} "
+                            f"(random head {_fmt(f.get('random_head_val_loss'))})"
+                            if "warm_head_train_acc" in f else
+                            "  No fresh head (a causal LM): no warm-head figures."), ""]
         if "warm_kaiming_final_val_loss" in f:
             lines += [f"- LP-then-LoRA (one seed, **not evidence**): from the warm head at lr "
                       f"{f.get('lr')}, Kaiming {_fmt(f['warm_kaiming_final_val_loss'])}, "
@@ -657,7 +672,7 @@ def write_summary(out: Path) -> Path:
               "- A capture near `random` means the init starts LoRA in a subspace no closer "
               "to where the trained update lies than chance; near `kaiming-A0` means it is "
               "as close as Kaiming's own random start (whose A moves with training).",
-              "- Kaiming's A rotates little in 96 steps (`kaiming-A0` overlap with ΔW_T's "
+              "- Kaiming's A rotates little over the run (`kaiming-A0` overlap with ΔW_T's "
               "row space), so ΔW_T's row space partly records where Kaiming *started*; "
               "ΣG_t (the full weight's gradient summed over the training steps, hooked "
               "during the same run) is not confined to A's row space: its columns are the "

@@ -162,3 +162,21 @@ def test_smoke_tiny(tmp_path: Path) -> None:
     text = (tmp_path / "summary.md").read_text(encoding="utf-8")
     assert "## tiny" in text and "`grad-whiten-warm`" in text
     assert (tmp_path / "alignment.png").stat().st_size > 0
+
+
+def test_smoke_without_a_fresh_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task with no fresh head (the causal-LM tasks) skips the warm-head item and says so;
+    every other figure is still measured."""
+    import dataclasses
+
+    tiny = ga.ci.get_task("tiny")
+    headless = dataclasses.replace(tiny, build=lambda s: dataclasses.replace(tiny.build(s),
+                                                                             head=[]))
+    monkeypatch.setattr(ga.ci, "get_task", lambda name: headless)
+    assert ga.main(["--task", "tiny", "--lr", "0.01", "--out", str(tmp_path)]) == 0
+    with (tmp_path / "tiny.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(float(r["g0_gT_overlap"]) >= 0 for r in rows)
+    assert not any(key.startswith("gwarm") for key in rows[0])
+    text = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "No fresh head" in text and "Warm head (L2" not in text
