@@ -92,15 +92,15 @@ def verdicts(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def choose(per_task: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, str]:
     """The default and the sentence that explains it."""
     tasks = list(per_task)
-    common = set.intersection(*(set(v) for v in per_task.values()))
     candidates, unmeasured = [], []
-    for label in sorted(common):
-        rows = [per_task[t][label] for t in tasks]
+    for label in sorted(set().union(*per_task.values())):
+        rows = [per_task[t][label] for t in tasks if label in per_task[t]]
         if rows[0]["family"] != "covinit" or not rows[0]["data"] or any(r["lose"] for r in rows):
             continue
         # "Ran everywhere": an interval at Kaiming's rate (≥ 2 paired seeds) on every
-        # configuration; rows at other rates alone (a configuration still running) do not count.
-        if any(r["n_at"] < 2 for r in rows):
+        # configuration; rows at other rates alone (a configuration still running) or a
+        # configuration it never ran on do not count.
+        if len(rows) < len(tasks) or any(r["n_at"] < 2 for r in rows):
             unmeasured.append(label)
             continue
         wins = sum(r["win"] for r in rows)
@@ -122,6 +122,46 @@ def choose(per_task: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, str]:
                 "run at Kaiming's rate on ≥ 2 seeds of every configuration: "
                 + ", ".join(f"`{x}`" for x in unmeasured))
     return REFERENCE, why + "; `kaiming` stays the default"
+
+
+def plot(per_task: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
+    """One panel per configuration: each method's relative Δ final validation loss against
+    Kaiming with its 95% interval, at Kaiming's rate (filled) and at its own (open)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(per_task)
+    labels = sorted({m for v in per_task.values() for m in v if m != REFERENCE})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 0.42 * len(labels) + 1.6),
+                             sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for y, label in enumerate(labels):
+            v = per_task[task].get(label)
+            if v is None:
+                continue
+            for key, dy, style in (("at", -0.15, "o"), ("own", 0.15, "s")):
+                mean, lo, hi = (100 * x for x in v[key])
+                if not math.isfinite(mean):
+                    continue
+                color = ("tab:green" if hi < 0 else "tab:red" if lo > 0 else "tab:gray"
+                         ) if math.isfinite(lo) else "tab:gray"
+                if math.isfinite(lo):
+                    ax.plot([lo, hi], [y + dy] * 2, color=color, linewidth=1.5)
+                ax.plot(mean, y + dy, style, color=color,
+                        markerfacecolor=color if key == "at" else "white")
+        ax.axvline(0, color="k", linewidth=0.8)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("Δ final val vs Kaiming (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.suptitle("Paired Δ with 95% interval: ● at Kaiming's rate, □ at the method's own "
+                 "(green: below 0, red: above 0)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _cell(ci: tuple[float, float, float], n: int) -> str:
@@ -173,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(compare_inits.RESULTS),
                    help="folder holding <task>-<regime>/runs.csv")
     p.add_argument("--only", default=None, help="comma-separated result folder names")
-    p.add_argument("--out", default=None, help="Markdown output (default: "
-                   "<results>/default_strategy.md)")
+    p.add_argument("--out", default=None, help="Markdown output, the figure beside it with "
+                   "the suffix .png (default: <results>/default_strategy.md)")
     args = p.parse_args(argv)
     results = Path(args.results)
     only = {x.strip() for x in args.only.split(",")} if args.only else None
@@ -191,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(per_task, default, why, sys.argv[1:] if argv is None else argv)
     out = Path(args.out) if args.out else results / "default_strategy.md"
     out.write_text(text, encoding="utf-8")
+    plot(per_task, out.with_suffix(".png"))
     print(text)
     return 0
 

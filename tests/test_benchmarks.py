@@ -161,6 +161,21 @@ def test_choose_default_rule() -> None:
     label, why = choose_default.choose(per_task)
     assert label == "kaiming" and "closest on average" in why and "nan" not in why
     assert "not yet run at Kaiming's rate on ≥ 2 seeds of every configuration: `d`" in why
+    # e wins t1 but never ran on t2: not a candidate either, and named as unmeasured
+    per_task["t1"]["e"] = _verdict(-0.2, -0.3, -0.1)
+    label, why = choose_default.choose(per_task)
+    assert label == "kaiming" and "configuration: `d`, `e`" in why
+
+
+def test_choose_default_figure(tmp_path: Path) -> None:
+    """The figure of the evidence: one panel per configuration, methods missing from one
+    configuration and undefined intervals (one seed) are skipped, not drawn as zero."""
+    kaiming = _verdict(0.0, 0.0, 0.0, data=False)
+    one_seed = _verdict(-0.01, float("nan"), float("nan")) | {"n_at": 1}
+    per_task = {"t1": {"kaiming": kaiming, "a": _verdict(-0.02, -0.03, -0.01), "b": one_seed},
+                "t2": {"kaiming": kaiming, "a": _verdict(0.03, 0.02, 0.04)}}
+    choose_default.plot(per_task, tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 10_000
 
 
 def test_paired_interval_matches_scipy_paired_t() -> None:
