@@ -800,6 +800,10 @@ def run_all(task_name: str, s: dict[str, Any], methods: list[Method], out: Path,
     def calibrate_for(seed: int) -> tuple[Any, float]:
         key = seed if gradient else -1  # activations do not depend on the head's seed
         if key not in calibrations:
+            # Keep one: a SmolLM2 calibration with a gradient side and folds is GBs, and one
+            # per seed grew a process to 18 GB (OOM-killed with two on 24 GB).  A seed is
+            # revisited only in a later phase, where calibrating again costs seconds.
+            calibrations.clear()
             d = task_data()
             model = d.fresh_model(seed) if gradient else d.base
             start = time.perf_counter()
