@@ -597,6 +597,27 @@ def test_mixed_batch_one_stream_with_folds_matches_dense(flush, monkeypatch):
     assert torch.equal(res["q", "input"].total.m2, res["v", "input"].total.m2)
 
 
+def test_mixed_big_products_skip_the_pending_sums(monkeypatch):
+    # Calls of _DIRECT_ROWS rows or more (here 48 ≥ 32) are added into the float64 sums at
+    # once, the shared q/k/v input included: no stream allocates its float32 pending sum,
+    # and the statistics match the dense reference as the pending path does.
+    import covinit.collect as collect_mod
+
+    monkeypatch.setattr(collect_mod, "_DIRECT_ROWS", 32)
+    torch.manual_seed(0)
+    model = WideQKV()
+    gen = torch.Generator().manual_seed(8)
+    batches = [torch.randn(3, 16, 160, generator=gen) * 2 + 30 for _ in range(6)]
+    col = collect(model, batches, precision="mixed")
+    accumulators = [acc for stream in col._streams.values() for acc in stream.accs]
+    assert accumulators and all(acc.pending is None for acc in accumulators)
+    res, raw = col.results(), recorded(model, batches)
+    for name in ("q", "v", "out"):
+        for side in ("input", "output"):
+            rows = torch.cat([r.reshape(-1, r.shape[-1]).double() for r in raw[f"{name}:{side}"]])
+            assert_mixed_close(res[name, side].total, dense(rows.numpy()))
+
+
 def test_mixed_recentres_mid_stream_with_pending_rows(monkeypatch):
     # The mean jumps by 1000 spreads after the first single-sequence batch; once the sums'
     # mean sits 8 spreads from the centre (~66 batches later) the stream re-centres while
@@ -660,24 +681,25 @@ def test_mixed_gradient_side_matches_float64(monkeypatch):
 @given(rows=st.lists(st.integers(0, 40), min_size=1, max_size=25),
        flush=st.sampled_from([1, 7, 50, 4096]), folds=st.integers(1, 3),
        offset=st.sampled_from([0.0, 30.0, -1e3]), jump=st.sampled_from([0.0, 1e4]),
-       seed=st.integers(0, 2**31 - 1))
-def test_property_mixed_equals_dense(rows, flush, folds, offset, jump, seed):
-    # float32 rows of any count per call (0 included), flushes anywhere, folds, and a jump of
-    # the mean halfway (rows up to 8 spreads off-centre, or a re-centre with pending rows):
-    # within the documented error.
+       seed=st.integers(0, 2**31 - 1), direct=st.sampled_from([1, 20, 1024]))
+def test_property_mixed_equals_dense(rows, flush, folds, offset, jump, seed, direct):
+    # float32 rows of any count per call (0 included), flushes anywhere, folds, products
+    # added directly or through the pending sum interleaved (``direct``: the row count from
+    # which a product skips the pending sum), and a jump of the mean halfway (rows up to 8
+    # spreads off-centre, or a re-centre with pending rows): within the documented error.
     import covinit.collect as collect_mod
 
     gen = torch.Generator().manual_seed(seed)
     batches = [torch.randn(n, 140, generator=gen) + offset + (jump if i >= len(rows) // 2
                                                                else 0.0)
                for i, n in enumerate(rows)]
-    saved = collect_mod._FLUSH_ROWS
-    collect_mod._FLUSH_ROWS = flush
+    saved = collect_mod._FLUSH_ROWS, collect_mod._DIRECT_ROWS
+    collect_mod._FLUSH_ROWS, collect_mod._DIRECT_ROWS = flush, direct
     try:
         col = collect(nn.Sequential(nn.Linear(140, 2)), batches, sides=("input",),
                       precision="mixed", folds=folds)
     finally:
-        collect_mod._FLUSH_ROWS = saved
+        collect_mod._FLUSH_ROWS, collect_mod._DIRECT_ROWS = saved
     res = col.results()["0", "input"]
     tol = 1e-4 if jump else 1e-5
     for fold in range(folds):
