@@ -113,10 +113,16 @@ PRIORITY = ["kaiming", "peft:true", "input-pca@empirical", "cov-svd@ledoit_wolf"
             "output-pca@spatpca", "two-sided@empirical", "cov-minor@ledoit_wolf",
             "cov-minor@empirical", "gaussian", "peft:gaussian", "pissa"]
 def quick_methods() -> list[str]:
-    """``make demo``: Kaiming next to covinit's default strategy (or, while the default is
-    Kaiming, the drop-in candidate ``input-pca@empirical+matched``), at one rate."""
-    default = getattr(covinit, "DEFAULT_STRATEGY", "kaiming")
-    return ["kaiming", default if default != "kaiming" else "input-pca@empirical+matched"]
+    """``make demo``: Kaiming next to covinit's default strategy with its options (or, were
+    the default Kaiming, the drop-in candidate ``input-pca@empirical+matched``), at one rate."""
+    from covinit.calibration import DEFAULT_OPTIONS, DEFAULT_STRATEGY
+
+    if DEFAULT_STRATEGY == "kaiming":
+        return ["kaiming", "input-pca@empirical+matched"]
+    options = {k: v for k, v in DEFAULT_OPTIONS.items() if k != "estimator"}
+    label = f"{DEFAULT_STRATEGY}@{DEFAULT_OPTIONS['estimator']}" + "".join(
+        f"+{v}" for v in options.values())
+    return ["kaiming", label]
 
 
 FRACTIONS = (0.25, 0.5, 1.0)

@@ -523,7 +523,7 @@ def _peft_task_type(model: Any, causal: bool) -> str | None:
 
 def _cmd_init(args: argparse.Namespace) -> int:
     from covinit.adapters import find_adapters
-    from covinit.calibration import calibrate
+    from covinit.calibration import DEFAULT_STRATEGY, calibrate
     from covinit.inits import get_strategy
 
     try:
@@ -532,7 +532,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
         raise ImportError("covinit init writes a PEFT adapter and needs peft: "
                           "pip install peft") from None
     # The sides the strategy reads (kaiming reads none: the input side is the cheapest).
-    sides = args.sides or list(get_strategy(args.strategy).tags.get("needs") or ["input"])
+    strategy = args.strategy or DEFAULT_STRATEGY
+    sides = args.sides or list(get_strategy(strategy).tags.get("needs") or ["input"])
     if "gradient" in sides and "input" not in sides:  # G = Σ δ·xᵀ is collected with x
         sides = ["input", *sides]
     model, tokenizer, causal, layers, peft_targets, _, device = _prepare(args, sides,
@@ -562,7 +563,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     folded = sum(rank != args.rank for rank in (written.get("rank_pattern") or {}).values())
     note = f"; {folded} residual layers written with their step-0 part folded in" if folded \
         else ""
-    print(f"initialized {len(adapted)} LoRA layers (rank {args.rank}, {args.strategy}) on "
+    print(f"initialized {len(adapted)} LoRA layers (rank {args.rank}, {strategy}) on "
           f"{cal.info['batches']} batches / {cal.info['positions']} positions -> {out}{note}; "
           "load it with peft.PeftModel.from_pretrained(base, OUT) onto the original model")
     return 0
@@ -742,7 +743,7 @@ def _add_calibrate(verbs: Any) -> None:
 
 
 def _add_init(verbs: Any) -> None:
-    from covinit.calibration import DEFAULT_STRATEGY
+    from covinit.calibration import DEFAULT_OPTIONS, DEFAULT_STRATEGY
     from covinit.covariance import estimators
     from covinit.inits import strategies
 
@@ -762,8 +763,11 @@ def _add_init(verbs: Any) -> None:
                "--strategy cov-svd --rank 16 --out adapter")
     _add_run_arguments(ini)
     ini.add_argument("--out", required=True, help="output adapter directory")
-    ini.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(strategies()),
-                     help="init strategy (see covinit strategies)")
+    default = "@".join([DEFAULT_STRATEGY, DEFAULT_OPTIONS["estimator"]]) + "".join(
+        f", {k}={v}" for k, v in DEFAULT_OPTIONS.items() if k != "estimator")
+    ini.add_argument("--strategy", default=None, choices=list(strategies()),
+                     help=f"init strategy (see covinit strategies; default: covinit's, "
+                          f"{default})")
     ini.add_argument("--estimator", default=None, choices=list(estimators()),
                      help="covariance estimator for the strategy (default: covinit.initialize's)")
     ini.add_argument("--rank", type=_positive, default=8, help="LoRA rank r")

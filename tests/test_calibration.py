@@ -312,6 +312,34 @@ def test_lora_layer_short_of_positions_falls_back_to_kaiming(make_tiny, adapt):
     assert not torch.equal(model.head.lora_A, torch.zeros_like(model.head.lora_A))
 
 
+def test_default_init_follows_the_written_rule(make_tiny, adapt):
+    # No strategy named: calibrate initializes with DEFAULT_STRATEGY and DEFAULT_OPTIONS (the
+    # benchmark's input-pca@empirical+matched): the same factors as naming them, B = 0.
+    from covinit.calibration import DEFAULT_OPTIONS, DEFAULT_STRATEGY
+
+    assert (DEFAULT_STRATEGY, dict(DEFAULT_OPTIONS)) == (
+        "input-pca", {"estimator": "empirical", "scale": "matched"})
+    xs = [torch.randn(8, 12, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    by_default = adapt("covinit", make_tiny(), ["query", "head"], rank=4)
+    named = adapt("covinit", make_tiny(), ["query", "head"], rank=4)
+    calibrate(by_default, xs, show_progress=False)
+    calibrate(named, xs, strategy="input-pca", estimator="empirical", scale="matched",
+              show_progress=False)
+    unit = adapt("covinit", make_tiny(), ["query", "head"], rank=4)
+    calibrate(unit, xs, strategy="input-pca", estimator="empirical", show_progress=False)
+    for name in ("block.query", "head"):
+        got, want = by_default.get_submodule(name), named.get_submodule(name)
+        torch.testing.assert_close(got.lora_A, want.lora_A, atol=0, rtol=0)
+        assert torch.count_nonzero(got.lora_B) == 0
+        # matched, not unit rows: the scale differs from the plain strategy's
+        assert not torch.allclose(got.lora_A, unit.get_submodule(name).lora_A)
+    # an option the caller sets wins over the default's
+    unit_default = adapt("covinit", make_tiny(), ["query", "head"], rank=4)
+    calibrate(unit_default, xs, scale="unit", show_progress=False)
+    torch.testing.assert_close(unit_default.block.query.lora_A, unit.block.query.lora_A,
+                               atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------ files
 def test_save_load_round_trip(tmp_path):
     model = Encoder().eval()
@@ -458,13 +486,16 @@ def test_sketched_lora_model_initializes_data_free_and_refuses_data_strategies(m
                                                                                adapt):
     model = adapt("covinit", make_tiny(), ["query"], rank=2)
     xs = [torch.randn(8, 12) for _ in range(3)]
-    cal = calibrate(model, xs, sketch_above=12, sketch_size=6, show_progress=False)
+    cal = calibrate(model, xs, sketch_above=12, sketch_size=6, strategy="kaiming",
+                    show_progress=False)
     assert cal.sketch("block.query", "input") is not None  # kaiming needs no statistics
     before = model.block.query.lora_A.detach().clone()
-    with pytest.raises(ValueError, match=r"'block\.query' input was calibrated as a "
-                                         r"bounded-memory sketch.*strategy 'input-pca'"):
-        calibrate(model, xs, sketch_above=12, sketch_size=6, strategy="input-pca",
-                  show_progress=False)
+    # a data strategy, named or the default (input-pca), is refused with the layer named
+    for strategy in ("input-pca", None):
+        with pytest.raises(ValueError, match=r"'block\.query' input was calibrated as a "
+                                             r"bounded-memory sketch.*strategy 'input-pca'"):
+            calibrate(model, xs, sketch_above=12, sketch_size=6, strategy=strategy,
+                      show_progress=False)
     assert torch.equal(model.block.query.lora_A, before)
 
 
