@@ -185,9 +185,7 @@ def calibrate(
     max_memory : int or str, optional
         Statistics budget, e.g. ``"8GB"``: more passes over the data if needed (module notes).
     strategy, estimator : str, optional
-        The init on a LoRA model and its estimator (default: :data:`DEFAULT_STRATEGY` with
-        :data:`DEFAULT_OPTIONS`, ``input-pca`` on the empirical covariance at the matched
-        scale; ``strategy="kaiming"`` needs no data).
+        The init on a LoRA model (default :data:`DEFAULT_STRATEGY` + :data:`DEFAULT_OPTIONS`).
     init, overwrite : bool, default=True, False
         ``init=False``: statistics only (A, B, DoRA magnitudes and base stay bit-identical);
         ``overwrite=True``: re-initialize adapters no longer at their initial state.
