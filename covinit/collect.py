@@ -564,19 +564,15 @@ class _Accumulator:
             if red.s2 is not None:  # a float32 s2 is widened by the copy
                 add_upper(self.s2, red.s2, overwrite=True)
             return
-        if red.s2 is not None and red.s2.dtype == torch.float32:  # mixed: a shared product
-            if self._direct(red.n):
-                if self.borrowed:
-                    self.s2, self.borrowed = self.s2.clone(), False
-                add_upper(self.s2, red.s2)
-                return
+        if (red.s2 is not None and red.s2.dtype == torch.float32
+                and not self._direct(red.n)):  # mixed: a small shared product waits
             add_upper(self._pending_buffer(red.s2.device), red.s2,
                        overwrite=not self.pending_rows)
             self._pended(red.n)
             return
         if self.borrowed:  # s2 is about to be written (without red.s2: by a direct product)
             self.s2, self.borrowed = self.s2.clone(), False
-        if red.s2 is not None:
+        if red.s2 is not None:  # float64, or a big float32 product widened by the add
             add_upper(self.s2, red.s2)
 
     def take(self, red: _Reduction, adopt: bool = False) -> None:
