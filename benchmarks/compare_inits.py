@@ -52,6 +52,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -1233,7 +1234,9 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], methods: list[Method], path:
                     linestyle="--" if m.family == "peft" else "-", label=m.label)
     ax.set_xscale("log")
     ax.set(xlabel="learning rate", ylabel="final validation loss",
-           title=f"{title}\nmean ± std over sweep seeds {list(sweep_seeds)}")
+           title=f"{textwrap.fill(title, 80)}\nmean ± std over sweep seeds "
+                 f"{list(sweep_seeds)}")
+    ax.title.set_fontsize(10)  # a long task name must not run off the figure
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
