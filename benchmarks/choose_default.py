@@ -134,9 +134,13 @@ def plot(per_task: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
 
     tasks = list(per_task)
     labels = sorted({m for v in per_task.values() for m in v if m != REFERENCE})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 0.42 * len(labels) + 1.6),
+    cols = min(4, len(tasks))  # rows of four panels: eight configurations in one row
+    rows = math.ceil(len(tasks) / cols)  # made a figure too wide to read
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, rows * (0.42 * len(labels) + 1.4)),
                              sharey=True, squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, tasks, strict=False):
         for y, label in enumerate(labels):
             v = per_task[task].get(label)
             if v is None:
@@ -155,8 +159,9 @@ def plot(per_task: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("Δ final val vs Kaiming (%)", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=7)
-    axes[0][0].invert_yaxis()
+    for row in axes:
+        row[0].set_yticks(range(len(labels)), labels, fontsize=7)
+    axes[0][0].invert_yaxis()  # shared: every panel lists the methods top-down
     fig.suptitle("Paired Δ with 95% interval: ● at Kaiming's rate, □ at the method's own "
                  "(green: below 0, red: above 0)", fontsize=9)
     fig.tight_layout()
