@@ -747,6 +747,46 @@ def edge_extension(tried: Sequence[float], best: float, ratio: float) -> float |
     return None
 
 
+#: The methods a drop-in is measured against, in order of preference.
+REFERENCES = ("kaiming", "peft:true")
+
+
+def recorded_reference_lr(rows: list[dict[str, Any]], lrs: Sequence[float],
+                          sweep_seeds: Sequence[int], extend: int) -> float | None:
+    """The reference's chosen rate from its *finished* sweep in ``rows``; None when no
+    reference was run.
+
+    Lets a drop-in call that leaves the reference out of its methods run beside the call
+    that sweeps it (two processes split one configuration's methods).  Finished means every
+    grid rate on every sweep seed and no pending step past an edge (at most ``extend``).
+
+    Raises
+    ------
+    ValueError
+        When the reference's sweep is not finished.
+    """
+    ratio = (max(lrs) / min(lrs)) ** (1 / (len(lrs) - 1)) if len(lrs) > 1 else None
+    for label in REFERENCES:
+        mine = [r for r in rows if r["method"] == label]
+        if not mine:
+            continue
+        by_lr = {lr: v for lr, v in losses_by_lr(mine, sweep_seeds).items()
+                 if len(v) == len(sweep_seeds)}
+        missing = [lr for lr in lrs if not any(math.isclose(lr, x) for x in by_lr)]
+        if missing:
+            raise ValueError(f"the drop-in phase needs {label}'s rate, but its sweep on seeds "
+                             f"{list(sweep_seeds)} lacks {', '.join(f'{x:g}' for x in missing)}"
+                             f"; run {label} first (or name it in --strategies)")
+        best = select_lr(mine, sweep_seeds)
+        beyond = sum(1 for x in by_lr if not min(lrs) <= x <= max(lrs))
+        nxt = edge_extension(sorted(by_lr), best, ratio) if ratio and best else None
+        if nxt is not None and beyond < extend:
+            raise ValueError(f"{label}'s best rate {best:g} is on its grid's edge and its sweep "
+                             f"would grow to {nxt:g}; finish {label}'s sweep first")
+        return best
+    return None
+
+
 def sweep_seeds_of(s: dict[str, Any], sweep_all: bool = False) -> list[int]:
     """The seeds the rate grid is swept on (the first ``s["sweep_seeds"]``, default 1)."""
     seeds = list(s["seeds"])
@@ -762,7 +802,9 @@ def run_all(task_name: str, s: dict[str, Any], methods: list[Method], out: Path,
 
     ``dropin``
         Kaiming's rate sweep on the sweep seeds (grown past an edge), then every method at
-        Kaiming's chosen rate on every seed: "can I keep my learning rate?".
+        Kaiming's chosen rate on every seed: "can I keep my learning rate?".  Methods without
+        Kaiming take its rate from its finished sweep in runs.csv
+        (:func:`recorded_reference_lr`), so another process may run Kaiming.
     ``sweep``
         every method's own rate sweep on the sweep seeds (grown past an edge up to
         ``extend`` times).
@@ -897,10 +939,15 @@ def run_all(task_name: str, s: dict[str, Any], methods: list[Method], out: Path,
                 run_group(method, seed, [nxt])
         return select_lr([r for r in done if r["method"] == method.label], sweep_seeds)
 
-    ref = next((m for m in methods if m.label in ("kaiming", "peft:true")), None)
-    if "dropin" in phases and ref is not None:
-        ref_lr = sweep(ref)
-        if ref_lr is not None:
+    ref = next((m for m in methods if m.label in REFERENCES), None)
+    if "dropin" in phases:
+        # Without the reference among the methods, its finished sweep in runs.csv decides.
+        ref_lr = (sweep(ref) if ref is not None
+                  else recorded_reference_lr(done, lrs, sweep_seeds, extend))
+        if ref_lr is None:
+            print(f"[{task_name}/{regime}] drop-in skipped: no finished "
+                  f"{' or '.join(REFERENCES)} sweep in this configuration", flush=True)
+        else:
             for seed in seeds:
                 for method in methods:
                     run_group(method, seed, [ref_lr])
@@ -945,7 +992,7 @@ def steps_to_reach(row: dict[str, Any], target: float) -> int | None:
 def reference_label(stats: dict[str, dict[str, Any]]) -> str | None:
     """The Kaiming baseline every comparison is made against: covinit's ``kaiming`` if it
     has runs, else PEFT's default (``peft:true``), else None."""
-    return next((k for k in ("kaiming", "peft:true") if "rows" in stats.get(k, {})), None)
+    return next((k for k in REFERENCES if "rows" in stats.get(k, {})), None)
 
 
 def summarize(rows: list[dict[str, Any]], methods: list[Method], s: dict[str, Any],
@@ -1135,7 +1182,7 @@ def _highlights(stats: dict[str, dict[str, Any]], n_covinit: int = 3) -> list[st
     by_val = sorted(ok, key=lambda k: _mean(ok[k]["final_val"]))
     cov = [k for k in by_val if ok[k]["method"].needs_calibration][:n_covinit]
     peft = [k for k in by_val if k in PEFT_DATA_DRIVEN][:1]
-    shown = [k for k in ("kaiming", "peft:true") if k in ok] + cov + peft
+    shown = [k for k in REFERENCES if k in ok] + cov + peft
     return shown + [k for k in QUANT_NAMES if k in ok and k not in shown]
 
 
@@ -1599,6 +1646,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown phases {sorted(unknown)}; allowed: dropin, sweep, seeds")
         run_all(args.task, s, methods, out, args.sweep_all_seeds, args.extend_lr_grid,
                 args.regime, phases)
+    cfg = config_id(args.task, s)
+    if not any(r["config"] == cfg for r in read_rows(out / "runs.csv")):
+        print(f"[{task.name}] no run of this configuration in {out / 'runs.csv'} yet: no "
+              "summary written")
+        return 0
     # Facts the summary needs from the task without rebuilding it.
     data_facts = _task_facts(args.task, s)
     started.update(data_facts)

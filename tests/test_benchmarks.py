@@ -303,6 +303,35 @@ def test_dropin_phase_resumes_a_partial_csv(tmp_path: Path) -> None:
         assert f"| `{compare_inits.parse_method(label).label}` |" in summary
 
 
+def test_dropin_without_kaiming_takes_its_rate_from_the_csv(tmp_path: Path) -> None:
+    """Two processes split a configuration: one sweeps Kaiming, the other runs a method at
+    Kaiming's recorded rate; an unfinished Kaiming sweep is an error, not a guess."""
+    out = tmp_path / "tiny"
+    base = ["--task", "tiny", "--steps", "3", "--lrs", "0.01,0.02,0.04", "--seeds", "0,1,2",
+            "--sweep-seeds", "2", "--phases", "dropin", "--out", str(out)]
+    other = [*base, "--strategies", "input-pca@empirical+matched", "--extend-lr-grid", "0"]
+    assert compare_inits.main(other) == 0  # nothing recorded yet: the drop-in is skipped
+    assert not (out / "runs.csv").exists()
+    assert compare_inits.main([*base, "--strategies", "kaiming", "--extend-lr-grid", "0"]) == 0
+    kaiming = _rows(out / "runs.csv")
+    ref_lr = compare_inits.select_lr(kaiming, [0, 1])
+    assert compare_inits.main(other) == 0
+    mine = [r for r in _rows(out / "runs.csv") if r["method"] != "kaiming"]
+    assert sorted(int(r["seed"]) for r in mine) == [0, 1, 2]
+    assert all(float(r["lr"]) == ref_lr for r in mine)
+
+    lrs = [0.01, 0.02, 0.04]
+    with pytest.raises(ValueError, match=r"lacks 0\.04"):  # a grid rate not run on seed 1
+        compare_inits.recorded_reference_lr(
+            [r for r in kaiming if not (r["seed"] == "1" and float(r["lr"]) == 0.04)],
+            lrs, [0, 1], extend=0)
+    edge = [{**r, "final_val_loss": str(float(r["lr"]))} for r in kaiming]  # best: 0.01
+    with pytest.raises(ValueError, match=r"would grow to 0\.005"):
+        compare_inits.recorded_reference_lr(edge, lrs, [0, 1], extend=1)
+    assert compare_inits.recorded_reference_lr(edge, lrs, [0, 1], extend=0) == 0.01
+    assert compare_inits.recorded_reference_lr([], lrs, [0, 1], extend=2) is None
+
+
 def test_recorded_methods_keeps_run_order_and_names_what_it_drops(capsys) -> None:
     given = [compare_inits.parse_method(x) for x in ("kaiming", "pissa")]
     rows = [{"method": m} for m in ("cov-svd@ledoit_wolf+matched", "kaiming", "gone@empirical",
