@@ -747,6 +747,12 @@ def edge_extension(tried: Sequence[float], best: float, ratio: float) -> float |
     return None
 
 
+def grid_ratio(lrs: Sequence[float]) -> float | None:
+    """The step between neighbours of a geometric rate grid (2.0 for a ×2 grid); None for
+    a single rate, which has no edge to grow past."""
+    return (max(lrs) / min(lrs)) ** (1 / (len(lrs) - 1)) if len(lrs) > 1 else None
+
+
 #: The methods a drop-in is measured against, in order of preference.
 REFERENCES = ("kaiming", "peft:true")
 
@@ -765,7 +771,7 @@ def recorded_reference_lr(rows: list[dict[str, Any]], lrs: Sequence[float],
     ValueError
         When the reference's sweep is not finished.
     """
-    ratio = (max(lrs) / min(lrs)) ** (1 / (len(lrs) - 1)) if len(lrs) > 1 else None
+    ratio = grid_ratio(lrs)
     for label in REFERENCES:
         mine = [r for r in rows if r["method"] == label]
         if not mine:
@@ -823,7 +829,7 @@ def run_all(task_name: str, s: dict[str, Any], methods: list[Method], out: Path,
     failed = {r["method"] for r in done if r["status"] == "failed"}
     seeds, lrs = list(s["seeds"]), [float(x) for x in s["lrs"]]
     sweep_seeds = sweep_seeds_of(s, sweep_all)
-    ratio = (max(lrs) / min(lrs)) ** (1 / (len(lrs) - 1)) if len(lrs) > 1 else None
+    ratio = grid_ratio(lrs)
     gradient = any(m.needs_gradient for m in methods)
     sides = ("input", "output", "gradient") if gradient else ("input", "output")
     scaling = float(s["alpha"]) / int(s["rank"])
@@ -1371,15 +1377,18 @@ def _reference_curve(fp_rows: list[dict[str, Any]], label: str | None,
 
 def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out: Path,
                   sweep_all: bool, started: dict[str, str], quick: bool,
-                  regime: str = "base", reference: Path | None = None) -> Path:
+                  regime: str = "base", reference: Path | None = None) -> Path | None:
     """``summary.md``, ``learning_curves.png`` and ``lr_sensitivity.png`` from every matching
-    row of runs.csv.
+    row of runs.csv; the summary's path, or None when runs.csv holds no run of this
+    configuration.
 
     ``reference``: for a quantized regime, the folder whose ``runs.csv`` holds the
     full-precision Kaiming runs (:func:`full_precision_rows`)."""
     task = get_task(task_name)
     cfg = config_id(task_name, s)
     rows = [r for r in read_rows(out / "runs.csv") if r["config"] == cfg]
+    if not rows:  # nothing to summarize (a drop-in skipped for want of Kaiming's rate)
+        return None
     methods = recorded_methods(methods, rows)
     seeds = list(s["seeds"])
     sweep_seeds = sweep_seeds_of(s, sweep_all)
@@ -1646,16 +1655,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown phases {sorted(unknown)}; allowed: dropin, sweep, seeds")
         run_all(args.task, s, methods, out, args.sweep_all_seeds, args.extend_lr_grid,
                 args.regime, phases)
-    cfg = config_id(args.task, s)
-    if not any(r["config"] == cfg for r in read_rows(out / "runs.csv")):
-        print(f"[{task.name}] no run of this configuration in {out / 'runs.csv'} yet: no "
-              "summary written")
-        return 0
     # Facts the summary needs from the task without rebuilding it.
     data_facts = _task_facts(args.task, s)
     started.update(data_facts)
     path = write_summary(args.task, s, methods, out, args.sweep_all_seeds, started, args.quick,
                          args.regime, reference)
+    if path is None:
+        print(f"[{task.name}] no run of this configuration in {out / 'runs.csv'} yet: no "
+              "summary written")
+        return 0
     print(f"[{task.name}] wrote {out / 'runs.csv'}, {path}, {out / 'learning_curves.png'} "
           f"in {time.perf_counter() - t0:.0f} s")
     print(path.read_text(encoding="utf-8"))
