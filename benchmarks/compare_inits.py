@@ -665,23 +665,28 @@ def _final_loss(row: dict[str, Any]) -> float:
 
 
 def select_lr(rows: list[dict[str, Any]], sweep_seeds: Sequence[int]) -> float | None:
-    """Learning rate with the lowest mean final *validation* loss over ``sweep_seeds``."""
-    by_lr = losses_by_lr(rows, sweep_seeds)
+    """Learning rate with the lowest mean final *validation* loss over ``sweep_seeds``,
+    among the rates every sweep seed has finished (None when none has): a rate that one
+    seed happened to reach first must not win on that seed alone."""
+    by_lr = losses_by_lr(rows, sweep_seeds, complete=True)
     if not by_lr:
         return None
     return min(by_lr, key=lambda lr: (sum(by_lr[lr]) / len(by_lr[lr]), lr))
 
 
 def losses_by_lr(rows: list[dict[str, Any]], sweep_seeds: Sequence[int],
-                 label: str | None = None) -> dict[float, list[float]]:
+                 label: str | None = None, complete: bool = False) -> dict[float, list[float]]:
     """``{lr: [final validation loss per sweep seed]}`` of the runs that did not fail
-    (a diverged run counts as ``inf``), for one method when ``label`` is given."""
-    by_lr: dict[float, list[float]] = {}
+    (a diverged run counts as ``inf``), for one method when ``label`` is given; with
+    ``complete``, only the rates that every sweep seed has run."""
+    by_lr: dict[float, dict[int, float]] = {}
     for r in rows:
         if ((label is None or r["method"] == label) and int(r["seed"]) in sweep_seeds
                 and r["status"] != "failed"):
-            by_lr.setdefault(float(r["lr"]), []).append(_final_loss(r))
-    return by_lr
+            by_lr.setdefault(float(r["lr"]), {})[int(r["seed"])] = _final_loss(r)
+    need = set(sweep_seeds)
+    return {lr: list(v.values()) for lr, v in by_lr.items()
+            if not complete or need <= v.keys()}
 
 
 #: A rate is "as good as the best" within this relative margin of the method's best mean
@@ -710,8 +715,7 @@ def sensitivity_table(rows: list[dict[str, Any]], methods: list[Method],
     that forgives a mistuned rate)."""
     lines = []
     for m in methods:
-        by_lr = {lr: v for lr, v in losses_by_lr(rows, sweep_seeds, m.label).items()
-                 if len(v) == len(sweep_seeds)}
+        by_lr = losses_by_lr(rows, sweep_seeds, m.label, complete=True)
         if len(by_lr) < 3:
             continue
         lrs = sorted(by_lr)
@@ -776,8 +780,7 @@ def recorded_reference_lr(rows: list[dict[str, Any]], lrs: Sequence[float],
         mine = [r for r in rows if r["method"] == label]
         if not mine:
             continue
-        by_lr = {lr: v for lr, v in losses_by_lr(mine, sweep_seeds).items()
-                 if len(v) == len(sweep_seeds)}
+        by_lr = losses_by_lr(mine, sweep_seeds, complete=True)
         missing = [lr for lr in lrs if not any(math.isclose(lr, x) for x in by_lr)]
         if missing:
             raise ValueError(f"the drop-in phase needs {label}'s rate, but its sweep on seeds "
@@ -1014,6 +1017,10 @@ def summarize(rows: list[dict[str, Any]], methods: list[Method], s: dict[str, An
             stats[m.label] = {"method": m, "failed": mine[0]["note"]}
             continue
         lr = select_lr(mine, sweep_seeds)
+        if lr is None:  # a sweep still running: no rate has every sweep seed yet
+            stats[m.label] = {"method": m, "failed": "no rate finished on every sweep seed "
+                                                    f"{list(sweep_seeds)} yet"}
+            continue
         at = [r for r in mine if float(r["lr"]) == lr and r["status"] != "failed"]
         stats[m.label] = {
             "method": m, "lr": lr, "rows": at, "seeds": sorted(int(r["seed"]) for r in at),
@@ -1457,7 +1464,7 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
         da = paired_delta(st, ref, "auc") if own else []
         div = f" ({st['diverged']} diverged)" if st["diverged"] else ""
         # Fewer than 3 rates on the sweep seeds: the rate is Kaiming's (drop-in), not tuned.
-        rates = len(losses_by_lr(rows, sweep_seeds, label))
+        rates = len(losses_by_lr(rows, sweep_seeds, label, complete=True))
         swept = "" if rates >= 3 or label == ref_label else " (not swept)"
         lines.append(
             f"| `{label}` | {st['lr']:g}{swept} | {scaling * st['lr']:g} | "

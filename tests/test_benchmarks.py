@@ -225,6 +225,25 @@ def test_sensitivity_table_band_and_neighbours() -> None:
     assert compare_inits.sensitivity_table([], methods, [0, 1]) == []
 
 
+def test_select_lr_needs_every_sweep_seed_at_a_rate() -> None:
+    def row(lr: float, seed: int, loss: float, status: str = "ok") -> dict[str, str]:
+        return {"method": "kaiming", "lr": str(lr), "seed": str(seed), "status": status,
+                "final_val_loss": str(loss)}
+
+    rows = [row(1e-3, 0, 0.50), row(1e-3, 1, 0.52), row(2e-3, 0, 0.49), row(2e-3, 1, 0.55)]
+    assert compare_inits.select_lr(rows, [0, 1]) == 1e-3  # mean 0.51 < 0.52
+    # A rate only seed 0 has reached (a sweep still running) cannot win on that seed alone,
+    # nor can one whose other seed's run failed; seed 2 is not a sweep seed.
+    rows += [row(4e-3, 0, 0.30), row(5e-4, 0, 0.31), row(5e-4, 1, 0.3, "failed"),
+             row(1e-3, 2, 0.90)]
+    assert compare_inits.select_lr(rows, [0, 1]) == 1e-3
+    assert compare_inits.select_lr(rows, [0]) == 4e-3
+    assert compare_inits.select_lr(rows[-3:-1], [0, 1]) is None
+    # A diverged run (no final loss) still completes its rate, as an infinite loss.
+    assert compare_inits.select_lr([row(1e-3, 0, 0.5), row(1e-3, 1, math.nan),
+                                    row(2e-3, 0, 0.6), row(2e-3, 1, 0.6)], [0, 1]) == 2e-3
+
+
 def test_method_labels_carry_options() -> None:
     m = compare_inits.parse_method("cov-svd@ledoit_wolf+matched")
     assert (m.name, m.estimator, dict(m.options)) == ("cov-svd", "ledoit_wolf",
