@@ -16,6 +16,11 @@ loses none, and wins the most (ties: lowest mean relative Δ at Kaiming's rate).
 winner, ``kaiming`` stays the default: a data pass is not worth a gain the seeds cannot tell
 from noise.
 
+Beside the choice it writes the evidence as one long table (Markdown, and the same numbers
+as CSV next to it): per configuration and method, the paired Δ of final validation loss and
+of the validation-curve area at Kaiming's rate and at the method's own, with the own rate
+and how many rates its sweep ran ("not swept": it ran at Kaiming's rate only).
+
 Usage::
 
     python benchmarks/choose_default.py                       # every results folder
@@ -25,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import sys
 import time
@@ -64,6 +70,10 @@ def folder_stats(csv_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
         labels = list(dict.fromkeys(r["method"] for r in mine))
         methods = [compare_inits.parse_method(label) for label in labels]
         stats = compare_inits.summarize(mine, methods, {"steps": int(mine[0]["steps"])}, sweep)
+        for label, st in stats.items():
+            # How many rates every sweep seed ran: 1 is a method run only at Kaiming's rate
+            # (its "own" rate is then Kaiming's by default, not by a sweep).
+            st["rates"] = len(compare_inits.losses_by_lr(mine, sweep, label, complete=True))
         out[f"{mine[0]['task']}/{mine[0]['regime']}"] = {
             k: v for k, v in stats.items() if "rows" in v}
     return out
@@ -85,7 +95,13 @@ def verdicts(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                       "win": not is_ref and ci_at[2] < 0,
                       "lose": not is_ref and (ci_at[1] > 0 or ci_own[1] > 0),
                       "data": st["method"].needs_calibration,
-                      "family": st["method"].family}
+                      "family": st["method"].family,
+                      "lr": st["lr"], "ref_lr": ref["lr"], "rates": st.get("rates", 0),
+                      # per-seed Δ in the task's own units, of final loss and curve area
+                      **{f"{key}_{where}": compare_inits.paired_delta(mine, theirs, key)
+                         for key in ("final_val", "auc")
+                         for where, mine, theirs in (("at", st["at_ref"], ref["at_ref"]),
+                                                     ("own", st, ref))}}
     return out
 
 
@@ -177,14 +193,30 @@ def _cell(ci: tuple[float, float, float], n: int) -> str:
     return f"{100 * ci[0]:+.2f} % [{100 * ci[1]:+.2f}, {100 * ci[2]:+.2f}] ({n})"
 
 
+#: The quantities of the long table, each a paired Δ against Kaiming: final validation loss
+#: and curve area, at Kaiming's rate and at the method's own.
+EVIDENCE = ("final_val_at", "auc_at", "final_val_own", "auc_own")
+
+
+def _ordered(per_task: dict[str, dict[str, dict[str, Any]]]
+             ) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(configuration, method, verdict)``: Kaiming first, then by mean relative Δ."""
+    return [(task, label, methods[label]) for task, methods in per_task.items()
+            for label in sorted(methods, key=lambda m: (m != REFERENCE, methods[m]["rel"]))]
+
+
+def _rate(v: dict[str, Any]) -> str:
+    """The method's own rate and how it was found (a sweep, or only Kaiming's rate run)."""
+    rates = v.get("rates", 0)
+    return f"{v.get('lr', math.nan):g} ({f'{rates} rates' if rates >= 3 else 'not swept'})"
+
+
 def report(per_task: dict[str, dict[str, dict[str, Any]]], default: str, why: str,
            argv: Sequence[str]) -> str:
     tasks = list(per_task)
-    labels = sorted(set().union(*per_task.values()),
-                    key=lambda m: sum(per_task[t].get(m, {}).get("rel", math.inf)
-                                      for t in tasks))
-    head = ("| method | " + " | ".join(f"{t}: Δ at Kaiming's lr | {t}: Δ at own lr"
-                                       for t in tasks) + " |")
+    head = ("| configuration | method | own lr* | Δ final val at Kaiming's lr | Δ AUC at "
+            "Kaiming's lr | Δ final val at own lr | Δ AUC at own lr | relative Δ final at "
+            "Kaiming's lr | verdict |")
     lines = ["# Default strategy of `covinit.calibrate`", "",
              f"- Command: `{command_line(['benchmarks/choose_default.py', *argv])}`",
              f"- Written {time.strftime('%Y-%m-%d %H:%M:%S')} from the runs.csv of: "
@@ -194,22 +226,54 @@ def report(per_task: dict[str, dict[str, dict[str, Any]]], default: str, why: st
              "when the interval at Kaiming's rate is below 0, loses it when the interval at "
              "Kaiming's rate or at its own rate is above 0; the default is the "
              "covariance-informed covinit strategy that ran everywhere, loses nothing and wins "
-             "the most; with no winner, `kaiming`.", "",
+             "the most; with no winner, `kaiming`.",
+             "- The table: every configuration and method, Δ = method − Kaiming paired by "
+             "seed, mean [95% paired-t interval] (seeds), **bold** when the interval excludes "
+             "0; AUC = mean validation loss over training. \"own lr*\" is the method's "
+             "chosen rate and the number of rates its sweep ran on every sweep seed (\"not "
+             "swept\": it ran at Kaiming's rate only, so both columns are the same runs). "
+             "Also in the CSV beside this file.", "",
              f"**Default: `{default}`** — {why}.", "", head,
              "|" + "---|" * (head.count("|") - 1)]
-    for label in labels:
-        cells = []
-        for t in tasks:
-            v = per_task[t].get(label)
-            if v is None:
-                cells += ["–", "–"]
-            elif label == REFERENCE:
-                cells += ["ref.", "ref."]
-            else:
-                mark = " **win**" if v["win"] else " *lose*" if v["lose"] else ""
-                cells += [_cell(v["at"], v["n_at"]) + mark, _cell(v["own"], v["n_own"])]
-        lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
+    last = None
+    for task, label, v in _ordered(per_task):
+        shown = f"{task} (Kaiming's lr* {v.get('ref_lr', math.nan):g})" if task != last else ""
+        last = task
+        if label == REFERENCE:
+            cells = ["ref."] * (len(EVIDENCE) + 1) + [""]
+        else:
+            cells = [compare_inits.fmt_interval(v.get(k, []), 3) for k in EVIDENCE]
+            cells += [_cell(v["at"], v["n_at"]), "win" if v["win"] else
+                      "lose" if v["lose"] else ""]
+        lines.append(f"| {shown} | `{label}` | {_rate(v)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_evidence_csv(per_task: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
+    """The long table as numbers: per configuration and method, both rates, each Δ's mean,
+    95% interval and number of paired seeds (``relative_at``: Δ final / Kaiming's mean)."""
+    fields = ["configuration", "method", "kaiming_lr", "own_lr", "rates_swept", "verdict"]
+    for key in (*EVIDENCE, "relative_at"):
+        fields += [f"{key}_mean", f"{key}_low", f"{key}_high", f"{key}_n"]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for task, label, v in _ordered(per_task):
+            row: dict[str, Any] = {
+                "configuration": task, "method": label, "kaiming_lr": v.get("ref_lr"),
+                "own_lr": v.get("lr"), "rates_swept": v.get("rates", 0),
+                "verdict": "win" if v["win"] else "lose" if v["lose"] else ""}
+            for key in EVIDENCE:
+                deltas = v.get(key, [])
+                ci = compare_inits.paired_interval(deltas) if deltas else (math.nan,) * 3
+                row.update(_interval_fields(key, ci, len(deltas)))
+            row.update(_interval_fields("relative_at", v["at"], v["n_at"]))
+            writer.writerow(row)
+
+
+def _interval_fields(key: str, ci: Sequence[float], n: int) -> dict[str, Any]:
+    mean, low, high = (round(x, 6) for x in ci)
+    return {f"{key}_mean": mean, f"{key}_low": low, f"{key}_high": high, f"{key}_n": n}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(per_task, default, why, sys.argv[1:] if argv is None else argv)
     out = Path(args.out) if args.out else results / "default_strategy.md"
     out.write_text(text, encoding="utf-8")
+    write_evidence_csv(per_task, out.with_suffix(".csv"))
     plot(per_task, out.with_suffix(".png"))
     print(text)
     return 0

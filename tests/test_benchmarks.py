@@ -167,6 +167,55 @@ def test_choose_default_rule() -> None:
     assert label == "kaiming" and "configuration: `d`, `e`" in why
 
 
+def test_choose_default_evidence_table_both_rates(tmp_path: Path) -> None:
+    """The long evidence table: per method, paired Δ of final loss and curve area at
+    Kaiming's rate and at its own, the own rate marked "not swept" when the method ran at
+    Kaiming's rate only; the CSV's numbers are the paired-t intervals of the raw deltas."""
+    def row(method: str, lr: float, seed: int, final: float, auc: float) -> dict:
+        return {"task": "minilm-rt", "regime": "base", "config": "c", "method": method,
+                "seed": seed, "lr": lr, "status": "ok", "steps": 4, "curve_steps": "[0, 4]",
+                "curve_val_loss": f"[0.7, {final}]", "final_val_loss": final, "val_auc": auc,
+                "test_metric": 0.7, "test_loss": final, "calib_s": 0, "init_s": 0,
+                "step0_val_loss": 0.7, "base_val_loss": 0.7}
+
+    rows = [row("kaiming", 2e-3, seed, 0.60 + 0.01 * seed, 0.65) for seed in (0, 1)]
+    rows += [row("kaiming", 1e-3, seed, 0.50 + 0.01 * seed, 0.60) for seed in range(3)]
+    # input-pca: Kaiming's rate only; grad-whiten: swept over 3 rates, best 5e-4.
+    rows += [row("input-pca@empirical+matched", 1e-3, seed, 0.49 + 0.012 * seed, 0.58)
+             for seed in range(3)]
+    gw = {5e-4: 0.45, 1e-3: 0.55, 2e-3: 0.70}
+    rows += [row("grad-whiten@ledoit_wolf", lr, seed, v + 0.02 * seed, v + 0.1)
+             for lr, v in gw.items() for seed in (0, 1)]
+    rows += [row("grad-whiten@ledoit_wolf", 5e-4, 2, 0.49, 0.55),
+             row("grad-whiten@ledoit_wolf", 1e-3, 2, 0.57, 0.65)]
+    path = tmp_path / "runs.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=compare_inits.FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    per_task = {k: choose_default.verdicts(v)
+                for k, v in choose_default.folder_stats(path).items()}
+    choose_default.write_evidence_csv(per_task, tmp_path / "e.csv")
+    got = {r["method"]: r for r in _rows(tmp_path / "e.csv")}
+    assert list(got) == ["kaiming", "input-pca@empirical+matched", "grad-whiten@ledoit_wolf"]
+    ipca, gwr = got["input-pca@empirical+matched"], got["grad-whiten@ledoit_wolf"]
+    assert (ipca["rates_swept"], ipca["own_lr"], gwr["rates_swept"]) == ("1", "0.001", "3")
+    assert float(gwr["own_lr"]) == 5e-4 and float(gwr["kaiming_lr"]) == 1e-3
+    kaiming_at = [0.50, 0.51, 0.52]
+    want = compare_inits.paired_interval([0.49 + 0.012 * s - k
+                                          for s, k in enumerate(kaiming_at)])
+    assert [float(ipca[f"final_val_at_{x}"]) for x in ("mean", "low", "high")] == \
+        pytest.approx(want, abs=1e-6)
+    assert ipca["final_val_own_mean"] == ipca["final_val_at_mean"]  # the same runs
+    own = [0.45 - 0.50, 0.47 - 0.51, 0.49 - 0.52]  # grad-whiten at 5e-4 vs Kaiming at 1e-3
+    assert float(gwr["final_val_own_mean"]) == pytest.approx(sum(own) / 3, abs=1e-6)
+    assert float(gwr["auc_at_mean"]) == pytest.approx(0.65 - 0.60, abs=1e-6)
+    text = choose_default.report(per_task, "kaiming", "why", [])
+    assert "| `input-pca@empirical+matched` | 0.001 (not swept) |" in text
+    assert "| `grad-whiten@ledoit_wolf` | 0.0005 (3 rates) |" in text
+    assert "minilm-rt/base (Kaiming's lr* 0.001)" in text
+
+
 def test_choose_default_figure(tmp_path: Path) -> None:
     """The figure of the evidence: one panel per configuration, methods missing from one
     configuration and undefined intervals (one seed) are skipped, not drawn as zero."""
