@@ -1502,7 +1502,12 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
         f"{sum(train_s) / 3600:.1f} h in all (plus evaluation).",
     ]
     if task.budget and not quick:
-        lines.append(f"- {task.budget}")
+        # The task's budget line describes its base regime; say what this regime changes.
+        over = ", ".join(f"{k}={v}" for k, v in REGIMES.get(regime, {}).items()
+                         if k not in VARIANT_KEYS)  # a quantized base has its own section
+        lines.append(f"- {task.budget}" if not over else
+                     f"- The task's base regime: {task.budget} Regime `{regime}` changes "
+                     f"{over} (the settings above are this regime's).")
     if quick:
         lines += ["- Quick mode is a smoke run (few steps, one seed, one rate): it shows the "
                   "pipeline, not evidence.", f"- {full_benchmark_line()}"]
