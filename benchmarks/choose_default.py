@@ -70,10 +70,6 @@ def folder_stats(csv_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
         labels = list(dict.fromkeys(r["method"] for r in mine))
         methods = [compare_inits.parse_method(label) for label in labels]
         stats = compare_inits.summarize(mine, methods, {"steps": int(mine[0]["steps"])}, sweep)
-        for label, st in stats.items():
-            # How many rates every sweep seed ran: 1 is a method run only at Kaiming's rate
-            # (its "own" rate is then Kaiming's by default, not by a sweep).
-            st["rates"] = len(compare_inits.losses_by_lr(mine, sweep, label, complete=True))
         out[f"{mine[0]['task']}/{mine[0]['regime']}"] = {
             k: v for k, v in stats.items() if "rows" in v}
     return out
@@ -85,9 +81,13 @@ def verdicts(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     norm = sum(ref["at_ref"]["final_val"]) / max(1, len(ref["at_ref"]["final_val"]))
     out = {}
     for label, st in stats.items():
-        at = [d / norm for d in compare_inits.paired_delta(st["at_ref"], ref["at_ref"],
-                                                           "final_val")]
-        own = [d / norm for d in compare_inits.paired_delta(st, ref, "final_val")]
+        # per-seed Δ in the task's own units, of final loss and curve area, at both rates
+        deltas = {f"{key}_{where}": compare_inits.paired_delta(mine, theirs, key)
+                  for key in ("final_val", "auc")
+                  for where, mine, theirs in (("at", st["at_ref"], ref["at_ref"]),
+                                              ("own", st, ref))}
+        at = [d / norm for d in deltas["final_val_at"]]
+        own = [d / norm for d in deltas["final_val_own"]]
         ci_at, ci_own = compare_inits.paired_interval(at), compare_inits.paired_interval(own)
         is_ref = label == REFERENCE
         out[label] = {"at": ci_at, "own": ci_own, "n_at": len(at), "n_own": len(own),
@@ -97,11 +97,7 @@ def verdicts(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                       "data": st["method"].needs_calibration,
                       "family": st["method"].family,
                       "lr": st["lr"], "ref_lr": ref["lr"], "rates": st.get("rates", 0),
-                      # per-seed Δ in the task's own units, of final loss and curve area
-                      **{f"{key}_{where}": compare_inits.paired_delta(mine, theirs, key)
-                         for key in ("final_val", "auc")
-                         for where, mine, theirs in (("at", st["at_ref"], ref["at_ref"]),
-                                                     ("own", st, ref))}}
+                      **deltas}
     return out
 
 
@@ -208,7 +204,12 @@ def _ordered(per_task: dict[str, dict[str, dict[str, Any]]]
 def _rate(v: dict[str, Any]) -> str:
     """The method's own rate and how it was found (a sweep, or only Kaiming's rate run)."""
     rates = v.get("rates", 0)
-    return f"{v.get('lr', math.nan):g} ({f'{rates} rates' if rates >= 3 else 'not swept'})"
+    swept = rates >= compare_inits.MIN_SWEPT_RATES
+    return f"{v.get('lr', math.nan):g} ({f'{rates} rates' if swept else 'not swept'})"
+
+
+def _verdict_word(v: dict[str, Any]) -> str:
+    return "win" if v["win"] else "lose" if v["lose"] else ""
 
 
 def report(per_task: dict[str, dict[str, dict[str, Any]]], default: str, why: str,
@@ -243,8 +244,7 @@ def report(per_task: dict[str, dict[str, dict[str, Any]]], default: str, why: st
             cells = ["ref."] * (len(EVIDENCE) + 1) + [""]
         else:
             cells = [compare_inits.fmt_interval(v.get(k, []), 3) for k in EVIDENCE]
-            cells += [_cell(v["at"], v["n_at"]), "win" if v["win"] else
-                      "lose" if v["lose"] else ""]
+            cells += [_cell(v["at"], v["n_at"]), _verdict_word(v)]
         lines.append(f"| {shown} | `{label}` | {_rate(v)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -262,11 +262,11 @@ def write_evidence_csv(per_task: dict[str, dict[str, dict[str, Any]]], path: Pat
             row: dict[str, Any] = {
                 "configuration": task, "method": label, "kaiming_lr": v.get("ref_lr"),
                 "own_lr": v.get("lr"), "rates_swept": v.get("rates", 0),
-                "verdict": "win" if v["win"] else "lose" if v["lose"] else ""}
+                "verdict": _verdict_word(v)}
             for key in EVIDENCE:
                 deltas = v.get(key, [])
-                ci = compare_inits.paired_interval(deltas) if deltas else (math.nan,) * 3
-                row.update(_interval_fields(key, ci, len(deltas)))
+                row.update(_interval_fields(key, compare_inits.paired_interval(deltas),
+                                            len(deltas)))
             row.update(_interval_fields("relative_at", v["at"], v["n_at"]))
             writer.writerow(row)
 

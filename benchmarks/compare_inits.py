@@ -689,6 +689,10 @@ def losses_by_lr(rows: list[dict[str, Any]], sweep_seeds: Sequence[int],
             if not complete or need <= v.keys()}
 
 
+#: A method counts as swept when every sweep seed ran at least this many rates; fewer is a
+#: method run at Kaiming's rate only (its "own" rate is then Kaiming's, not a tuned one).
+MIN_SWEPT_RATES = 3
+
 #: A rate is "as good as the best" within this relative margin of the method's best mean
 #: final validation loss (5 %: about the seed-to-seed spread of the MiniLM tasks).
 SENSITIVITY_MARGIN = 0.05
@@ -716,7 +720,7 @@ def sensitivity_table(rows: list[dict[str, Any]], methods: list[Method],
     lines = []
     for m in methods:
         by_lr = losses_by_lr(rows, sweep_seeds, m.label, complete=True)
-        if len(by_lr) < 3:
+        if len(by_lr) < MIN_SWEPT_RATES:
             continue
         lrs = sorted(by_lr)
         means = [sum(by_lr[lr]) / len(by_lr[lr]) for lr in lrs]
@@ -1023,7 +1027,9 @@ def summarize(rows: list[dict[str, Any]], methods: list[Method], s: dict[str, An
             continue
         at = [r for r in mine if float(r["lr"]) == lr and r["status"] != "failed"]
         stats[m.label] = {
-            "method": m, "lr": lr, "rows": at, "seeds": sorted(int(r["seed"]) for r in at),
+            "method": m, "lr": lr, "rows": at,
+            "rates": len(losses_by_lr(mine, sweep_seeds, complete=True)),
+            "seeds": sorted(int(r["seed"]) for r in at),
             "calib_s": [_float(r, "calib_s") for r in at],
             "init_s": [_float(r, "init_s") for r in at],
             "step0": [_float(r, "step0_val_loss") for r in at],
@@ -1463,9 +1469,9 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
         dv = paired_delta(st, ref, "final_val") if own else []
         da = paired_delta(st, ref, "auc") if own else []
         div = f" ({st['diverged']} diverged)" if st["diverged"] else ""
-        # Fewer than 3 rates on the sweep seeds: the rate is Kaiming's (drop-in), not tuned.
-        rates = len(losses_by_lr(rows, sweep_seeds, label, complete=True))
-        swept = "" if rates >= 3 or label == ref_label else " (not swept)"
+        # Too few rates on the sweep seeds: the rate is Kaiming's (drop-in), not tuned.
+        swept = ("" if st["rates"] >= MIN_SWEPT_RATES or label == ref_label
+                 else " (not swept)")
         lines.append(
             f"| `{label}` | {st['lr']:g}{swept} | {scaling * st['lr']:g} | "
             f"{len(st['seeds'])}{div} | "
