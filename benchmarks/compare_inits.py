@@ -1281,6 +1281,7 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], methods: list[Method], path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     cmap = plt.get_cmap("tab10")
@@ -1288,17 +1289,23 @@ def plot_lr_sensitivity(rows: list[dict[str, Any]], methods: list[Method], path:
     if not finite:
         plt.close(fig)
         return
+    swept: set[float] = set()
     for i, m in enumerate(methods):
         by_lr = losses_by_lr(rows, sweep_seeds, m.label)
         if not by_lr:
             continue
         lrs = sorted(by_lr)
+        swept.update(lrs)
         stats = [mean_std([v for v in by_lr[x] if math.isfinite(v)]) for x in lrs]
         mu = [m_ if math.isfinite(m_) else max(finite) for m_, _ in stats]
         sd = [s_ if math.isfinite(s_) else 0.0 for _, s_ in stats]
         ax.errorbar(lrs, mu, yerr=sd, marker="o", capsize=3, color=cmap(i % 10),
                     linestyle="--" if m.family == "peft" else "-", label=m.label)
     ax.set_xscale("log")
+    # Ticks at the swept rates themselves (a ×2 grid): log-axis minor labels such as
+    # "3×10⁻⁴" name rates nobody ran and overlap.
+    ax.set_xticks(sorted(swept), [f"{x:.3g}" for x in sorted(swept)], fontsize=8)
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="learning rate", ylabel="final validation loss",
            title=f"{textwrap.fill(title, 80)}\nmean ± std over sweep seeds "
                  f"{list(sweep_seeds)}")
