@@ -64,7 +64,7 @@ def folder_stats(csv_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
         for r in mine:
             if r["method"] == REFERENCE:
                 ref_rates.setdefault(int(r["seed"]), set()).add(float(r["lr"]))
-        sweep = sorted(seed for seed, rates in ref_rates.items() if len(rates) > 1)
+        sweep = _sweep_seeds(ref_rates)
         if not sweep:
             continue
         labels = list(dict.fromkeys(r["method"] for r in mine))
@@ -73,6 +73,20 @@ def folder_stats(csv_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
         out[f"{mine[0]['task']}/{mine[0]['regime']}"] = {
             k: v for k, v in stats.items() if "rows" in v}
     return out
+
+
+def _sweep_seeds(ref_rates: dict[int, set[float]]) -> list[int]:
+    """The seeds Kaiming's rate grid was swept on, from the rates each seed ran.
+
+    A sweep seed ran a grid: at least ``MIN_SWEPT_RATES`` rates, or as many as any seed did
+    where the grid is smaller. Seeds that ran Kaiming at one extra rate beside its chosen
+    one (a check at a rate another method chose) are not sweep seeds: counting them would
+    leave only the rates those checks ran "complete" and move every method's own rate.
+    """
+    top = max((len(rates) for rates in ref_rates.values()), default=0)
+    return sorted(seed for seed, rates in ref_rates.items()
+                  if len(rates) > 1 and (len(rates) >= compare_inits.MIN_SWEPT_RATES
+                                         or len(rates) == top))
 
 
 def verdicts(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

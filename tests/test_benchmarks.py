@@ -178,7 +178,8 @@ def test_choose_default_evidence_table_both_rates(tmp_path: Path) -> None:
                 "test_metric": 0.7, "test_loss": final, "calib_s": 0, "init_s": 0,
                 "step0_val_loss": 0.7, "base_val_loss": 0.7}
 
-    rows = [row("kaiming", 2e-3, seed, 0.60 + 0.01 * seed, 0.65) for seed in (0, 1)]
+    rows = [row("kaiming", lr, seed, loss + 0.01 * seed, 0.65)
+            for lr, loss in ((2e-3, 0.60), (5e-4, 0.65)) for seed in (0, 1)]
     rows += [row("kaiming", 1e-3, seed, 0.50 + 0.01 * seed, 0.60) for seed in range(3)]
     # input-pca: Kaiming's rate only; grad-whiten: swept over 3 rates, best 5e-4.
     rows += [row("input-pca@empirical+matched", 1e-3, seed, 0.49 + 0.012 * seed, 0.58)
@@ -188,6 +189,9 @@ def test_choose_default_evidence_table_both_rates(tmp_path: Path) -> None:
              for lr, v in gw.items() for seed in (0, 1)]
     rows += [row("grad-whiten@ledoit_wolf", 5e-4, 2, 0.49, 0.55),
              row("grad-whiten@ledoit_wolf", 1e-3, 2, 0.57, 0.65)]
+    # Kaiming checked at grad-whiten's rate on seed 2: that makes seed 2 no sweep seed, so
+    # grad-whiten's own rate still comes from its 3 rates on seeds 0-1.
+    rows.append(row("kaiming", 5e-4, 2, 0.70, 0.75))
     path = tmp_path / "runs.csv"
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=compare_inits.FIELDS)
