@@ -52,11 +52,16 @@ def _quantized(regime: str) -> bool:
     return "quantize" in compare_inits.REGIMES.get(regime, {})
 
 
+def _interval_era(csv_path: Path) -> list[dict[str, Any]]:
+    """The rows of a runs.csv written by the interval-era ``compare_inits`` (a ``regime``
+    column; the earlier protocol's folders have none)."""
+    return [r for r in read_rows(csv_path) if r.get("regime")]
+
+
 def folder_stats(csv_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """``{"task/regime": compare_inits.summarize(...)}`` for each configuration in a runs.csv
-    written by the interval-era ``compare_inits`` (rows with a ``regime`` column), quantized
-    regimes left out."""
-    rows = [r for r in read_rows(csv_path) if r.get("regime") and not _quantized(r["regime"])]
+    written by the interval-era ``compare_inits``, quantized regimes left out."""
+    rows = [r for r in _interval_era(csv_path) if not _quantized(r["regime"])]
     out = {}
     for cfg in sorted({r["config"] for r in rows}):
         mine = [r for r in rows if r["config"] == cfg]
@@ -73,6 +78,20 @@ def folder_stats(csv_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
         out[f"{mine[0]['task']}/{mine[0]['regime']}"] = {
             k: v for k, v in stats.items() if "rows" in v}
     return out
+
+
+def budget(rows: Sequence[dict[str, Any]]) -> tuple[int, float]:
+    """``(runs, hours)``: the training runs and their training time (``train_s``) in
+    ``rows``.  A diverged run counts too (it spent its time); a row without a time does not."""
+    seconds = [float(r["train_s"]) for r in rows if _finite(r.get("train_s"))]
+    return len(seconds), sum(seconds) / 3600
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _sweep_seeds(ref_rates: dict[int, set[float]]) -> list[int]:
@@ -227,7 +246,7 @@ def _verdict_word(v: dict[str, Any]) -> str:
 
 
 def report(per_task: dict[str, dict[str, dict[str, Any]]], default: str, why: str,
-           argv: Sequence[str]) -> str:
+           argv: Sequence[str], spent: str = "") -> str:
     tasks = list(per_task)
     head = ("| configuration | method | own lr* | Δ final val at Kaiming's lr | Δ AUC at "
             "Kaiming's lr | Δ final val at own lr | Δ AUC at own lr | relative Δ final at "
@@ -247,7 +266,8 @@ def report(per_task: dict[str, dict[str, dict[str, Any]]], default: str, why: st
              "0; AUC = mean validation loss over training. \"own lr*\" is the method's "
              "chosen rate and the number of rates its sweep ran on every sweep seed (\"not "
              "swept\": it ran at Kaiming's rate only, so both columns are the same runs). "
-             "Also in the CSV beside this file.", "",
+             "Also in the CSV beside this file.", *([f"- Budget: {spent}."] if spent else []),
+             "",
              f"**Default: `{default}`** — {why}.", "", head,
              "|" + "---|" * (head.count("|") - 1)]
     last = None
@@ -302,16 +322,23 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     only = {x.strip() for x in args.only.split(",")} if args.only else None
     per_task = {}
+    every: list[dict[str, Any]] = []
     for csv_path in sorted(results.glob("*/runs.csv")):
         if only is not None and csv_path.parent.name not in only:
             continue
+        every += _interval_era(csv_path)
         for key, stats in folder_stats(csv_path).items():
             if REFERENCE in stats:
                 per_task[key] = verdicts(stats)
     if not per_task:
         p.error(f"no finished interval-era configuration with {REFERENCE!r} runs in {results}")
     default, why = choose(per_task)
-    text = report(per_task, default, why, sys.argv[1:] if argv is None else argv)
+    runs, hours = budget(every)
+    q_runs, q_hours = budget([r for r in every if _quantized(r["regime"])])
+    spent = (f"{runs:,} training runs, {hours:.1f} h of training time (the sum of `train_s`, "
+             f"evaluation not counted) in the runs.csv read, quantized bases included "
+             f"({q_runs:,} runs, {q_hours:.1f} h)")
+    text = report(per_task, default, why, sys.argv[1:] if argv is None else argv, spent)
     out = Path(args.out) if args.out else results / "default_strategy.md"
     out.write_text(text, encoding="utf-8")
     write_evidence_csv(per_task, out.with_suffix(".csv"))

@@ -487,3 +487,14 @@ def test_calibration_speed_append_keeps_each_rows_rounds(tmp_path: Path, monkeyp
     assert by == {("m1", "a_forward"): 2, ("m1", "b_floor_fp32_gram[in]"): 2,
                   ("m1", "e_peft_corda(bs=1)"): None, ("m2", "a_forward"): 1}
     assert speed.first_touch(1 / 64).seconds > 0
+
+
+def test_choose_default_budget_counts_every_timed_run() -> None:
+    """The budget line: runs and hours summed from ``train_s``; a diverged run spent its
+    time and counts, a row without a time (or a non-finite one) does not."""
+    rows = [{"train_s": "3600", "status": "ok"}, {"train_s": 1800.0, "status": "diverged"},
+            {"train_s": "", "status": "ok"}, {"train_s": "nan", "status": "ok"},
+            {"status": "ok"}]
+    runs, hours = choose_default.budget(rows)
+    assert runs == 2 and hours == pytest.approx(1.5)
+    assert choose_default.budget([]) == (0, 0.0)
