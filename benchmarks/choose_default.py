@@ -83,15 +83,8 @@ def folder_stats(csv_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
 def budget(rows: Sequence[dict[str, Any]]) -> tuple[int, float]:
     """``(runs, hours)``: the training runs and their training time (``train_s``) in
     ``rows``.  A diverged run counts too (it spent its time); a row without a time does not."""
-    seconds = [float(r["train_s"]) for r in rows if _finite(r.get("train_s"))]
+    seconds = [t for t in (compare_inits._float(r, "train_s") for r in rows) if math.isfinite(t)]
     return len(seconds), sum(seconds) / 3600
-
-
-def _finite(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def _sweep_seeds(ref_rates: dict[int, set[float]]) -> list[int]:
