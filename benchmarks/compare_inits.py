@@ -746,6 +746,19 @@ def sensitivity_table(rows: list[dict[str, Any]], methods: list[Method],
             "|---|---|---|---|---|---|---|", *lines, ""]
 
 
+def attempted_lrs(rows: list[dict[str, Any]], sweep_seeds: Sequence[int]) -> list[float]:
+    """The rates (ascending) that every sweep seed has run, whatever the outcome.
+
+    A rate only some sweep seeds reached (a sweep interrupted while growing past an edge)
+    is not yet tried: counting it would stop the growth there and leave it unfinished.
+    """
+    seeds: dict[float, set[int]] = {}
+    for r in rows:
+        if int(r["seed"]) in sweep_seeds:
+            seeds.setdefault(float(r["lr"]), set()).add(int(r["seed"]))
+    return sorted(lr for lr, s in seeds.items() if set(sweep_seeds) <= s)
+
+
 def edge_extension(tried: Sequence[float], best: float, ratio: float) -> float | None:
     """The next rate beyond the grid when ``best`` is its smallest or largest value."""
     if math.isclose(best, min(tried)):
@@ -943,7 +956,7 @@ def run_all(task_name: str, s: dict[str, Any], methods: list[Method], out: Path,
             # A best rate on the grid's edge says the grid missed the optimum: try one more
             # step beyond it, so no init is judged at a rate chosen for another.
             rows = [r for r in done if r["method"] == method.label]
-            tried = sorted({float(r["lr"]) for r in rows if int(r["seed"]) in sweep_seeds})
+            tried = attempted_lrs(rows, sweep_seeds)
             best = select_lr(rows, sweep_seeds)
             nxt = None if best is None else edge_extension(tried, best, ratio)
             if nxt is None or any(math.isclose(nxt, x) for x in tried):

@@ -103,6 +103,30 @@ def test_compare_inits_extra_seed_runs_at_chosen_lr(tmp_path: Path) -> None:
         assert later == [best]
 
 
+def test_compare_inits_resumes_a_sweep_interrupted_past_its_edge(tmp_path: Path) -> None:
+    """A rate past the grid's edge that only one sweep seed reached is finished on resume,
+    not taken as tried (which left it one seed short and the chosen rate unchecked)."""
+    out = tmp_path / "tiny"
+    argv = ["--task", "tiny", "--quick", "--strategies", "kaiming", "--steps", "4",
+            "--lrs", "0.001,0.03", "--seeds", "0,1", "--sweep-seeds", "2",
+            "--extend-lr-grid", "1", "--phases", "sweep", "--out", str(out)]
+    assert compare_inits.main(argv) == 0
+    rows = _rows(out / "runs.csv")
+    extra = ({float(r["lr"]) for r in rows} - {0.001, 0.03}).pop()
+    assert sorted(int(r["seed"]) for r in rows if float(r["lr"]) == extra) == [0, 1]
+    # Interrupt: seed 1 never ran the rate past the edge.
+    kept = [r for r in rows if not (float(r["lr"]) == extra and r["seed"] == "1")]
+    with (out / "runs.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    assert compare_inits.attempted_lrs(kept, [0, 1]) == [0.001, 0.03]
+    assert compare_inits.main(argv) == 0
+    again = _rows(out / "runs.csv")
+    assert sorted(int(r["seed"]) for r in again if float(r["lr"]) == extra) == [0, 1]
+    assert len(again) == len(rows)
+
+
 def test_parse_method_rejects_unknown_names() -> None:
     with pytest.raises(ValueError, match="peft:eva"):
         compare_inits.parse_method("peft:nope")
