@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -76,7 +77,8 @@ def folder_stats(csv_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
         methods = [compare_inits.parse_method(label) for label in labels]
         stats = compare_inits.summarize(mine, methods, {"steps": int(mine[0]["steps"])}, sweep)
         out[f"{mine[0]['task']}/{mine[0]['regime']}"] = {
-            k: v for k, v in stats.items() if "rows" in v}
+            k: {**v, "sweep_seeds": sweep, "picks": _picks(mine, sweep, k)}
+            for k, v in stats.items() if "rows" in v}
     return out
 
 
@@ -112,6 +114,13 @@ def verdicts(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                   for key in ("final_val", "auc")
                   for where, mine, theirs in (("at", st["at_ref"], ref["at_ref"]),
                                               ("own", st, ref))}
+        # The sweep seeds chose the rates the own-rate Δ compares; without them it is unbiased.
+        sweep = st.get("sweep_seeds")
+        past = [seed for seed in st.get("seeds", []) if sweep is None or seed not in sweep]
+        deltas["final_val_held"] = ([] if sweep is None else
+                                    compare_inits.paired_delta(st, ref, "final_val", sweep))
+        deltas["final_val_sweep"] = ([] if sweep is None else
+                                     compare_inits.paired_delta(st, ref, "final_val", past))
         at = [d / norm for d in deltas["final_val_at"]]
         own = [d / norm for d in deltas["final_val_own"]]
         ci_at, ci_own = compare_inits.paired_interval(at), compare_inits.paired_interval(own)
@@ -123,8 +132,39 @@ def verdicts(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                       "data": st["method"].needs_calibration,
                       "family": st["method"].family,
                       "lr": st["lr"], "ref_lr": ref["lr"], "rates": st.get("rates", 0),
-                      **deltas}
+                      "picks": st.get("picks", []), **deltas}
     return out
+
+
+def _picks(rows: list[dict[str, Any]], sweep: Sequence[int], label: str) -> list[float]:
+    """Each sweep seed's own best rate on the method's swept grid ([] when not swept)."""
+    lrs = sorted(compare_inits.losses_by_lr(rows, sweep, label, complete=True))
+    if len(lrs) < compare_inits.MIN_SWEPT_RATES:
+        return []
+    return compare_inits.seed_picks(rows, sweep, label, lrs)
+
+
+def rate_choice(per_task: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """How firm the own rates are, over every swept (configuration, method) but Kaiming:
+    how often every sweep seed alone picks the same rate, and how much lower the own-rate
+    Δ is on the sweep seeds than on the seeds past them (mean ± standard error over the
+    pairs with both) — the flattery of choosing a rate on the seeds that then judge it."""
+    swept = [v for methods in per_task.values() for label, v in methods.items()
+             if label != REFERENCE and len(v.get("picks", [])) > 1]
+    if not swept:
+        return ""
+    agree = sum(len(set(v["picks"])) == 1 for v in swept)
+    near = sum(max(v["picks"]) / min(v["picks"]) <= 2 * (1 + 1e-9) for v in swept)
+    gaps = [statistics.fmean(v["final_val_sweep"]) - statistics.fmean(v["final_val_held"])
+            for v in swept if v.get("final_val_sweep") and v.get("final_val_held")]
+    text = (f"Rate choice: in {agree} of {len(swept)} own-rate sweeps every sweep seed alone "
+            f"picks the same rate ({near} within one ×2 step)")
+    if len(gaps) > 1:
+        se = statistics.stdev(gaps) / math.sqrt(len(gaps))
+        text += (f"; own-rate Δ final on the sweep seeds minus on the seeds past them: "
+                 f"{statistics.fmean(gaps):+.4f} ± {se:.4f} (mean ± s.e. over {len(gaps)}; "
+                 "below 0: choosing the rates on the seeds that judge them flatters the method)")
+    return text
 
 
 def choose(per_task: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, str]:
@@ -216,8 +256,9 @@ def _cell(ci: tuple[float, float, float], n: int) -> str:
 
 
 #: The quantities of the long table, each a paired Δ against Kaiming: final validation loss
-#: and curve area, at Kaiming's rate and at the method's own.
-EVIDENCE = ("final_val_at", "auc_at", "final_val_own", "auc_own")
+#: and curve area, at Kaiming's rate and at the method's own, and the final loss at the own
+#: rate on the seeds that did not choose the rates (``held``).
+EVIDENCE = ("final_val_at", "auc_at", "final_val_own", "auc_own", "final_val_held")
 
 
 def _ordered(per_task: dict[str, dict[str, dict[str, Any]]]
@@ -239,10 +280,11 @@ def _verdict_word(v: dict[str, Any]) -> str:
 
 
 def report(per_task: dict[str, dict[str, dict[str, Any]]], default: str, why: str,
-           argv: Sequence[str], spent: str = "") -> str:
+           argv: Sequence[str], facts: Sequence[str] = ()) -> str:
     tasks = list(per_task)
     head = ("| configuration | method | own lr* | Δ final val at Kaiming's lr | Δ AUC at "
-            "Kaiming's lr | Δ final val at own lr | Δ AUC at own lr | relative Δ final at "
+            "Kaiming's lr | Δ final val at own lr | Δ AUC at own lr | Δ final val at own lr, "
+            "seeds past the sweep | relative Δ final at "
             "Kaiming's lr | verdict |")
     lines = ["# Default strategy of `covinit.calibrate`", "",
              f"- Command: `{command_line(['benchmarks/choose_default.py', *argv])}`",
@@ -258,8 +300,11 @@ def report(per_task: dict[str, dict[str, dict[str, Any]]], default: str, why: st
              "seed, mean [95% paired-t interval] (seeds), **bold** when the interval excludes "
              "0; AUC = mean validation loss over training. \"own lr*\" is the method's "
              "chosen rate and the number of rates its sweep ran on every sweep seed (\"not "
-             "swept\": it ran at Kaiming's rate only, so both columns are the same runs). "
-             "Also in the CSV beside this file.", *([f"- Budget: {spent}."] if spent else []),
+             "swept\": it ran at Kaiming's rate only, so both columns are the same runs). The "
+             "sweep seeds chose both rates of the own-rate Δ and flatter it by the noise that "
+             "picked them; \"seeds past the sweep\" leaves them out (fewer seeds, no such "
+             "bias). "
+             "Also in the CSV beside this file.", *(f"- {fact}." for fact in facts if fact),
              "",
              f"**Default: `{default}`** — {why}.", "", head,
              "|" + "---|" * (head.count("|") - 1)]
@@ -331,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     spent = (f"{runs:,} training runs, {hours:.1f} h of training time (the sum of `train_s`, "
              f"evaluation not counted) in the runs.csv read, quantized bases included "
              f"({q_runs:,} runs, {q_hours:.1f} h)")
-    text = report(per_task, default, why, sys.argv[1:] if argv is None else argv, spent)
+    text = report(per_task, default, why, sys.argv[1:] if argv is None else argv,
+                  [f"Budget: {spent}", rate_choice(per_task)])
     out = Path(args.out) if args.out else results / "default_strategy.md"
     out.write_text(text, encoding="utf-8")
     write_evidence_csv(per_task, out.with_suffix(".csv"))

@@ -55,7 +55,7 @@ import sys
 import textwrap
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -716,13 +716,15 @@ def sensitivity_table(rows: list[dict[str, Any]], methods: list[Method],
     the mean final validation loss one ×2 step below and above it, and the widest run of
     adjacent grid rates, containing the best, whose mean stays within
     :data:`SENSITIVITY_MARGIN` of the best (its span as hi/lo: a wider band is a method
-    that forgives a mistuned rate)."""
+    that forgives a mistuned rate); and each sweep seed's own best rate, which says whether
+    the choice of the rate is firmer than the seed noise ("agree") or not."""
     lines = []
     for m in methods:
         by_lr = losses_by_lr(rows, sweep_seeds, m.label, complete=True)
         if len(by_lr) < MIN_SWEPT_RATES:
             continue
         lrs = sorted(by_lr)
+        picks = seed_picks(rows, sweep_seeds, m.label, lrs)
         means = [sum(by_lr[lr]) / len(by_lr[lr]) for lr in lrs]
         best = min(range(len(lrs)), key=lambda i: (means[i], lrs[i]))
         ok = [math.isfinite(v) and v <= means[best] * (1 + SENSITIVITY_MARGIN) for v in means]
@@ -736,14 +738,32 @@ def sensitivity_table(rows: list[dict[str, Any]], methods: list[Method],
                      f"{lrs[best]:g}{edge} | {means[best]:.4f} | "
                      f"{_step_change(lrs, means, best, -1)} | "
                      f"{_step_change(lrs, means, best, +1)} | "
-                     f"{lrs[lo]:g}…{lrs[hi]:g} (×{lrs[hi] / lrs[lo]:g}) |")
+                     f"{lrs[lo]:g}…{lrs[hi]:g} (×{lrs[hi] / lrs[lo]:g}) | "
+                     f"{'agree' if set(picks) == {lrs[best]} else ', '.join(map(_g, picks))} |")
     if not lines:
         return []
     return [f"Over the sweep seeds {list(sweep_seeds)} (mean final validation loss per rate; "
-            f"the band: adjacent rates within {SENSITIVITY_MARGIN:.0%} of the best):", "",
+            f"the band: adjacent rates within {SENSITIVITY_MARGIN:.0%} of the best; each "
+            "seed's best: the rate every sweep seed alone would pick, in seed order):", "",
             "| method | rates swept | best rate | best mean final val | Δ at ½× | Δ at 2× | "
-            f"band within {SENSITIVITY_MARGIN:.0%} |",
-            "|---|---|---|---|---|---|---|", *lines, ""]
+            f"band within {SENSITIVITY_MARGIN:.0%} | each seed's best |",
+            "|---|---|---|---|---|---|---|---|", *lines, ""]
+
+
+def _g(x: float) -> str:
+    return f"{x:g}"
+
+
+def seed_picks(rows: list[dict[str, Any]], sweep_seeds: Sequence[int], label: str,
+               lrs: Sequence[float]) -> list[float]:
+    """The rate among ``lrs`` with the lowest final validation loss for each sweep seed
+    alone, in the order of ``sweep_seeds`` (ties to the lower rate)."""
+    loss: dict[int, dict[float, float]] = {}
+    for r in rows:
+        if (r["method"] == label and int(r["seed"]) in sweep_seeds and r["status"] != "failed"
+                and any(math.isclose(float(r["lr"]), x) for x in lrs)):
+            loss.setdefault(int(r["seed"]), {})[float(r["lr"])] = _final_loss(r)
+    return [min(loss[s], key=lambda lr: (loss[s][lr], lr)) for s in sweep_seeds if s in loss]
 
 
 def attempted_lrs(rows: list[dict[str, Any]], sweep_seeds: Sequence[int]) -> list[float]:
@@ -1038,7 +1058,9 @@ def summarize(rows: list[dict[str, Any]], methods: list[Method], s: dict[str, An
             stats[m.label] = {"method": m, "failed": "no rate finished on every sweep seed "
                                                     f"{list(sweep_seeds)} yet"}
             continue
-        at = [r for r in mine if float(r["lr"]) == lr and r["status"] != "failed"]
+        # In seed order: "seeds" and every per-run list below pair up by position.
+        at = sorted((r for r in mine if float(r["lr"]) == lr and r["status"] != "failed"),
+                    key=lambda r: int(r["seed"]))
         stats[m.label] = {
             "method": m, "lr": lr, "rows": at,
             "rates": len(losses_by_lr(mine, sweep_seeds, complete=True)),
@@ -1117,12 +1139,15 @@ def fmt_interval(deltas: Sequence[float], digits: int = 4) -> str:
     return f"**{text}**" if hi < 0 or lo > 0 else text
 
 
-def paired_delta(st: dict[str, Any], ref: dict[str, Any], key: str) -> list[float]:
+def paired_delta(st: dict[str, Any], ref: dict[str, Any], key: str,
+                 skip: Collection[int] = ()) -> list[float]:
     """``st[key] − ref[key]`` per seed both ran (a seed fixes data order and random draws
-    for every method, so paired differences cancel the shared part of the noise)."""
+    for every method, so paired differences cancel the shared part of the noise), leaving
+    out the seeds in ``skip`` (the sweep seeds, whose noise chose the rates compared)."""
     theirs = dict(zip(ref.get("seeds", []), ref.get(key, []), strict=True))
     return [v - theirs[seed] for seed, v in zip(st.get("seeds", []), st.get(key, []),
-                                                  strict=True) if seed in theirs]
+                                                  strict=True)
+            if seed in theirs and seed not in skip]
 
 
 def ratio_interval(num: Sequence[float], den: Sequence[float],
@@ -1440,8 +1465,8 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
 
     head_ref = ("| method | Δ final val [95% CI] (n) | Δ val AUC [95% CI] (n) | final val |")
     head_own = ("| method | lr* | s·lr* | seeds | Δ final val [95% CI] (n) | Δ val AUC [95% CI] "
-                f"(n) | final val | steps to Kaiming's final | test {metric} | calib s | "
-                "init s |")
+                "(n) | Δ final val, seeds past the sweep | final val | steps to Kaiming's final "
+                f"| test {metric} | calib s | init s |")
     ref_lr = f"{ref['lr']:g}" if ref else "–"
     lines = [f"# compare_inits: {task_name} / {regime}{' (quick)' if quick else ''}", "",
              f"{task.description}.  {started.get('sizes', '')}.", "",
@@ -1460,7 +1485,10 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
              "- Statistics: Δ = method − Kaiming per seed (paired: a seed fixes the data order,"
              " head and dropout for every method); 95% interval = paired t over seeds "
              "(mean ± t₀.₉₇₅,ₙ₋₁·sd/√n); **bold** when it excludes 0. AUC = area under the "
-             "validation-loss curve / steps (a mean loss over training).", ""]
+             "validation-loss curve / steps (a mean loss over training). At the own rates, "
+             f"the sweep seeds {list(sweep_seeds)} chose both rates compared, so their Δ "
+             "favours each method by the noise that picked its rate; \"seeds past the sweep\" "
+             "is the Δ without them.", ""]
     if ref:
         lines += [f"## Can I keep my learning rate? (every method at Kaiming's lr* = {ref_lr}, "
                   f"s·lr = {scaling * ref['lr']:g})", "", head_ref,
@@ -1479,7 +1507,7 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
               "|" + "---|" * (head_own.count("|") - 1)]
     for label, st in stats.items():
         if "failed" in st:
-            lines.append(f"| `{label}` | failed: {st['failed'][:150]} |" + " – |" * 9)
+            lines.append(f"| `{label}` | failed: {st['failed'][:150]} |" + " – |" * 10)
             continue
         reach = st.get("reach", [])
         got = [r for r in reach if r is not None]
@@ -1488,6 +1516,9 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
         own = ref is not None and label != ref_label
         dv = paired_delta(st, ref, "final_val") if own else []
         da = paired_delta(st, ref, "auc") if own else []
+        # The sweep seeds chose both rates, so their Δ flatters whichever rate their noise
+        # favoured; the other seeds give the unbiased (if wider) estimate.
+        dh = paired_delta(st, ref, "final_val", skip=sweep_seeds) if own else []
         div = f" ({st['diverged']} diverged)" if st["diverged"] else ""
         # Too few rates on the sweep seeds: the rate is Kaiming's (drop-in), not tuned.
         swept = ("" if st["rates"] >= MIN_SWEPT_RATES or label == ref_label
@@ -1496,6 +1527,7 @@ def write_summary(task_name: str, s: dict[str, Any], methods: list[Method], out:
             f"| `{label}` | {st['lr']:g}{swept} | {scaling * st['lr']:g} | "
             f"{len(st['seeds'])}{div} | "
             f"{fmt_interval(dv) if own else 'ref.'} | {fmt_interval(da) if own else 'ref.'} | "
+            f"{fmt_interval(dh) if own else 'ref.'} | "
             f"{fmt_mean_std(st['final_val'])} | {reach_s} | {fmt_mean_std(st['test_metric'])} | "
             f"{_mean(st['calib_s']):.1f} | {_mean(st['init_s']):.2f} |")
     if s.get("quantize"):

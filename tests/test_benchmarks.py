@@ -101,6 +101,14 @@ def test_compare_inits_extra_seed_runs_at_chosen_lr(tmp_path: Path) -> None:
         assert math.isclose(extra, 0.9) or math.isclose(extra, 0.001 / 30)
         later = [float(r["lr"]) for r in rows if r["method"] == method and r["seed"] == "1"]
         assert later == [best]
+    # The own-rate table's held-out column pairs seed 1 only (seed 0 chose the rates).
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    own = summary.split("## Which init is best at its own tuned rate?")[1]
+    assert "seeds past the sweep" in own.splitlines()[2]
+    row = next(line for line in own.splitlines() if line.startswith("| `input-pca@empirical`"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    seed1 = {r["method"]: float(r["final_val_loss"]) for r in rows if r["seed"] == "1"}
+    assert cells[6] == f"{seed1['input-pca@empirical'] - seed1['kaiming']:+.4f} (1)"
 
 
 def test_compare_inits_resumes_a_sweep_interrupted_past_its_edge(tmp_path: Path) -> None:
@@ -155,6 +163,8 @@ def test_paired_delta_matches_seeds() -> None:
     st = {"seeds": [2, 0], "final_val": [0.65, 0.45]}
     got = compare_inits.paired_delta(st, ref, "final_val")
     assert got == pytest.approx([-0.05, -0.05])
+    # Leaving out the sweep seeds: only seed 2 is past them.
+    assert compare_inits.paired_delta(st, ref, "final_val", skip=[0, 1]) == pytest.approx([-0.05])
 
 
 def _verdict(rel: float, lo: float, hi: float, data: bool = True,
@@ -238,10 +248,33 @@ def test_choose_default_evidence_table_both_rates(tmp_path: Path) -> None:
     own = [0.45 - 0.50, 0.47 - 0.51, 0.49 - 0.52]  # grad-whiten at 5e-4 vs Kaiming at 1e-3
     assert float(gwr["final_val_own_mean"]) == pytest.approx(sum(own) / 3, abs=1e-6)
     assert float(gwr["auc_at_mean"]) == pytest.approx(0.65 - 0.60, abs=1e-6)
+    # Seeds past the sweep (0-1): seed 2 only, the one whose noise chose no rate.
+    assert float(gwr["final_val_held_mean"]) == pytest.approx(own[2], abs=1e-6)
+    assert gwr["final_val_held_n"] == "1"
     text = choose_default.report(per_task, "kaiming", "why", [])
     assert "| `input-pca@empirical+matched` | 0.001 (not swept) |" in text
     assert "| `grad-whiten@ledoit_wolf` | 0.0005 (3 rates) |" in text
     assert "minilm-rt/base (Kaiming's lr* 0.001)" in text
+
+
+def test_choose_default_rate_choice_counts_agreement_and_flattery() -> None:
+    """The rate-choice line: sweeps whose seeds alone agree on the rate, within one ×2 step,
+    and the mean (± s.e.) of own-rate Δ on the sweep seeds minus on the seeds past them."""
+    def v(picks: list[float], sweep: list[float], held: list[float]) -> dict:
+        return {"picks": picks, "final_val_sweep": sweep, "final_val_held": held}
+
+    per_task = {"t1": {"kaiming": v([1e-3, 1e-3], [0.0], [0.0]),  # the reference: skipped
+                       "a": v([1e-3, 1e-3], [-0.02, -0.04], [0.0, 0.01, -0.01]),
+                       "b": v([5e-4, 1e-3], [-0.01, -0.01], [0.01, 0.01, 0.01])},
+                "t2": {"a": v([2.5e-4, 1e-3], [0.02, 0.02], [0.02, 0.03, 0.01]),
+                       "c": v([], [], [])}}  # not swept: skipped
+    text = choose_default.rate_choice(per_task)
+    gaps = [-0.03, -0.02, 0.0]
+    se = float(np.std(gaps, ddof=1)) / math.sqrt(3)
+    assert text.startswith("Rate choice: in 1 of 3 own-rate sweeps")
+    assert "(2 within one ×2 step)" in text
+    assert f"{-0.05 / 3:+.4f} ± {se:.4f} (mean ± s.e. over 3;" in text
+    assert choose_default.rate_choice({"t": {"c": v([], [], [])}}) == ""
 
 
 def test_choose_default_figure(tmp_path: Path) -> None:
@@ -299,7 +332,16 @@ def test_sensitivity_table_band_and_neighbours() -> None:
     assert cells[4] == "+0.0200" and cells[5] == "+0.0150"
     # 0.52 and 0.515 are within 5 % of 0.50, 0.60 and 0.70 are not
     assert cells[6] == "0.0002…0.0008 (×4)"
+    assert cells[7] == "agree"  # both seeds alone pick 4e-4 (a shift of ±0.01 each)
     assert compare_inits.sensitivity_table([], methods, [0, 1]) == []
+    # Seed 0 alone picks 2e-4, seed 1 alone 8e-4; their mean picks 4e-4: the cell names both.
+    split = {0: {1e-4: 0.6, 2e-4: 0.48, 4e-4: 0.49, 8e-4: 0.55},
+             1: {1e-4: 0.6, 2e-4: 0.56, 4e-4: 0.50, 8e-4: 0.49}}
+    noisy = [row("peft:eva", lr, seed, v) for seed, d in split.items() for lr, v in d.items()]
+    lines = compare_inits.sensitivity_table(noisy, [compare_inits.parse_method("peft:eva")],
+                                            [0, 1])
+    cells = [c.strip() for c in lines[4].strip("|").split("|")]
+    assert cells[2] == "0.0004" and cells[7] == "0.0002, 0.0008"
 
 
 def test_select_lr_needs_every_sweep_seed_at_a_rate() -> None:
