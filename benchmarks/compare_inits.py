@@ -725,6 +725,7 @@ def sensitivity_table(rows: list[dict[str, Any]], methods: list[Method],
             continue
         lrs = sorted(by_lr)
         picks = seed_picks(rows, sweep_seeds, m.label, lrs)
+        each = ", ".join(f"{x:g}" for x in picks)
         means = [sum(by_lr[lr]) / len(by_lr[lr]) for lr in lrs]
         best = min(range(len(lrs)), key=lambda i: (means[i], lrs[i]))
         ok = [math.isfinite(v) and v <= means[best] * (1 + SENSITIVITY_MARGIN) for v in means]
@@ -739,7 +740,7 @@ def sensitivity_table(rows: list[dict[str, Any]], methods: list[Method],
                      f"{_step_change(lrs, means, best, -1)} | "
                      f"{_step_change(lrs, means, best, +1)} | "
                      f"{lrs[lo]:g}…{lrs[hi]:g} (×{lrs[hi] / lrs[lo]:g}) | "
-                     f"{'agree' if set(picks) == {lrs[best]} else ', '.join(map(_g, picks))} |")
+                     f"{'agree' if set(picks) == {lrs[best]} else each} |")
     if not lines:
         return []
     return [f"Over the sweep seeds {list(sweep_seeds)} (mean final validation loss per rate; "
@@ -748,10 +749,6 @@ def sensitivity_table(rows: list[dict[str, Any]], methods: list[Method],
             "| method | rates swept | best rate | best mean final val | Δ at ½× | Δ at 2× | "
             f"band within {SENSITIVITY_MARGIN:.0%} | each seed's best |",
             "|---|---|---|---|---|---|---|---|", *lines, ""]
-
-
-def _g(x: float) -> str:
-    return f"{x:g}"
 
 
 def seed_picks(rows: list[dict[str, Any]], sweep_seeds: Sequence[int], label: str,
