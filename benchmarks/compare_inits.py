@@ -679,14 +679,21 @@ def losses_by_lr(rows: list[dict[str, Any]], sweep_seeds: Sequence[int],
     """``{lr: [final validation loss per sweep seed]}`` of the runs that did not fail
     (a diverged run counts as ``inf``), for one method when ``label`` is given; with
     ``complete``, only the rates that every sweep seed has run."""
-    by_lr: dict[float, dict[int, float]] = {}
+    need = set(sweep_seeds)
+    return {lr: list(v.values()) for lr, v in sweep_grid(rows, sweep_seeds, label).items()
+            if not complete or need <= v.keys()}
+
+
+def sweep_grid(rows: list[dict[str, Any]], sweep_seeds: Sequence[int],
+               label: str | None = None, failed: bool = False) -> dict[float, dict[int, float]]:
+    """``{lr: {sweep seed: final validation loss}}`` (a diverged run counts as ``inf``), for
+    one method when ``label`` is given; the failed runs too with ``failed``."""
+    grid: dict[float, dict[int, float]] = {}
     for r in rows:
         if ((label is None or r["method"] == label) and int(r["seed"]) in sweep_seeds
-                and r["status"] != "failed"):
-            by_lr.setdefault(float(r["lr"]), {})[int(r["seed"])] = _final_loss(r)
-    need = set(sweep_seeds)
-    return {lr: list(v.values()) for lr, v in by_lr.items()
-            if not complete or need <= v.keys()}
+                and (failed or r["status"] != "failed")):
+            grid.setdefault(float(r["lr"]), {})[int(r["seed"])] = _final_loss(r)
+    return grid
 
 
 #: A method counts as swept when every sweep seed ran at least this many rates; fewer is a
@@ -756,10 +763,10 @@ def seed_picks(rows: list[dict[str, Any]], sweep_seeds: Sequence[int], label: st
     """The rate among ``lrs`` with the lowest final validation loss for each sweep seed
     alone, in the order of ``sweep_seeds`` (ties to the lower rate)."""
     loss: dict[int, dict[float, float]] = {}
-    for r in rows:
-        if (r["method"] == label and int(r["seed"]) in sweep_seeds and r["status"] != "failed"
-                and any(math.isclose(float(r["lr"]), x) for x in lrs)):
-            loss.setdefault(int(r["seed"]), {})[float(r["lr"])] = _final_loss(r)
+    for lr, by_seed in sweep_grid(rows, sweep_seeds, label).items():
+        if any(math.isclose(lr, x) for x in lrs):
+            for seed, value in by_seed.items():
+                loss.setdefault(seed, {})[lr] = value
     return [min(loss[s], key=lambda lr: (loss[s][lr], lr)) for s in sweep_seeds if s in loss]
 
 
@@ -769,11 +776,9 @@ def attempted_lrs(rows: list[dict[str, Any]], sweep_seeds: Sequence[int]) -> lis
     A rate only some sweep seeds reached (a sweep interrupted while growing past an edge)
     is not yet tried: counting it would stop the growth there and leave it unfinished.
     """
-    seeds: dict[float, set[int]] = {}
-    for r in rows:
-        if int(r["seed"]) in sweep_seeds:
-            seeds.setdefault(float(r["lr"]), set()).add(int(r["seed"]))
-    return sorted(lr for lr, s in seeds.items() if set(sweep_seeds) <= s)
+    need = set(sweep_seeds)
+    return sorted(lr for lr, by_seed in sweep_grid(rows, sweep_seeds, failed=True).items()
+                  if need <= by_seed.keys())
 
 
 def edge_extension(tried: Sequence[float], best: float, ratio: float) -> float | None:
